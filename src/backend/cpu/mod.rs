@@ -3,6 +3,9 @@
 //! Generic over the element type so the same code runs in f32 (training, inference) and in
 //! f64 (finite-difference gradient checks).
 
+pub mod attention;
+pub mod loss;
+
 use num_traits::Float;
 
 /// Element types the CPU backend computes in (`f32`, `f64`).
