@@ -6,7 +6,8 @@
 // - no inline PTX, cooperative groups, textures or `__CUDA_ARCH__` branches;
 // - no early `return` in a kernel that reaches a `__syncthreads` (use a `valid` flag);
 // - dynamic shared memory is always `extern __shared__ __align__(16) unsigned char smem[]`,
-//   one name for every file, reinterpreted per kernel;
+//   declared at global namespace scope (the emulator links it by its unmangled name), one
+//   name for every file, reinterpreted per kernel;
 // - warp collectives are called by all 32 lanes of a warp (blocks are multiples of 32 threads).
 #pragma once
 
@@ -18,22 +19,6 @@ constexpr unsigned FULL_WARP_MASK = 0xffffffffu;
 constexpr int WARP_SIZE = 32;
 // Largest block any kernel here is launched with; sizes the per-warp scratch arrays.
 constexpr int MAX_WARPS_PER_BLOCK = 32;
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
-        v += __shfl_xor_sync(FULL_WARP_MASK, v, offset);
-    }
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
-        v = fmaxf(v, __shfl_xor_sync(FULL_WARP_MASK, v, offset));
-    }
-    return v;
-}
 
 // A running softmax normaliser: `sum` is Σ exp(x − max) over the values seen so far.
 struct SoftmaxStats {
@@ -101,18 +86,6 @@ __device__ __forceinline__ SoftmaxStats block_softmax_stats(SoftmaxStats s, Soft
     __syncthreads();
     SoftmaxStats partial = lane < n_warps ? scratch[lane] : softmax_stats_empty();
     return warp_softmax_stats(partial);
-}
-
-// Block-wide sum with the same barrier discipline as block_softmax_stats.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-    const int lane = threadIdx.x % WARP_SIZE;
-    const int warp = threadIdx.x / WARP_SIZE;
-    const int n_warps = (blockDim.x + WARP_SIZE - 1) / WARP_SIZE;
-    v = warp_sum(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    return warp_sum(lane < n_warps ? scratch[lane] : 0.0f);
 }
 
 // Element conversions used by templated kernels, so one body serves f32 and bf16 storage.
