@@ -2,5 +2,10 @@
 //! (MEGABYTE, MEGALODON and their hybrid), on a pure-Rust CPU backend and on NVIDIA GPUs.
 
 pub mod backend;
+pub mod bench;
+pub mod config;
 pub mod device;
+pub mod infer;
 pub mod kernels;
+pub mod model;
+pub mod train;

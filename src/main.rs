@@ -1,1 +1,432 @@
-fn main(){}
+//! The `mega` command line: train, eval, generate, bench, info.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use mega::backend::cpu::Cpu;
+use mega::config::{MegabyteConfig, ModelConfig};
+use mega::infer::generate::{generate, GenerateRequest};
+use mega::infer::sampler::SamplingParams;
+use mega::train::eval::{evaluate, EvalMode};
+use mega::train::trainer::{load_model, open_split, train, TrainHparams, TrainOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "mega", version, about = "Train, evaluate and run byte-level MEGA-family language models")]
+struct Cli {
+    /// Worker threads (default: all logical cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum ModelKind {
+    Megabyte,
+    Megalodon,
+    Hybrid,
+}
+
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// Model family.
+    #[arg(long, value_enum, default_value = "megabyte")]
+    model: ModelKind,
+    /// Named preset (tiny, small, bench, paper-758m, paper-1.3b).
+    #[arg(long, conflicts_with = "config")]
+    preset: Option<String>,
+    /// Model config JSON file (see docs/megabyte-model.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    fn resolve(&self, default_preset: &str) -> Result<ModelConfig> {
+        if self.model != ModelKind::Megabyte {
+            bail!("--model {:?} is not available in this version; use --model megabyte", self.model);
+        }
+        let cfg = match (&self.config, &self.preset) {
+            (Some(path), _) => ModelConfig::from_file(path)?,
+            (None, preset) => ModelConfig::Megabyte(MegabyteConfig::preset(preset.as_deref().unwrap_or(default_preset))?),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model on raw bytes.
+    ///
+    /// Example: mega train --preset small --data data/shakespeare.txt --out runs/small --time-budget 10m
+    Train {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Training data: a file or a directory of files (raw bytes).
+        #[arg(long)]
+        data: PathBuf,
+        /// Validation data (default: the last 5% of --data).
+        #[arg(long)]
+        valid: Option<PathBuf>,
+        /// Output directory for checkpoints and the loss plot.
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of optimizer steps.
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Wall-clock budget, e.g. 90s, 10m, 1h (sizes the LR schedule when --steps is absent).
+        #[arg(long, value_parser = parse_duration)]
+        time_budget: Option<Duration>,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Bytes per training window (default: the model's max_seq_len).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        #[arg(long, default_value_t = 2e-3)]
+        lr: f32,
+        #[arg(long, default_value_t = 50)]
+        warmup: u64,
+        #[arg(long, default_value_t = 0.1)]
+        weight_decay: f32,
+        #[arg(long, default_value_t = 1.0)]
+        grad_clip: f32,
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        /// Validate every N steps.
+        #[arg(long, default_value_t = 100)]
+        eval_every: u64,
+        /// Validation windows per evaluation.
+        #[arg(long, default_value_t = 32)]
+        eval_windows: usize,
+        /// Checkpoint every N steps (and at the end).
+        #[arg(long, default_value_t = 200)]
+        checkpoint_every: u64,
+        /// Continue the run saved in --out.
+        #[arg(long)]
+        resume: bool,
+        /// Device: auto, cpu, cuda, cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// After training, generate this many bytes from the start of the validation text.
+        #[arg(long, default_value_t = 300)]
+        sample_bytes: usize,
+        /// Hide the progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Bits per byte of a checkpoint on a file.
+    ///
+    /// Example: mega eval --checkpoint runs/small --data data/shakespeare.txt --strided
+    Eval {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// The paper's strided inference (two passes offset by P/2).
+        #[arg(long)]
+        strided: bool,
+        /// Sliding windows with stride T/2 (only the second half of later windows is scored).
+        #[arg(long)]
+        sliding_window: bool,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Window length (default: the model's max_seq_len).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        /// Only evaluate the first N bytes.
+        #[arg(long)]
+        max_bytes: Option<usize>,
+    },
+    /// Generate bytes from a checkpoint, streaming them to stdout.
+    ///
+    /// Example: mega generate --checkpoint runs/small --prompt "ROMEO:" --max-bytes 200
+    Generate {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, conflicts_with = "prompt_file")]
+        prompt: Option<String>,
+        #[arg(long)]
+        prompt_file: Option<PathBuf>,
+        #[arg(long, default_value_t = 256)]
+        max_bytes: usize,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        /// Keep the K most likely bytes (0 = off).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Nucleus sampling mass (1 = off).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop sequence (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+    },
+    /// Throughput benchmarks, printed as JSON.
+    ///
+    /// Example: mega bench train --preset bench --json
+    Bench {
+        #[arg(value_enum)]
+        what: BenchKind,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        batch_size: Option<usize>,
+        #[arg(long)]
+        seq_len: Option<usize>,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value_t = 256)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 512)]
+        gen_len: usize,
+        /// Print JSON only (always JSON; kept for scripts that pass it).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Devices, kernel build and presets.
+    Info,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BenchKind {
+    Train,
+    Generate,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let v: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration like 90s, 10m or 1h"))?;
+    let secs = match unit {
+        "" | "s" => v,
+        "m" | "min" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use s, m or h)")),
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("'{s}' must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if n == 0 || rayon::ThreadPoolBuilder::new().num_threads(n).build_global().is_err() {
+            eprintln!("error: --threads must be a positive number");
+            std::process::exit(2);
+        }
+    }
+    if let Err(e) = run(cli.cmd) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Train {
+            model,
+            data,
+            valid,
+            out,
+            steps,
+            time_budget,
+            batch_size,
+            seq_len,
+            lr,
+            warmup,
+            weight_decay,
+            grad_clip,
+            seed,
+            eval_every,
+            eval_windows,
+            checkpoint_every,
+            resume,
+            device,
+            sample_bytes,
+            quiet,
+        } => {
+            let cfg = if resume {
+                let path = out.join("config.json");
+                ModelConfig::from_file(&path).with_context(|| "--resume needs a checkpoint in --out".to_string())?
+            } else {
+                model.resolve("small")?
+            };
+            select_device(&device)?;
+            let ModelConfig::Megabyte(m) = &cfg;
+            let opts = TrainOptions {
+                data: data.clone(),
+                valid,
+                out: out.clone(),
+                steps,
+                time_budget,
+                hp: TrainHparams {
+                    batch_size,
+                    seq_len: seq_len.unwrap_or(m.max_seq_len),
+                    total_steps: steps.unwrap_or(0),
+                    lr,
+                    min_lr: lr / 10.0,
+                    warmup_steps: warmup,
+                    weight_decay,
+                    beta1: 0.9,
+                    beta2: 0.98,
+                    eps: 1e-8,
+                    grad_clip,
+                    seed,
+                    valid_fraction: 0.05,
+                },
+                eval_every: eval_every.max(1),
+                eval_windows,
+                checkpoint_every: checkpoint_every.max(1),
+                resume,
+                progress: !quiet,
+                max_skipped: 20,
+            };
+            if batch_size == 0 {
+                bail!("--batch-size must be positive");
+            }
+            let be = Cpu::<f32>::new();
+            let s = train(&be, &cfg, &opts)?;
+            println!(
+                "trained {} steps in {:.0}s ({:.0} bytes/s, {} parameters)",
+                s.steps, s.elapsed_s, s.bytes_per_s, s.params
+            );
+            println!(
+                "validation: {:.3} bits per byte (unigram entropy of the corpus: {:.3} bits per byte)",
+                s.final_valid_bpb, s.unigram_entropy_bits
+            );
+            println!("checkpoint: {}   loss curve: {}", out.display(), out.join("loss.svg").display());
+            if sample_bytes > 0 {
+                let split = open_split(&data, opts.valid.as_deref(), 0.05)?;
+                let prompt: Vec<u8> = split.valid_windows(m.patch_size * 8, 1).into_iter().next().unwrap_or_default();
+                println!("--- sample (prompt from the validation text, temperature 0.8) ---");
+                sample(&out, &prompt, sample_bytes, SamplingParams { temperature: 0.8, ..Default::default() }, &[])?;
+            }
+            Ok(())
+        }
+        Command::Eval { checkpoint, data, strided, sliding_window, batch_size, seq_len, max_bytes } => {
+            let (model, host) = load_model(&checkpoint)?;
+            let be = Cpu::<f32>::new();
+            let params = model.layout.upload(&be, &host);
+            let corpus = mega::train::data::ByteCorpus::open(&data)?;
+            let n = max_bytes.unwrap_or(corpus.len()).min(corpus.len());
+            let bytes = corpus.bytes(0..n);
+            let t = seq_len.unwrap_or(model.cfg.max_seq_len);
+            if t % model.cfg.patch_size != 0 || t > model.cfg.max_seq_len || t == 0 {
+                bail!("--seq-len must be a positive multiple of {} up to {}", model.cfg.patch_size, model.cfg.max_seq_len);
+            }
+            if bytes.len() < t {
+                bail!("{} has {} bytes; at least one window of {t} is needed", data.display(), bytes.len());
+            }
+            let mut ws = model.workspace(&be, batch_size.max(1), t, false);
+            let r = evaluate(&be, &model, &params, &mut ws, &bytes, EvalMode { strided, sliding_window });
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(())
+        }
+        Command::Generate { checkpoint, prompt, prompt_file, max_bytes, temperature, top_k, top_p, seed, stop } => {
+            let prompt = match (prompt, prompt_file) {
+                (Some(p), _) => p.into_bytes(),
+                (None, Some(f)) => std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
+                (None, None) => Vec::new(),
+            };
+            let stops: Vec<Vec<u8>> = stop.into_iter().map(String::into_bytes).collect();
+            let params = SamplingParams { temperature, top_k, top_p, seed };
+            params.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            sample(&checkpoint, &prompt, max_bytes, params, &stops)?;
+            Ok(())
+        }
+        Command::Bench { what, model, batch_size, seq_len, warmup, runs, prompt_len, gen_len, json: _ } => {
+            let ModelConfig::Megabyte(cfg) = model.resolve("bench")?;
+            if runs == 0 {
+                bail!("--runs must be positive");
+            }
+            let out = match what {
+                BenchKind::Train => {
+                    let t = seq_len.unwrap_or(cfg.max_seq_len);
+                    if t % cfg.patch_size != 0 || t > cfg.max_seq_len || t == 0 {
+                        bail!("--seq-len must be a positive multiple of {} up to {}", cfg.patch_size, cfg.max_seq_len);
+                    }
+                    serde_json::to_string_pretty(&mega::bench::bench_train(&cfg, batch_size.unwrap_or(4).max(1), t, warmup, runs))?
+                }
+                BenchKind::Generate => {
+                    if prompt_len + gen_len >= cfg.max_seq_len {
+                        eprintln!("note: prompt + generation exceed the context; the window slides");
+                    }
+                    serde_json::to_string_pretty(&mega::bench::bench_generate(
+                        &cfg,
+                        batch_size.unwrap_or(1).max(1),
+                        prompt_len,
+                        gen_len,
+                        warmup,
+                        runs,
+                    ))?
+                }
+            };
+            println!("{out}");
+            Ok(())
+        }
+        Command::Info => {
+            let m = mega::bench::Machine::detect();
+            println!("mega {}", env!("CARGO_PKG_VERSION"));
+            println!("cpu: {} ({} logical cores, {} worker threads)", m.cpu, m.logical_cores, m.threads);
+            println!("devices:");
+            for d in mega::device::describe_devices() {
+                println!("  {d}");
+            }
+            println!("kernels: {}", mega::kernels::build_info());
+            println!("presets (megabyte):");
+            for name in MegabyteConfig::PRESETS {
+                let cfg = MegabyteConfig::preset(name)?;
+                let model = mega::model::megabyte::Megabyte::new(&cfg);
+                println!(
+                    "  {:<11} {:>14} parameters, P={}, context {} bytes, {:.2} MFLOP/byte forward",
+                    name,
+                    model.layout.numel(),
+                    cfg.patch_size,
+                    cfg.max_seq_len,
+                    model.forward_flops_per_byte() / 1e6
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Resolve `--device`, printing the one-line reason for the choice (to stderr).
+fn select_device(spec: &str) -> Result<()> {
+    let spec: mega::device::DeviceSpec = spec.parse()?;
+    let resolved = mega::device::resolve(spec)?;
+    eprintln!("device: {}", resolved.reason());
+    Ok(())
+}
+
+/// Generate from a checkpoint and stream the bytes to stdout.
+fn sample(checkpoint: &std::path::Path, prompt: &[u8], max_bytes: usize, sampling: SamplingParams, stop: &[Vec<u8>]) -> Result<()> {
+    let (model, host) = load_model(checkpoint)?;
+    let be = Cpu::<f32>::new();
+    let params = model.layout.upload(&be, &host);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    out.write_all(prompt)?;
+    out.flush()?;
+    let req = GenerateRequest { prompt: prompt.to_vec(), max_bytes, sampling, stop: stop.to_vec() };
+    let mut io_err = None;
+    generate(&model, &be, &params, &[req], |_, bytes| {
+        if let Err(e) = out.write_all(bytes).and_then(|_| out.flush()) {
+            io_err.get_or_insert(e);
+        }
+    })
+    .map_err(anyhow::Error::msg)?;
+    if let Some(e) = io_err {
+        return Err(e.into());
+    }
+    writeln!(out)?;
+    Ok(())
+}

@@ -75,8 +75,10 @@ pub trait Backend: Send + Sync {
     fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf);
     /// `buf *= s`.
     fn scale(&self, buf: &mut Self::Buf, s: f32);
-    /// `Σ buf²`, accumulated in f64 (for global-norm clipping).
+    /// `Σ buf²`, accumulated in f64 (for global-norm clipping); deterministic.
     fn sum_squares(&self, buf: &Self::Buf) -> f64;
+    /// `Σ buf`, accumulated in f64 (loss reductions); deterministic.
+    fn sum(&self, buf: &Self::Buf) -> f64;
     /// `out[i] = src[rows[i]]` for rows of width `d`.
     fn gather_rows(&self, out: &mut Self::Buf, src: &Self::Buf, rows: &[u32], d: usize);
     /// `dst[rows[i]] = src[i]` for rows of width `d`.

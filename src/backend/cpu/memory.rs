@@ -31,21 +31,24 @@ pub fn scale<F: Real>(buf: &mut [F], s: F) {
         .for_each(|c| c.iter_mut().for_each(|x| *x = *x * s));
 }
 
-/// `Σ buf²` in f64. Fixed chunks, summed in chunk order, so the result never depends on
+/// `Σ f(x)` in f64. Fixed chunks, summed in chunk order, so the result never depends on
 /// how the pool scheduled them.
-pub fn sum_squares<F: Real>(buf: &[F]) -> f64 {
+fn sum_map<F: Real>(buf: &[F], f: impl Fn(f64) -> f64 + Sync) -> f64 {
     let partials: Vec<f64> = buf
         .par_chunks(ELEMWISE_CHUNK)
-        .map(|c| {
-            c.iter()
-                .map(|&x| {
-                    let x = x.to_f64().unwrap_or(f64::NAN);
-                    x * x
-                })
-                .sum::<f64>()
-        })
+        .map(|c| c.iter().map(|&x| f(x.to_f64().unwrap_or(f64::NAN))).sum::<f64>())
         .collect();
     partials.iter().sum()
+}
+
+/// `Σ buf²` in f64, deterministic (see [`sum_map`]).
+pub fn sum_squares<F: Real>(buf: &[F]) -> f64 {
+    sum_map(buf, |x| x * x)
+}
+
+/// `Σ buf` in f64, deterministic (see [`sum_map`]).
+pub fn sum<F: Real>(buf: &[F]) -> f64 {
+    sum_map(buf, |x| x)
 }
 
 /// `out[i] = src[rows[i]]` for rows of width `d`.

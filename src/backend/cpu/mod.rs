@@ -108,6 +108,10 @@ impl<F: Real> Backend for Cpu<F> {
         memory::sum_squares(buf)
     }
 
+    fn sum(&self, buf: &Vec<F>) -> f64 {
+        memory::sum(buf)
+    }
+
     fn gather_rows(&self, out: &mut Vec<F>, src: &Vec<F>, rows: &[u32], d: usize) {
         memory::gather_rows(out, src, rows, d);
     }

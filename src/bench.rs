@@ -1,0 +1,230 @@
+//! `mega bench`: reproducible throughput figures (JSON) for training and generation, with
+//! the machine's f32 GEMM rate measured in the same run so that every figure can be read as
+//! a fraction of the hardware's matmul peak.
+
+use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
+use crate::config::MegabyteConfig;
+use crate::infer::megabyte_decoder::MegabyteDecoder;
+use crate::infer::sampler::{Sampler, SamplingParams};
+use crate::model::megabyte::Megabyte;
+use crate::train::trainer::{optimizer_step, TrainHparams, TrainState};
+use serde::Serialize;
+use std::time::Instant;
+
+/// The machine a figure was taken on.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub logical_cores: usize,
+    pub threads: usize,
+}
+
+impl Machine {
+    /// Describe this machine and the rayon pool size in use.
+    pub fn detect() -> Self {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        Machine {
+            cpu,
+            logical_cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            threads: rayon::current_num_threads(),
+        }
+    }
+}
+
+/// Median of a non-empty sample.
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// f32 GEMM rate of the CPU backend on an `n³` product with `threads` threads, GFLOP/s
+/// (median of `runs` after one warm-up).
+pub fn gemm_gflops(n: usize, threads: usize, runs: usize) -> f64 {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
+    pool.install(|| {
+        let be = Cpu::<f32>::new();
+        let a = be.upload(&vec![0.5; n * n]);
+        let b = be.upload(&vec![0.25; n * n]);
+        let mut c = be.zeros(n * n);
+        be.matmul(&mut c, &a, &b, n, n, n, false, false, false);
+        let rates: Vec<f64> = (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                be.matmul(&mut c, &a, &b, n, n, n, false, false, false);
+                2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64() / 1e9
+            })
+            .collect();
+        median(&rates)
+    })
+}
+
+/// Result of `mega bench train`.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainBench {
+    pub bench: &'static str,
+    pub model: &'static str,
+    pub config: MegabyteConfig,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub params: usize,
+    pub threads: usize,
+    pub warmup: usize,
+    /// Bytes per second of each timed step (forward, backward, clip, AdamW).
+    pub runs: Vec<f64>,
+    pub bytes_per_s_median: f64,
+    /// Analytic training FLOPs per byte (3 × forward).
+    pub train_flops_per_byte: f64,
+    pub achieved_gflops: f64,
+    /// f32 GEMM rate (2048³) on one thread and on all threads, measured in this run.
+    pub gemm_gflops_1t: f64,
+    pub gemm_gflops: f64,
+    pub fraction_of_gemm: f64,
+    pub machine: Machine,
+}
+
+/// Time full training steps of a randomly initialized model.
+pub fn bench_train(cfg: &MegabyteConfig, batch: usize, seq_len: usize, warmup: usize, runs: usize) -> TrainBench {
+    let be = Cpu::<f32>::new();
+    let model = Megabyte::new(cfg);
+    let mut st = TrainState {
+        params: model.layout.upload(&be, &model.layout.init_host(0)),
+        grads: model.layout.zeros(&be),
+        m: model.layout.zeros(&be),
+        v: model.layout.zeros(&be),
+    };
+    let hp = TrainHparams {
+        batch_size: batch,
+        seq_len,
+        total_steps: 1000,
+        lr: 1e-3,
+        min_lr: 1e-4,
+        warmup_steps: 10,
+        weight_decay: 0.1,
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-8,
+        grad_clip: 1.0,
+        seed: 0,
+        valid_fraction: 0.0,
+    };
+    let mut ws = model.workspace(&be, batch, seq_len, true);
+    let bytes: Vec<u8> = (0..batch * seq_len).map(|i| (i * 7919 % 251) as u8).collect();
+    let mut rates = Vec::new();
+    for step in 0..warmup + runs {
+        let t = Instant::now();
+        st.grads.iter_mut().for_each(|g| be.fill_zero(g));
+        model.forward(&be, &st.params, &mut ws, &bytes);
+        model.backward(&be, &st.params, &mut st.grads, &mut ws);
+        optimizer_step(&be, &model, &mut st, &hp, 1e-4, step as u64);
+        if step >= warmup {
+            rates.push((batch * seq_len) as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let med = median(&rates);
+    let train_flops_per_byte = 3.0 * model.forward_flops_per_byte();
+    let achieved = med * train_flops_per_byte / 1e9;
+    let threads = rayon::current_num_threads();
+    let gemm_1t = gemm_gflops(2048, 1, 3);
+    let gemm_all = gemm_gflops(2048, threads, 3);
+    TrainBench {
+        bench: "train",
+        model: "megabyte",
+        config: cfg.clone(),
+        batch_size: batch,
+        seq_len,
+        params: model.layout.numel(),
+        threads,
+        warmup,
+        runs: rates,
+        bytes_per_s_median: med,
+        train_flops_per_byte,
+        achieved_gflops: achieved,
+        gemm_gflops_1t: gemm_1t,
+        gemm_gflops: gemm_all,
+        fraction_of_gemm: achieved / gemm_all,
+        machine: Machine::detect(),
+    }
+}
+
+/// Result of `mega bench generate`.
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerateBench {
+    pub bench: &'static str,
+    pub model: &'static str,
+    pub config: MegabyteConfig,
+    pub params: usize,
+    pub batch_size: usize,
+    pub prompt_len: usize,
+    pub gen_len: usize,
+    pub threads: usize,
+    /// Generated bytes per second (all rows) of each timed run, prefill included.
+    pub runs: Vec<f64>,
+    pub bytes_per_s_median: f64,
+    pub machine: Machine,
+}
+
+/// Time KV-cached generation of `gen_len` bytes after `prompt_len`-byte prompts.
+pub fn bench_generate(
+    cfg: &MegabyteConfig,
+    batch: usize,
+    prompt_len: usize,
+    gen_len: usize,
+    warmup: usize,
+    runs: usize,
+) -> GenerateBench {
+    let be = Cpu::<f32>::new();
+    let model = Megabyte::new(cfg);
+    let params = model.layout.upload(&be, &model.layout.init_host(0));
+    let prompts: Vec<Vec<u8>> = (0..batch)
+        .map(|r| (0..prompt_len).map(|i| b"the quick brown fox "[(i + r) % 20]).collect())
+        .collect();
+    let refs: Vec<&[u8]> = prompts.iter().map(|p| p.as_slice()).collect();
+    let mut rates = Vec::new();
+    for run in 0..warmup + runs {
+        let t = Instant::now();
+        let mut dec = MegabyteDecoder::new(&model, &be, &params, &refs);
+        let mut samplers: Vec<Sampler> = (0..batch)
+            .map(|r| Sampler::new(SamplingParams { seed: r as u64, ..SamplingParams::default() }).expect("valid sampling"))
+            .collect();
+        for _ in 0..gen_len {
+            let next: Vec<u8> = dec
+                .logits()
+                .chunks(cfg.vocab_size)
+                .zip(samplers.iter_mut())
+                .map(|(l, s)| s.sample(l) as u8)
+                .collect();
+            dec.step(&next);
+        }
+        if run >= warmup {
+            rates.push((batch * gen_len) as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    GenerateBench {
+        bench: "generate",
+        model: "megabyte",
+        config: cfg.clone(),
+        params: model.layout.numel(),
+        batch_size: batch,
+        prompt_len,
+        gen_len,
+        threads: rayon::current_num_threads(),
+        bytes_per_s_median: median(&rates),
+        runs: rates,
+        machine: Machine::detect(),
+    }
+}

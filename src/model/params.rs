@@ -1,0 +1,132 @@
+//! Named parameter tensors: declaration, deterministic initialization, host transfer.
+
+use crate::backend::Backend;
+use crate::train::checkpoint::HostTensor;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+/// How a parameter starts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// Truncated normal(0, std), cut at ±2σ (MEGABYTE paper appendix A.1).
+    TruncNormal(f32),
+    Zeros,
+    Ones,
+}
+
+/// Name, shape and initialization of one parameter tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+}
+
+impl ParamSpec {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Collects parameter declarations in a fixed order; each gets an index into the buffers.
+#[derive(Default, Debug, Clone)]
+pub struct ParamLayout {
+    pub specs: Vec<ParamSpec>,
+}
+
+impl ParamLayout {
+    /// Declare a parameter and return its index.
+    pub fn add(&mut self, name: impl Into<String>, shape: &[usize], init: Init) -> usize {
+        self.specs.push(ParamSpec { name: name.into(), shape: shape.to_vec(), init });
+        self.specs.len() - 1
+    }
+
+    /// Total number of scalars.
+    pub fn numel(&self) -> usize {
+        self.specs.iter().map(ParamSpec::numel).sum()
+    }
+
+    /// Index of a parameter by name.
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.specs.iter().position(|s| s.name == name)
+    }
+
+    /// Host values from each spec's initializer, deterministic in `seed`.
+    pub fn init_host(&self, seed: u64) -> Vec<Vec<f32>> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        self.specs
+            .iter()
+            .map(|s| match s.init {
+                Init::Zeros => vec![0.0; s.numel()],
+                Init::Ones => vec![1.0; s.numel()],
+                Init::TruncNormal(std) => {
+                    let normal = Normal::new(0.0f32, 1.0).expect("unit normal");
+                    (0..s.numel())
+                        .map(|_| loop {
+                            let z = normal.sample(&mut rng);
+                            if z.abs() <= 2.0 {
+                                break z * std;
+                            }
+                        })
+                        .collect()
+                }
+            })
+            .collect()
+    }
+
+    /// Zero buffers, one per parameter (gradients, optimizer moments).
+    pub fn zeros<B: Backend>(&self, be: &B) -> Vec<B::Buf> {
+        self.specs.iter().map(|s| be.zeros(s.numel())).collect()
+    }
+
+    /// Upload host values after checking their count against the layout.
+    pub fn upload<B: Backend>(&self, be: &B, host: &[Vec<f32>]) -> Vec<B::Buf> {
+        assert_eq!(host.len(), self.specs.len());
+        self.specs
+            .iter()
+            .zip(host)
+            .map(|(s, h)| {
+                assert_eq!(h.len(), s.numel(), "{}", s.name);
+                be.upload(h)
+            })
+            .collect()
+    }
+
+    /// Download buffers as named host tensors (for checkpoints).
+    pub fn download<B: Backend>(&self, be: &B, bufs: &[B::Buf]) -> Vec<HostTensor> {
+        self.specs
+            .iter()
+            .zip(bufs)
+            .map(|(s, b)| HostTensor { name: s.name.clone(), shape: s.shape.clone(), data: be.download(b) })
+            .collect()
+    }
+
+    /// Match named host tensors to this layout by name, checking every shape; the error
+    /// names the first missing, unexpected or mis-shaped tensor.
+    pub fn host_from_named(&self, tensors: &[HostTensor]) -> Result<Vec<Vec<f32>>, String> {
+        let mut out = Vec::with_capacity(self.specs.len());
+        for s in &self.specs {
+            let t = tensors
+                .iter()
+                .find(|t| t.name == s.name)
+                .ok_or_else(|| format!("tensor '{}' is missing", s.name))?;
+            if t.shape != s.shape {
+                return Err(format!(
+                    "tensor '{}' has shape {:?}, the config expects {:?}",
+                    s.name, t.shape, s.shape
+                ));
+            }
+            out.push(t.data.clone());
+        }
+        if let Some(extra) = tensors.iter().find(|t| self.index(&t.name).is_none()) {
+            return Err(format!("unexpected tensor '{}' for this config", extra.name));
+        }
+        Ok(out)
+    }
+}
+
+/// Distinct mutable elements of a slice (e.g. a norm's weight and bias gradients).
+pub fn many_mut<T, const N: usize>(v: &mut [T], idx: [usize; N]) -> [&mut T; N] {
+    v.get_disjoint_mut(idx).expect("distinct parameter indices")
+}

@@ -1,0 +1,345 @@
+//! The training loop: batches from a byte corpus, forward/backward, global-norm clipping,
+//! AdamW with warmup + cosine, periodic validation, atomic checkpoints, resume, the plot.
+
+use super::checkpoint::{self, Checkpoint, LogPoint, OptimizerState, TrainerState};
+use super::data::{ByteCorpus, DataSplit};
+use super::plot::write_loss_plot;
+use super::schedule::LrSchedule;
+use crate::backend::{AdamW, Backend};
+use crate::config::ModelConfig;
+use crate::model::megabyte::{Megabyte, Workspace};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Optimization settings that must stay fixed across a resumed run (saved in the checkpoint).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainHparams {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub total_steps: u64,
+    pub lr: f32,
+    pub min_lr: f32,
+    pub warmup_steps: u64,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub grad_clip: f32,
+    pub seed: u64,
+    pub valid_fraction: f64,
+}
+
+/// Everything `mega train` needs besides the model config.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub data: PathBuf,
+    pub valid: Option<PathBuf>,
+    pub out: PathBuf,
+    /// Fixed step count; when `None` the count is derived from `time_budget`.
+    pub steps: Option<u64>,
+    /// Stop when this much wall time has passed (and size the schedule to it).
+    pub time_budget: Option<Duration>,
+    pub hp: TrainHparams,
+    pub eval_every: u64,
+    pub eval_windows: usize,
+    pub checkpoint_every: u64,
+    pub resume: bool,
+    pub progress: bool,
+    /// Non-finite steps tolerated before the run stops.
+    pub max_skipped: u64,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub final_train_loss: f32,
+    pub final_valid_bpb: f32,
+    pub unigram_entropy_bits: f64,
+    pub bytes_per_s: f64,
+    pub elapsed_s: f64,
+    pub skipped_steps: u64,
+    pub params: usize,
+}
+
+/// A MEGABYTE model's parameters with their gradients and AdamW moments on one backend.
+pub struct TrainState<B: Backend> {
+    pub params: Vec<B::Buf>,
+    pub grads: Vec<B::Buf>,
+    pub m: Vec<B::Buf>,
+    pub v: Vec<B::Buf>,
+}
+
+/// One optimizer step: clip the global gradient norm to `clip`, then AdamW. Weight decay
+/// applies to matrices and embedding tables only (tensors of rank ≥ 2), not to biases,
+/// norms or pads. Returns the pre-clip gradient norm.
+pub fn optimizer_step<B: Backend>(
+    be: &B,
+    model: &Megabyte,
+    st: &mut TrainState<B>,
+    hp: &TrainHparams,
+    lr: f32,
+    step: u64,
+) -> f64 {
+    let norm = st.grads.iter().map(|g| be.sum_squares(g)).sum::<f64>().sqrt();
+    if norm > hp.grad_clip as f64 {
+        let s = (hp.grad_clip as f64 / norm) as f32;
+        st.grads.iter_mut().for_each(|g| be.scale(g, s));
+    }
+    for (i, spec) in model.layout.specs.iter().enumerate() {
+        let wd = if spec.shape.len() >= 2 { hp.weight_decay } else { 0.0 };
+        let h = AdamW { lr, beta1: hp.beta1, beta2: hp.beta2, eps: hp.eps, weight_decay: wd, step: step + 1 };
+        be.adamw_step(&mut st.params[i], &st.grads[i], &mut st.m[i], &mut st.v[i], &h);
+    }
+    norm
+}
+
+/// Mean validation bits per byte over `windows` (each `ws.t` bytes), in batches of `ws.b`.
+pub fn evaluate_bpb<B: Backend>(
+    be: &B,
+    model: &Megabyte,
+    params: &[B::Buf],
+    ws: &mut Workspace<B>,
+    windows: &[Vec<u8>],
+) -> f64 {
+    let mut total = 0.0;
+    let mut count = 0usize;
+    for chunk in windows.chunks(ws.b) {
+        let mut batch: Vec<u8> = chunk.concat();
+        // A short last batch is padded with copies of its first window, which are not counted.
+        while batch.len() < ws.b * ws.t {
+            batch.extend_from_slice(&chunk[0]);
+        }
+        model.forward(be, params, ws, &batch);
+        let losses = be.download(&ws.losses);
+        total += losses[..chunk.len() * ws.t].iter().map(|&x| x as f64).sum::<f64>();
+        count += chunk.len() * ws.t;
+    }
+    total / count.max(1) as f64 / std::f64::consts::LN_2
+}
+
+/// Train a model on the CPU or any backend; writes checkpoints and the plot under `opts.out`.
+pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Result<TrainSummary> {
+    let ModelConfig::Megabyte(mcfg) = cfg;
+    let model = Megabyte::new(mcfg);
+    let corpus = ByteCorpus::open(&opts.data).with_context(|| "opening the training data".to_string())?;
+    let entropy = corpus.unigram_entropy_bits();
+    let valid = match &opts.valid {
+        Some(v) => Some(ByteCorpus::open(v).context("opening the validation data")?),
+        None => None,
+    };
+
+    let ckpt_dir = opts.out.clone();
+    let (mut hp, mut tstate, host_params, opt_state) = if opts.resume {
+        let ck = checkpoint::load(&ckpt_dir).with_context(|| format!("resuming from {}", ckpt_dir.display()))?;
+        let saved_cfg: ModelConfig = serde_json::from_value(ck.config.clone()).context("checkpoint config.json")?;
+        if &saved_cfg != cfg {
+            bail!("the checkpoint in {} was trained with a different model config", ckpt_dir.display());
+        }
+        let ts = ck.trainer.context("checkpoint has no trainer state; cannot resume")?;
+        let hp: TrainHparams =
+            serde_json::from_value(ts.extra.get("hparams").cloned().unwrap_or_default()).context("trainer hparams")?;
+        let host = model.layout.host_from_named(&ck.model).map_err(anyhow::Error::msg)?;
+        (hp, ts, host, ck.optimizer)
+    } else {
+        let ts = TrainerState {
+            step: 0,
+            seed: opts.hp.seed,
+            bytes_seen: 0,
+            skipped_steps: 0,
+            elapsed_s: 0.0,
+            history: Vec::new(),
+            extra: serde_json::Value::Null,
+        };
+        (opts.hp.clone(), ts, model.layout.init_host(opts.hp.seed), None)
+    };
+    let data = corpus.split(valid, hp.valid_fraction)?;
+    if hp.seq_len % mcfg.patch_size != 0 || hp.seq_len > mcfg.max_seq_len || hp.seq_len == 0 {
+        bail!(
+            "--seq-len {} must be a positive multiple of the patch size {} and at most max_seq_len {}",
+            hp.seq_len,
+            mcfg.patch_size,
+            mcfg.max_seq_len
+        );
+    }
+
+    let mut st = TrainState {
+        params: model.layout.upload(be, &host_params),
+        grads: model.layout.zeros(be),
+        m: model.layout.zeros(be),
+        v: model.layout.zeros(be),
+    };
+    if let Some(o) = opt_state {
+        st.m = model.layout.upload(be, &model.layout.host_from_named(&o.m).map_err(anyhow::Error::msg)?);
+        st.v = model.layout.upload(be, &model.layout.host_from_named(&o.v).map_err(anyhow::Error::msg)?);
+    }
+    let mut ws = model.workspace(be, hp.batch_size, hp.seq_len, true);
+    let mut eval_ws = model.workspace(be, hp.batch_size, hp.seq_len, false);
+    let valid_windows = data.valid_windows(hp.seq_len, opts.eval_windows);
+    let bytes_per_step = (hp.batch_size * hp.seq_len) as u64;
+
+    let t0 = Instant::now();
+    let elapsed_before = tstate.elapsed_s;
+    let mut total = if opts.resume { hp.total_steps } else { opts.steps.unwrap_or(0) };
+    let budget = opts.time_budget;
+    if !opts.resume && opts.steps.is_none() && budget.is_none() {
+        bail!("give --steps N or --time-budget (e.g. 10m)");
+    }
+    let pb = progress_bar(opts.progress, total);
+    let mut last_loss = f32::NAN;
+    let mut last_valid = f32::NAN;
+    let run_start_step = tstate.step;
+    loop {
+        let step = tstate.step;
+        if total > 0 && step >= total {
+            break;
+        }
+        if let Some(b) = budget {
+            if t0.elapsed() >= b && total > 0 {
+                break;
+            }
+        }
+        let batch = data.train_batch(hp.seed, step, hp.batch_size, hp.seq_len);
+        st.grads.iter_mut().for_each(|g| be.fill_zero(g));
+        let loss = model.forward(be, &st.params, &mut ws, &batch);
+        model.backward(be, &st.params, &mut st.grads, &mut ws);
+        // Without a fixed step count, size the schedule from the first steps' speed.
+        if total == 0 && step - run_start_step == 2 {
+            let per_step = t0.elapsed().as_secs_f64() / 3.0;
+            let b = budget.expect("checked above").as_secs_f64();
+            total = ((b / per_step) as u64).max(step + 1);
+            hp.total_steps = total;
+            pb.set_length(total);
+        }
+        let sched = LrSchedule {
+            max_lr: hp.lr,
+            min_lr: hp.min_lr,
+            warmup_steps: hp.warmup_steps,
+            total_steps: total.max(1),
+        };
+        let lr = sched.lr_at(step);
+        let grad_finite = loss.is_finite()
+            && st.grads.iter().all(|g| be.sum_squares(g).is_finite());
+        if !grad_finite {
+            tstate.skipped_steps += 1;
+            pb.println(format!("step {step}: non-finite loss or gradient, step skipped"));
+            if tstate.skipped_steps > opts.max_skipped {
+                bail!(
+                    "stopping: {} steps had non-finite loss or gradients (limit {}); lower --lr",
+                    tstate.skipped_steps,
+                    opts.max_skipped
+                );
+            }
+        } else {
+            optimizer_step(be, &model, &mut st, &hp, lr, step);
+            last_loss = loss as f32;
+        }
+        tstate.step += 1;
+        tstate.bytes_seen += bytes_per_step;
+        let mut point = LogPoint { step: tstate.step, train_loss: Some(loss as f32), valid_bpb: None, lr };
+        let done = (total > 0 && tstate.step >= total) || budget.is_some_and(|b| t0.elapsed() >= b);
+        if tstate.step % opts.eval_every == 0 || done {
+            last_valid = evaluate_bpb(be, &model, &st.params, &mut eval_ws, &valid_windows) as f32;
+            point.valid_bpb = Some(last_valid);
+            pb.println(format!(
+                "step {:>6}  train loss {:.4}  ({:.3} bpb)  valid {:.3} bpb",
+                tstate.step,
+                loss,
+                loss / std::f64::consts::LN_2,
+                last_valid
+            ));
+        }
+        tstate.history.push(point);
+        let secs = t0.elapsed().as_secs_f64();
+        let rate = ((tstate.step - run_start_step) * bytes_per_step) as f64 / secs.max(1e-9);
+        pb.set_position(tstate.step);
+        pb.set_message(format!(
+            "loss {:.3} | {:.3} bpb | {:.0} B/s",
+            loss,
+            loss / std::f64::consts::LN_2,
+            rate
+        ));
+        if tstate.step % opts.checkpoint_every == 0 || done {
+            tstate.elapsed_s = elapsed_before + secs;
+            hp.total_steps = total;
+            save(be, &model, cfg, &st, &tstate, &hp, &ckpt_dir)?;
+        }
+        if done {
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64();
+    tstate.elapsed_s = elapsed_before + secs;
+    hp.total_steps = total;
+    save(be, &model, cfg, &st, &tstate, &hp, &ckpt_dir)?;
+    let plot = ckpt_dir.join("loss.svg");
+    write_loss_plot(&plot, &tstate.history, "MEGABYTE training").context("writing the loss plot")?;
+    Ok(TrainSummary {
+        steps: tstate.step,
+        final_train_loss: last_loss,
+        final_valid_bpb: last_valid,
+        unigram_entropy_bits: entropy,
+        bytes_per_s: ((tstate.step - run_start_step) * bytes_per_step) as f64 / secs.max(1e-9),
+        elapsed_s: tstate.elapsed_s,
+        skipped_steps: tstate.skipped_steps,
+        params: model.layout.numel(),
+    })
+}
+
+fn save<B: Backend>(
+    be: &B,
+    model: &Megabyte,
+    cfg: &ModelConfig,
+    st: &TrainState<B>,
+    ts: &TrainerState,
+    hp: &TrainHparams,
+    dir: &Path,
+) -> Result<()> {
+    let mut ts = ts.clone();
+    ts.extra = serde_json::json!({ "hparams": hp });
+    let ck = Checkpoint {
+        config: cfg.to_json(),
+        model: model.layout.download(be, &st.params),
+        optimizer: Some(OptimizerState {
+            m: model.layout.download(be, &st.m),
+            v: model.layout.download(be, &st.v),
+        }),
+        trainer: Some(ts),
+    };
+    checkpoint::save(dir, &ck).with_context(|| format!("saving the checkpoint to {}", dir.display()))?;
+    Ok(())
+}
+
+fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
+    if !enabled {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}")
+            .expect("valid template"),
+    );
+    pb
+}
+
+/// Open a model checkpoint for inference: its config and parameter values.
+pub fn load_model(dir: &Path) -> Result<(Megabyte, Vec<Vec<f32>>)> {
+    let ck = checkpoint::load_model_only(dir).with_context(|| format!("loading checkpoint {}", dir.display()))?;
+    let cfg: ModelConfig = serde_json::from_value(ck.config.clone())
+        .with_context(|| format!("{}/config.json is not a valid model config", dir.display()))?;
+    cfg.validate()?;
+    let ModelConfig::Megabyte(m) = cfg;
+    let model = Megabyte::new(&m);
+    let host = model.layout.host_from_named(&ck.model).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    Ok((model, host))
+}
+
+/// The data split for a run's options (for `mega eval` and tests).
+pub fn open_split(data: &Path, valid: Option<&Path>, fraction: f64) -> Result<DataSplit> {
+    let corpus = ByteCorpus::open(data)?;
+    let v = valid.map(ByteCorpus::open).transpose()?;
+    Ok(corpus.split(v, fraction)?)
+}
