@@ -254,8 +254,12 @@ fn run(cmd: Command) -> Result<()> {
             quiet,
         } => {
             let cfg = if resume {
-                let path = out.join("config.json");
-                ModelConfig::from_file(&path).with_context(|| "--resume needs a checkpoint in --out".to_string())?
+                let json = mega::train::checkpoint::load_config(&out)
+                    .with_context(|| format!("--resume needs a checkpoint in {}", out.display()))?;
+                let cfg: ModelConfig = serde_json::from_value(json)
+                    .with_context(|| format!("the checkpoint config in {} is invalid", out.display()))?;
+                cfg.validate()?;
+                cfg
             } else {
                 model.resolve("small")?
             };
