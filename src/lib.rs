@@ -2,3 +2,5 @@
 //! (MEGABYTE, MEGALODON and their hybrid), on a pure-Rust CPU backend and on NVIDIA GPUs.
 
 pub mod backend;
+pub mod infer;
+pub mod train;

@@ -7,7 +7,14 @@ use num_traits::Float;
 
 /// Element types the CPU backend computes in (`f32`, `f64`).
 pub trait Real:
-    Float + num_traits::FromPrimitive + std::iter::Sum + Default + Send + Sync + std::fmt::Debug + 'static
+    Float
+    + num_traits::FromPrimitive
+    + std::iter::Sum
+    + Default
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + 'static
 {
 }
 impl Real for f32 {}
@@ -22,6 +29,8 @@ pub struct Cpu<F: Real = f32> {
 impl<F: Real> Cpu<F> {
     /// A CPU backend computing in `F`.
     pub fn new() -> Self {
-        Self { _elem: std::marker::PhantomData }
+        Self {
+            _elem: std::marker::PhantomData,
+        }
     }
 }
