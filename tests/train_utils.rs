@@ -707,6 +707,24 @@ fn keep_previous_keeps_older_generations() {
     gens.sort();
     assert_eq!(gens, ["gen-000002", "gen-000003"]);
     assert_eq!(trainer_step(&checkpoint::load(dir.path()).unwrap()), 1003);
+
+    // A complete generation that was never committed (crash just before LATEST moved) is not
+    // a "previous" checkpoint: the next save drops it and keeps the committed one.
+    let uncommitted = dir.path().join("gen-000010");
+    fs::create_dir(&uncommitted).unwrap();
+    for entry in fs::read_dir(dir.path().join("gen-000003")).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), uncommitted.join(entry.file_name())).unwrap();
+    }
+    checkpoint::save_with(dir.path(), &sample_checkpoint(4), &options).unwrap();
+    let mut gens: Vec<String> = fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("gen-"))
+        .collect();
+    gens.sort();
+    assert_eq!(gens, ["gen-000003", "gen-000011"]);
+    assert_eq!(trainer_step(&checkpoint::load(dir.path()).unwrap()), 1004);
 }
 
 #[test]
