@@ -1,9 +1,11 @@
-//! Inference utilities that do not depend on a model: next-byte sampling and stop sequences.
+//! Inference: next-byte sampling, stop sequences, the KV-cached MEGABYTE decoder and the
+//! generation loop.
 
 pub mod sampler;
 pub mod stop;
 
 pub use sampler::{log_probs, Sampler, SamplingError, SamplingParams};
 pub use stop::{StopError, StopFilter, StopMatcher, StopState};
+
 pub mod generate;
 pub mod megabyte_decoder;

@@ -207,7 +207,8 @@ fn argmax(logits: &[f32]) -> usize {
 }
 
 /// Log-softmax of `logits`, computed stably in f64: `logits[i] - log(sum_j exp(logits[j]))`.
-/// Entries of -inf get -inf; if every entry is -inf the result is all -inf.
+/// Entries of -inf get -inf. When the largest logit is not finite (all -inf, or a +inf present)
+/// there is no meaningful normalizer and the result is all -inf.
 pub fn log_probs(logits: &[f32]) -> Vec<f32> {
     let max = logits
         .iter()

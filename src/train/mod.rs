@@ -1,10 +1,12 @@
-//! Training utilities that do not depend on a model: byte corpora and batching, the learning-rate
-//! schedule, crash-safe checkpoints and the loss-curve plot.
+//! Training: byte corpora and batching, the learning-rate schedule, crash-safe checkpoints,
+//! the loss-curve plot, evaluation (bits per byte) and the trainer loop.
 
 pub mod checkpoint;
+pub mod eval;
 pub mod data;
 pub mod plot;
 pub mod schedule;
+pub mod trainer;
 
 pub use checkpoint::{
     load, load_model_only, save, save_with, Checkpoint, CheckpointError, HostTensor, LogPoint,
@@ -13,5 +15,3 @@ pub use checkpoint::{
 pub use data::{ByteCorpus, CorpusPart, DataError, DataSplit};
 pub use plot::{write_loss_plot, PlotError};
 pub use schedule::{LrSchedule, ScheduleError};
-pub mod eval;
-pub mod trainer;

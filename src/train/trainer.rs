@@ -156,6 +156,7 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
         (opts.hp.clone(), ts, model.layout.init_host(opts.hp.seed), None)
     };
     let data = corpus.split(valid, hp.valid_fraction)?;
+    data.check_window(hp.seq_len)?;
     if hp.seq_len % mcfg.patch_size != 0 || hp.seq_len > mcfg.max_seq_len || hp.seq_len == 0 {
         bail!(
             "--seq-len {} must be a positive multiple of the patch size {} and at most max_seq_len {}",
