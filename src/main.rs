@@ -106,6 +106,10 @@ enum Command {
         /// Continue the run saved in --out.
         #[arg(long)]
         resume: bool,
+        /// Stop at this step (with a checkpoint) without changing the schedule; continue later
+        /// with --resume.
+        #[arg(long)]
+        stop_at_step: Option<u64>,
         /// Device: auto, cpu, cuda, cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
@@ -249,6 +253,7 @@ fn run(cmd: Command) -> Result<()> {
             eval_windows,
             checkpoint_every,
             resume,
+            stop_at_step,
             device,
             sample_bytes,
             quiet,
@@ -290,6 +295,7 @@ fn run(cmd: Command) -> Result<()> {
                 eval_windows,
                 checkpoint_every: checkpoint_every.max(1),
                 resume,
+                stop_at_step,
                 progress: !quiet,
                 max_skipped: 20,
             };

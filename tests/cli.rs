@@ -48,8 +48,11 @@ fn resume_continues_the_run_bit_identically() {
     let split = dir.path().join("split");
     let o = mega(&train_args(data, straight.to_str().unwrap(), "8"));
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = mega(&train_args(data, split.to_str().unwrap(), "8")[..].iter().map(|s| if *s == "8" { "4" } else { s }).collect::<Vec<_>>());
+    let mut first_half = train_args(data, split.to_str().unwrap(), "8");
+    first_half.extend(["--stop-at-step", "4"]);
+    let o = mega(&first_half);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(mega::train::checkpoint::load(&split).unwrap().trainer.unwrap().step, 4);
     let mut resume = train_args(data, split.to_str().unwrap(), "8");
     resume.push("--resume");
     let o = mega(&resume);

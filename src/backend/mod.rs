@@ -229,16 +229,15 @@ pub trait Backend: Send + Sync {
         h: usize,
         scale: f32,
     );
-    /// Append this step's keys and values: for row `r`, copy the `k` and `v` parts of
-    /// `qkv[r]` (`[b, 3c]`) into `k_cache[r, pos[r]]` and `v_cache[r, pos[r]]`.
-    #[allow(clippy::too_many_arguments)]
+    /// Append keys and values: for row `r` of `qkv` (`[n, 3c]`), copy its `k` and `v` parts
+    /// into entry `entries[r]` of the caches, viewed as flat lists of `c`-wide entries (for a
+    /// `[rows, t_max, c]` cache, entry `row·t_max + position`).
     fn kv_append(
         &self,
         k_cache: &mut Self::Buf,
         v_cache: &mut Self::Buf,
         qkv: &Self::Buf,
-        pos: &[u32],
-        t_max: usize,
+        entries: &[u32],
         c: usize,
     );
 

@@ -359,11 +359,9 @@ impl Stack {
     ) {
         assert_eq!(acts.b, 1);
         assert!(acts.t <= cache.t_max && row < cache.rows);
-        // kv_append puts qkv row r at cache entry r·t_max + pos[r]; with a unit t_max and a
-        // constant offset this writes positions 0..t of cache row `row`.
-        let pos = vec![(row * cache.t_max) as u32; acts.t];
+        let entries: Vec<u32> = (0..acts.t).map(|i| (row * cache.t_max + i) as u32).collect();
         for l in 0..self.blocks.len() {
-            be.kv_append(&mut cache.k[l], &mut cache.v[l], &acts.qkv[l], &pos, 1, self.width);
+            be.kv_append(&mut cache.k[l], &mut cache.v[l], &acts.qkv[l], &entries, self.width);
         }
     }
 
@@ -396,7 +394,9 @@ impl Stack {
             match caches {
                 CacheSet::Batched(c) => {
                     assert_eq!(c.rows, s);
-                    be.kv_append(&mut c.k[l], &mut c.v[l], &qkv, pos, c.t_max, d);
+                    let entries: Vec<u32> =
+                        pos.iter().enumerate().map(|(r, &q)| (r * c.t_max) as u32 + q).collect();
+                    be.kv_append(&mut c.k[l], &mut c.v[l], &qkv, &entries, d);
                     be.attention_decode(&mut atty, &qkv, &c.k[l], &c.v[l], &lens, c.t_max, d, h, self.scale());
                 }
                 CacheSet::PerRow(cs) => {
@@ -404,7 +404,7 @@ impl Stack {
                     let (mut q1, mut o1) = (be.zeros(3 * d), be.zeros(d));
                     for (i, c) in cs.iter_mut().enumerate() {
                         be.gather_rows(&mut q1, &qkv, &[i as u32], 3 * d);
-                        be.kv_append(&mut c.k[l], &mut c.v[l], &q1, &pos[i..i + 1], c.t_max, d);
+                        be.kv_append(&mut c.k[l], &mut c.v[l], &q1, &pos[i..i + 1], d);
                         be.attention_decode(&mut o1, &q1, &c.k[l], &c.v[l], &lens[i..i + 1], c.t_max, d, h, self.scale());
                         be.scatter_rows(&mut atty, &o1, &[i as u32], d);
                     }

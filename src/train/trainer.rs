@@ -46,6 +46,9 @@ pub struct TrainOptions {
     pub eval_windows: usize,
     pub checkpoint_every: u64,
     pub resume: bool,
+    /// Stop (with a checkpoint) once this step is reached, without changing the schedule,
+    /// so a run can be trained in pieces with `--resume`.
+    pub stop_at_step: Option<u64>,
     pub progress: bool,
     /// Non-finite steps tolerated before the run stops.
     pub max_skipped: u64,
@@ -184,6 +187,12 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
     let t0 = Instant::now();
     let elapsed_before = tstate.elapsed_s;
     let mut total = if opts.resume { hp.total_steps } else { opts.steps.unwrap_or(0) };
+    if let (true, Some(n)) = (opts.resume, opts.steps) {
+        if n != total {
+            eprintln!("note: --steps {n} replaces the saved schedule length {total}; the LR schedule changes");
+            total = n;
+        }
+    }
     let budget = opts.time_budget;
     if !opts.resume && opts.steps.is_none() && budget.is_none() {
         bail!("give --steps N or --time-budget (e.g. 10m)");
@@ -240,7 +249,9 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
         tstate.step += 1;
         tstate.bytes_seen += bytes_per_step;
         let mut point = LogPoint { step: tstate.step, train_loss: Some(loss as f32), valid_bpb: None, lr };
-        let done = (total > 0 && tstate.step >= total) || budget.is_some_and(|b| t0.elapsed() >= b);
+        let done = (total > 0 && tstate.step >= total)
+            || budget.is_some_and(|b| t0.elapsed() >= b)
+            || opts.stop_at_step.is_some_and(|s| tstate.step >= s);
         if tstate.step % opts.eval_every == 0 || done {
             last_valid = evaluate_bpb(be, &model, &st.params, &mut eval_ws, &valid_windows) as f32;
             point.valid_bpb = Some(last_valid);

@@ -10,6 +10,7 @@
 pub mod activation;
 pub mod adamw;
 pub mod attention;
+pub mod kv_cache;
 pub mod bias;
 pub mod embedding;
 mod lanes;
@@ -274,11 +275,10 @@ impl<F: Real> Backend for Cpu<F> {
         k_cache: &mut Vec<F>,
         v_cache: &mut Vec<F>,
         qkv: &Vec<F>,
-        pos: &[u32],
-        t_max: usize,
+        entries: &[u32],
         c: usize,
     ) {
-        attention::kv_append(k_cache, v_cache, qkv, pos, t_max, c);
+        kv_cache::append(k_cache, v_cache, qkv, entries, c);
     }
 
     fn embedding_forward(
