@@ -234,7 +234,7 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
             && st.grads.iter().all(|g| be.sum_squares(g).is_finite());
         if !grad_finite {
             tstate.skipped_steps += 1;
-            pb.println(format!("step {step}: non-finite loss or gradient, step skipped"));
+            say(&pb, format!("step {step}: non-finite loss or gradient, step skipped"));
             if tstate.skipped_steps > opts.max_skipped {
                 bail!(
                     "stopping: {} steps had non-finite loss or gradients (limit {}); lower --lr",
@@ -255,17 +255,29 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
         if tstate.step % opts.eval_every == 0 || done {
             last_valid = evaluate_bpb(be, &model, &st.params, &mut eval_ws, &valid_windows) as f32;
             point.valid_bpb = Some(last_valid);
-            pb.println(format!(
-                "step {:>6}  train loss {:.4}  ({:.3} bpb)  valid {:.3} bpb",
-                tstate.step,
-                loss,
-                loss / std::f64::consts::LN_2,
-                last_valid
-            ));
         }
         tstate.history.push(point);
         let secs = t0.elapsed().as_secs_f64();
         let rate = ((tstate.step - run_start_step) * bytes_per_step) as f64 / secs.max(1e-9);
+        if point.valid_bpb.is_some() {
+            let eta = if total > tstate.step {
+                (total - tstate.step) as f64 * secs / (tstate.step - run_start_step) as f64
+            } else {
+                0.0
+            };
+            say(
+                &pb,
+                format!(
+                    "step {:>6}/{total}  train loss {:.4} ({:.3} bpb)  valid {:.3} bpb  {:.0} bytes/s  eta {:.0}s",
+                    tstate.step,
+                    loss,
+                    loss / std::f64::consts::LN_2,
+                    last_valid,
+                    rate,
+                    eta
+                ),
+            );
+        }
         pb.set_position(tstate.step);
         pb.set_message(format!(
             "loss {:.3} | {:.3} bpb | {:.0} B/s",
@@ -323,6 +335,15 @@ fn save<B: Backend>(
     };
     checkpoint::save(dir, &ck).with_context(|| format!("saving the checkpoint to {}", dir.display()))?;
     Ok(())
+}
+
+/// Print a log line above the progress bar, or plainly when no bar is drawn (not a terminal).
+fn say(pb: &indicatif::ProgressBar, line: String) {
+    if pb.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        pb.println(line);
+    }
 }
 
 fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
