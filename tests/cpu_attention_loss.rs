@@ -32,14 +32,20 @@ fn random<F: Real>(rng: &mut ChaCha8Rng, n: usize, amp: f64) -> Vec<F> {
 }
 
 /// `max |a − b| / (1 + max |b|)`: absolute error relative to the magnitude of the data.
+/// Any NaN or infinity on either side counts as an infinite error (`f64::max` alone would
+/// skip NaNs).
 fn rel_err<F: Real>(a: &[F], b: &[F]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let scale = b
-        .iter()
-        .fold(0.0f64, |m, x| m.max(x.to_f64().unwrap().abs()));
-    let diff = a.iter().zip(b).fold(0.0f64, |m, (x, y)| {
-        m.max((x.to_f64().unwrap() - y.to_f64().unwrap()).abs())
-    });
+    let mut scale = 0.0f64;
+    let mut diff = 0.0f64;
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (x.to_f64().unwrap(), y.to_f64().unwrap());
+        if !x.is_finite() || !y.is_finite() {
+            return f64::INFINITY;
+        }
+        scale = scale.max(y.abs());
+        diff = diff.max((x - y).abs());
+    }
     diff / (1.0 + scale)
 }
 
@@ -278,11 +284,14 @@ fn random_targets(rng: &mut ChaCha8Rng, n: usize, v: usize) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..v as u32)).collect()
 }
 
-/// Largest `|a − b| / (1 + |b|)` over elements.
+/// Largest `|a − b| / (1 + |b|)` over elements; NaN or infinity anywhere counts as infinite.
 fn elementwise_err<F: Real>(a: &[F], b: &[F]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).fold(0.0f64, |m, (x, y)| {
         let (x, y) = (x.to_f64().unwrap(), y.to_f64().unwrap());
+        if !x.is_finite() || !y.is_finite() {
+            return f64::INFINITY;
+        }
         m.max((x - y).abs() / (1.0 + y.abs()))
     })
 }

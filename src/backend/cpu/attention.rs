@@ -44,9 +44,13 @@ impl HeadGeometry {
         }
     }
 
-    /// (batch, head) pairs per rayon task.
-    fn pairs_per_task(&self) -> usize {
-        (TASK_MACS / (self.t * self.t * self.hs).max(1)).max(1)
+    /// (batch, head) pairs per rayon task, out of `pairs`: enough work to outweigh the
+    /// hand-off and the task's scratch allocation (a few hundred KiB at t = 256, so it must
+    /// not be paid per pair), yet about four tasks per thread for load balance.
+    fn pairs_per_task(&self, pairs: usize) -> usize {
+        let by_work = TASK_MACS / (self.t * self.t * self.hs).max(1);
+        let by_balance = pairs.div_ceil(4 * rayon::current_num_threads());
+        by_work.max(by_balance).max(1)
     }
 }
 
@@ -172,8 +176,7 @@ fn forward_head<F: Real, const W: usize, const FMA: bool>(
         .chunks_exact(3 * c)
         .enumerate()
     {
-        // One fused pass per row: separate `copy_from_slice`s of a head's few hundred bytes
-        // would each be a `memmove` call, which dominates at the local model's sizes.
+        // One fused pass per row (the transposed `k` store keeps it scalar either way).
         let (q_in, k_in, v_in) = (
             &row[hi * hs..][..hs],
             &row[c + hi * hs..][..hs],
@@ -233,17 +236,15 @@ fn forward_head<F: Real, const W: usize, const FMA: bool>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn forward_head_avx2<F: Real, const W: usize>(
-    ws: &mut ForwardScratch<F>,
+fn forward_heads_avx2<F: Real, const W: usize>(
     att: &mut [F],
     qkv: &[F],
     out: &DisjointWriter<F>,
-    pair: usize,
+    first_pair: usize,
     g: &HeadGeometry,
     scale: F,
 ) {
-    forward_head::<F, W, true>(ws, att, qkv, out, pair, g, scale)
+    forward_heads::<F, W, true>(att, qkv, out, first_pair, g, scale)
 }
 
 /// Longest sequences the short-sequence kernels take; longer ones use the tiled kernels.
@@ -272,9 +273,9 @@ pub fn forward<F: Real>(
         return;
     }
     if t <= SHORT_MAX_T_FORWARD {
-        return forward_short(out, att, qkv, t, c, h, scale);
+        return forward_short(out, att, qkv, t, c, h, scale, has_avx2_fma());
     }
-    forward_tiled::<F, 16>(out, att, qkv, t, c, h, scale)
+    forward_tiled::<F, 16>(out, att, qkv, t, c, h, scale, has_avx2_fma())
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -324,6 +325,8 @@ fn sequences_per_task(t: usize, c: usize) -> usize {
     (TASK_MACS / (t * t * c).max(1)).max(1)
 }
 
+/// The short-sequence forward over all sequences, on the AVX2+FMA path when `fma`.
+#[allow(clippy::too_many_arguments)]
 fn forward_short<F: Real>(
     out: &mut [F],
     att: &mut [F],
@@ -332,16 +335,16 @@ fn forward_short<F: Real>(
     c: usize,
     h: usize,
     scale: F,
+    fma: bool,
 ) {
     let n = sequences_per_task(t, c);
-    let fma = has_avx2_fma();
     out.par_chunks_mut(n * t * c)
         .zip(att.par_chunks_mut(n * h * t * t))
         .zip(qkv.par_chunks(n * t * 3 * c))
         .for_each(|((out, att), qkv)| {
             #[cfg(target_arch = "x86_64")]
             if fma {
-                // SAFETY: the CPU has AVX2 and FMA (checked by `has_avx2_fma`).
+                // SAFETY: callers pass `fma` only when the CPU has AVX2 and FMA.
                 return unsafe { forward_sequences_avx2(out, att, qkv, t, c, h, scale) };
             }
             let _ = fma;
@@ -349,6 +352,7 @@ fn forward_short<F: Real>(
         });
 }
 
+/// The tiled forward over all (batch, head) pairs, on the AVX2+FMA path when `fma`.
 #[allow(clippy::too_many_arguments)]
 fn forward_tiled<F: Real, const W: usize>(
     out: &mut [F],
@@ -358,27 +362,42 @@ fn forward_tiled<F: Real, const W: usize>(
     c: usize,
     h: usize,
     scale: F,
+    fma: bool,
 ) {
     let g = HeadGeometry::new(t, c, h, W);
     let out = DisjointWriter::new(out);
-    let fma = has_avx2_fma();
-    att.par_chunks_mut(t * t)
+    let per_task = g.pairs_per_task(att.len() / (t * t));
+    att.par_chunks_mut(per_task * t * t)
         .enumerate()
-        .with_min_len(g.pairs_per_task())
-        .for_each_init(
-            || ForwardScratch::new(&g),
-            |ws, (pair, att)| {
-                #[cfg(target_arch = "x86_64")]
-                if fma {
-                    // SAFETY: the CPU has AVX2 and FMA (checked by `has_avx2_fma`).
-                    return unsafe {
-                        forward_head_avx2::<F, W>(ws, att, qkv, &out, pair, &g, scale)
-                    };
-                }
-                let _ = fma;
-                forward_head::<F, W, false>(ws, att, qkv, &out, pair, &g, scale)
-            },
-        );
+        .for_each(|(task, att)| {
+            let first_pair = task * per_task;
+            #[cfg(target_arch = "x86_64")]
+            if fma {
+                // SAFETY: callers pass `fma` only when the CPU has AVX2 and FMA.
+                return unsafe {
+                    forward_heads_avx2::<F, W>(att, qkv, &out, first_pair, &g, scale)
+                };
+            }
+            let _ = fma;
+            forward_heads::<F, W, false>(att, qkv, &out, first_pair, &g, scale)
+        });
+}
+
+/// Consecutive (batch, head) pairs from `first_pair` on, one per `t × t` block of `att`,
+/// sharing one scratch allocation.
+#[inline(always)]
+fn forward_heads<F: Real, const W: usize, const FMA: bool>(
+    att: &mut [F],
+    qkv: &[F],
+    out: &DisjointWriter<F>,
+    first_pair: usize,
+    g: &HeadGeometry,
+    scale: F,
+) {
+    let mut ws = ForwardScratch::new(g);
+    for (k, att) in att.chunks_exact_mut(g.t * g.t).enumerate() {
+        forward_head::<F, W, FMA>(&mut ws, att, qkv, out, first_pair + k, g, scale);
+    }
 }
 
 /// Per-task scratch of the backward pass, zero-padded to whole tiles.
@@ -539,22 +558,6 @@ fn backward_head<F: Real, const W: usize, const FMA: bool>(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-fn backward_head_avx2<F: Real, const W: usize>(
-    ws: &mut BackwardScratch<F>,
-    dqkv: &DisjointWriter<F>,
-    dout: &[F],
-    qkv: &[F],
-    att: &[F],
-    pair: usize,
-    g: &HeadGeometry,
-    scale: F,
-) {
-    backward_head::<F, W, true>(ws, dqkv, dout, qkv, att, pair, g, scale)
-}
-
 /// Causal attention backward: `dqkv += …` given `dout` and the saved `att`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<F: Real>(
@@ -577,9 +580,9 @@ pub fn backward<F: Real>(
         return;
     }
     if t <= SHORT_MAX_T_BACKWARD {
-        return backward_short(dqkv, dout, qkv, att, t, c, h, scale);
+        return backward_short(dqkv, dout, qkv, att, t, c, h, scale, has_avx2_fma());
     }
-    backward_tiled::<F, 16>(dqkv, dout, qkv, att, t, c, h, scale)
+    backward_tiled::<F, 16>(dqkv, dout, qkv, att, t, c, h, scale, has_avx2_fma())
 }
 
 /// Runs the short-sequence backward kernel over consecutive sequences, staging each
@@ -639,6 +642,7 @@ fn backward_sequences_avx2<F: Real>(
     backward_sequences::<F, true>(dqkv, dout, qkv, att, t, c, h, scale)
 }
 
+/// The short-sequence backward over all sequences, on the AVX2+FMA path when `fma`.
 #[allow(clippy::too_many_arguments)]
 fn backward_short<F: Real>(
     dqkv: &mut [F],
@@ -649,9 +653,9 @@ fn backward_short<F: Real>(
     c: usize,
     h: usize,
     scale: F,
+    fma: bool,
 ) {
     let n = sequences_per_task(t, c);
-    let fma = has_avx2_fma();
     dqkv.par_chunks_mut(n * t * 3 * c)
         .zip(dout.par_chunks(n * t * c))
         .zip(
@@ -661,7 +665,7 @@ fn backward_short<F: Real>(
         .for_each(|((dqkv, dout), (qkv, att))| {
             #[cfg(target_arch = "x86_64")]
             if fma {
-                // SAFETY: the CPU has AVX2 and FMA (checked by `has_avx2_fma`).
+                // SAFETY: callers pass `fma` only when the CPU has AVX2 and FMA.
                 return unsafe { backward_sequences_avx2(dqkv, dout, qkv, att, t, c, h, scale) };
             }
             let _ = fma;
@@ -669,6 +673,7 @@ fn backward_short<F: Real>(
         });
 }
 
+/// The tiled backward over all (batch, head) pairs, on the AVX2+FMA path when `fma`.
 #[allow(clippy::too_many_arguments)]
 fn backward_tiled<F: Real, const W: usize>(
     dqkv: &mut [F],
@@ -679,77 +684,123 @@ fn backward_tiled<F: Real, const W: usize>(
     c: usize,
     h: usize,
     scale: F,
+    fma: bool,
 ) {
     let g = HeadGeometry::new(t, c, h, W);
     let dqkv = DisjointWriter::new(dqkv);
-    let fma = has_avx2_fma();
-    att.par_chunks(t * t)
+    let per_task = g.pairs_per_task(att.len() / (t * t));
+    att.par_chunks(per_task * t * t)
         .enumerate()
-        .with_min_len(g.pairs_per_task())
-        .for_each_init(
-            || BackwardScratch::new(&g),
-            |ws, (pair, att)| {
-                #[cfg(target_arch = "x86_64")]
-                if fma {
-                    // SAFETY: the CPU has AVX2 and FMA (checked by `has_avx2_fma`).
-                    return unsafe {
-                        backward_head_avx2::<F, W>(ws, &dqkv, dout, qkv, att, pair, &g, scale)
-                    };
-                }
-                let _ = fma;
-                backward_head::<F, W, false>(ws, &dqkv, dout, qkv, att, pair, &g, scale)
-            },
-        );
+        .for_each(|(task, att)| {
+            let first_pair = task * per_task;
+            #[cfg(target_arch = "x86_64")]
+            if fma {
+                // SAFETY: callers pass `fma` only when the CPU has AVX2 and FMA.
+                return unsafe {
+                    backward_heads_avx2::<F, W>(&dqkv, dout, qkv, att, first_pair, &g, scale)
+                };
+            }
+            let _ = fma;
+            backward_heads::<F, W, false>(&dqkv, dout, qkv, att, first_pair, &g, scale)
+        });
 }
 
-/// One (row, head) pair of decode: scores against the first `len` cached keys, softmax, and
-/// the weighted sum of cached values, all streaming the caches once.
+/// Consecutive (batch, head) pairs from `first_pair` on, one per `t × t` block of `att`,
+/// sharing one scratch allocation.
+#[inline(always)]
+fn backward_heads<F: Real, const W: usize, const FMA: bool>(
+    dqkv: &DisjointWriter<F>,
+    dout: &[F],
+    qkv: &[F],
+    att: &[F],
+    first_pair: usize,
+    g: &HeadGeometry,
+    scale: F,
+) {
+    let mut ws = BackwardScratch::new(g);
+    for (k, att) in att.chunks_exact(g.t * g.t).enumerate() {
+        backward_head::<F, W, FMA>(&mut ws, dqkv, dout, qkv, att, first_pair + k, g, scale);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn backward_heads_avx2<F: Real, const W: usize>(
+    dqkv: &DisjointWriter<F>,
+    dout: &[F],
+    qkv: &[F],
+    att: &[F],
+    first_pair: usize,
+    g: &HeadGeometry,
+    scale: F,
+) {
+    backward_heads::<F, W, true>(dqkv, dout, qkv, att, first_pair, g, scale)
+}
+
+/// Cached keys per decode task. Long caches split into several tasks (so a single row still
+/// spreads over the pool), whose partial softmax sums are merged afterwards.
+const DECODE_CHUNK: usize = 256;
+
+/// One decode task: row `r`'s query against a run of `n` consecutive cached keys, all heads
+/// at once so each cached row of `c` values is streamed exactly once. `part` receives, per
+/// head, the running max of the scaled scores, `Σ e^(score − max)`, and the unnormalised
+/// `Σ e^(score − max)·v` (`[h | h | c]`); `scores` is `[h, n]` scratch.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn decode_head<F: Real, const FMA: bool>(
-    out: &mut [F],
+fn decode_chunk<F: Real, const FMA: bool>(
+    part: &mut [F],
     scores: &mut [F],
     q: &[F],
     keys: &[F],
     values: &[F],
-    len: usize,
     c: usize,
-    head_offset: usize,
+    h: usize,
     scale: F,
 ) {
-    let hs = out.len();
-    let scores = &mut scores[..len];
-    for (j, s) in scores.iter_mut().enumerate() {
-        *s = dot::<F, FMA>(q, &keys[j * c + head_offset..][..hs]) * scale;
-    }
-    let max = row_max(scores);
-    let inv = F::one() / exp_shifted_in_place::<F, FMA>(scores, max);
-    out.fill(F::zero());
-    for (j, &p) in scores.iter().enumerate() {
-        for (o, &v) in out.iter_mut().zip(&values[j * c + head_offset..][..hs]) {
-            *o = madd::<F, FMA>(p, v, *o);
+    let hs = c / h;
+    let n = keys.len() / c;
+    let scores = &mut scores[..h * n];
+    for (j, key) in keys.chunks_exact(c).enumerate() {
+        for hi in 0..h {
+            let seg = hi * hs..(hi + 1) * hs;
+            scores[hi * n + j] = dot::<F, FMA>(&q[seg.clone()], &key[seg]) * scale;
         }
     }
-    for o in out.iter_mut() {
-        *o = *o * inv;
+    let (maxima, rest) = part.split_at_mut(h);
+    let (sums, acc) = rest.split_at_mut(h);
+    for ((head_scores, max), sum) in scores.chunks_exact_mut(n).zip(maxima).zip(sums) {
+        *max = row_max(head_scores);
+        *sum = exp_shifted_in_place::<F, FMA>(head_scores, *max);
+    }
+    acc.fill(F::zero());
+    for (j, value) in values.chunks_exact(c).enumerate() {
+        for ((acc, value), hi) in acc
+            .chunks_exact_mut(hs)
+            .zip(value.chunks_exact(hs))
+            .zip(0..h)
+        {
+            let p = scores[hi * n + j];
+            for (a, &v) in acc.iter_mut().zip(value) {
+                *a = madd::<F, FMA>(p, v, *a);
+            }
+        }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-fn decode_head_avx2<F: Real>(
-    out: &mut [F],
+fn decode_chunk_avx2<F: Real>(
+    part: &mut [F],
     scores: &mut [F],
     q: &[F],
     keys: &[F],
     values: &[F],
-    len: usize,
     c: usize,
-    head_offset: usize,
+    h: usize,
     scale: F,
 ) {
-    decode_head::<F, true>(out, scores, q, keys, values, len, c, head_offset, scale)
+    decode_chunk::<F, true>(part, scores, q, keys, values, c, h, scale)
 }
 
 /// Single-query attention of each row `r` over its first `lens[r]` cached keys.
@@ -788,32 +839,98 @@ pub fn decode<F: Real>(
     if out.is_empty() {
         return;
     }
-    let hs = c / h;
-    let mean_len = lens.iter().map(|&l| l as usize).sum::<usize>() / b;
-    let pairs_per_task = (TASK_MACS / (2 * mean_len * hs).max(1)).max(1);
-    let fma = has_avx2_fma();
-    out.par_chunks_mut(hs)
-        .enumerate()
-        .with_min_len(pairs_per_task)
+    decode_chunked(
+        out,
+        qkv,
+        k_cache,
+        v_cache,
+        lens,
+        t_max,
+        c,
+        h,
+        scale,
+        has_avx2_fma(),
+    );
+}
+
+/// [`decode`] after validation, on the AVX2+FMA code path when `fma`.
+#[allow(clippy::too_many_arguments)]
+fn decode_chunked<F: Real>(
+    out: &mut [F],
+    qkv: &[F],
+    k_cache: &[F],
+    v_cache: &[F],
+    lens: &[u32],
+    t_max: usize,
+    c: usize,
+    h: usize,
+    scale: F,
+    fma: bool,
+) {
+    // Tasks in row order, each a (row, first key) pair; `first_task[r]` indexes row r's.
+    let mut tasks = Vec::new();
+    let mut first_task = Vec::with_capacity(lens.len() + 1);
+    for (r, &len) in lens.iter().enumerate() {
+        first_task.push(tasks.len());
+        tasks.extend((0..len as usize).step_by(DECODE_CHUNK).map(|j0| (r, j0)));
+    }
+    first_task.push(tasks.len());
+
+    let width = 2 * h + c;
+    let mut partials = vec![F::zero(); tasks.len() * width];
+    let keys_per_task = lens
+        .iter()
+        .map(|&l| l as usize)
+        .sum::<usize>()
+        .div_ceil(tasks.len());
+    let tasks_per_job = (TASK_MACS / (2 * keys_per_task * c).max(1)).max(1);
+    partials
+        .par_chunks_mut(width)
+        .zip(tasks.par_iter())
+        .with_min_len(tasks_per_job)
         .for_each_init(
-            || vec![F::zero(); t_max],
-            |scores, (pair, out)| {
-                let (r, hi) = (pair / h, pair % h);
-                let q = &qkv[r * 3 * c + hi * hs..][..hs];
-                let keys = &k_cache[r * t_max * c..(r + 1) * t_max * c];
-                let values = &v_cache[r * t_max * c..(r + 1) * t_max * c];
-                let len = lens[r] as usize;
+            || vec![F::zero(); h * DECODE_CHUNK],
+            |scores, (part, &(r, j0))| {
+                let j1 = (j0 + DECODE_CHUNK).min(lens[r] as usize);
+                let q = &qkv[r * 3 * c..][..c];
+                let keys = &k_cache[(r * t_max + j0) * c..(r * t_max + j1) * c];
+                let values = &v_cache[(r * t_max + j0) * c..(r * t_max + j1) * c];
                 #[cfg(target_arch = "x86_64")]
                 if fma {
-                    // SAFETY: the CPU has AVX2 and FMA (checked by `has_avx2_fma`).
+                    // SAFETY: the caller passes `fma` only when the CPU has AVX2 and FMA.
                     return unsafe {
-                        decode_head_avx2(out, scores, q, keys, values, len, c, hi * hs, scale)
+                        decode_chunk_avx2(part, scores, q, keys, values, c, h, scale)
                     };
                 }
                 let _ = fma;
-                decode_head::<F, false>(out, scores, q, keys, values, len, c, hi * hs, scale)
+                decode_chunk::<F, false>(part, scores, q, keys, values, c, h, scale)
             },
         );
+
+    // Merge each row's chunks: rescale every partial to the row's overall max.
+    let hs = c / h;
+    out.par_chunks_mut(c).enumerate().for_each(|(r, out)| {
+        let parts = &partials[first_task[r] * width..first_task[r + 1] * width];
+        for (hi, out) in out.chunks_exact_mut(hs).enumerate() {
+            let max = parts
+                .chunks_exact(width)
+                .fold(F::neg_infinity(), |m, p| m.max(p[hi]));
+            out.fill(F::zero());
+            let mut total = F::zero();
+            for part in parts.chunks_exact(width) {
+                let weight = (part[hi] - max).exp();
+                total = total + part[h + hi] * weight;
+                let acc = &part[2 * h + hi * hs..][..hs];
+                for (o, &a) in out.iter_mut().zip(acc) {
+                    *o = *o + a * weight;
+                }
+            }
+            let inv = F::one() / total;
+            for o in out.iter_mut() {
+                *o = *o * inv;
+            }
+        }
+    });
 }
 
 /// Copy the `k` and `v` parts of `qkv[r]` into the caches at position `pos[r]`.
@@ -844,6 +961,118 @@ pub fn kv_append<F: Real>(
         let at = (r * t_max + p) * c;
         k_cache[at..at + c].copy_from_slice(&row[c..2 * c]);
         v_cache[at..at + c].copy_from_slice(&row[2 * c..]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Both kernels on both instruction-set paths, for lengths on either side of the switch
+    //! between them (the public functions pick one kernel per length and one path per CPU,
+    //! so the integration tests cannot reach every combination).
+
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], what: &str) {
+        // `f32::max` skips NaN, so non-finite values must be rejected explicitly.
+        assert!(
+            a.iter().chain(b).all(|x| x.is_finite()),
+            "{what}: non-finite values"
+        );
+        let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let diff = a
+            .iter()
+            .zip(b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 4e-6 * (1.0 + scale), "{what}: max diff {diff}");
+    }
+
+    fn instruction_sets() -> Vec<bool> {
+        if has_avx2_fma() {
+            vec![false, true]
+        } else {
+            vec![false]
+        }
+    }
+
+    #[test]
+    fn every_kernel_and_instruction_set_matches_reference() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for (b, t, c, h) in [
+            (2, 1, 8, 2),
+            (3, 7, 12, 3),
+            (1, 9, 6, 2),
+            (2, 30, 16, 2),
+            (1, 40, 32, 4),
+        ] {
+            let scale = 1.0 / ((c / h) as f32).sqrt();
+            let qkv = random(&mut rng, b * t * 3 * c);
+            let dout = random(&mut rng, b * t * c);
+            let start = random(&mut rng, b * t * 3 * c);
+            let (mut out_ref, mut att_ref) = (vec![0.0; b * t * c], vec![0.0; b * h * t * t]);
+            reference::forward(&mut out_ref, &mut att_ref, &qkv, b, t, c, h, scale);
+            let mut dqkv_ref = start.clone();
+            reference::backward(&mut dqkv_ref, &dout, &qkv, &att_ref, b, t, c, h, scale);
+            for fma in instruction_sets() {
+                let what = format!("{b}x{t}x{c}/{h} fma={fma}");
+                let (mut out, mut att) = (vec![f32::NAN; b * t * c], vec![f32::NAN; b * h * t * t]);
+                forward_short(&mut out, &mut att, &qkv, t, c, h, scale, fma);
+                assert_close(&out, &out_ref, &format!("short forward out {what}"));
+                assert_close(&att, &att_ref, &format!("short forward att {what}"));
+                let (mut out, mut att) = (vec![f32::NAN; b * t * c], vec![f32::NAN; b * h * t * t]);
+                forward_tiled::<f32, 16>(&mut out, &mut att, &qkv, t, c, h, scale, fma);
+                assert_close(&out, &out_ref, &format!("tiled forward out {what}"));
+                assert_close(&att, &att_ref, &format!("tiled forward att {what}"));
+
+                let mut dqkv = start.clone();
+                backward_short(&mut dqkv, &dout, &qkv, &att_ref, t, c, h, scale, fma);
+                assert_close(&dqkv, &dqkv_ref, &format!("short backward {what}"));
+                let mut dqkv = start.clone();
+                backward_tiled::<f32, 16>(&mut dqkv, &dout, &qkv, &att_ref, t, c, h, scale, fma);
+                assert_close(&dqkv, &dqkv_ref, &format!("tiled backward {what}"));
+            }
+        }
+    }
+
+    #[test]
+    fn decode_on_every_instruction_set_matches_reference() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let (t_max, c, h) = (2 * DECODE_CHUNK + 3, 16, 2);
+        let lens = [
+            1,
+            DECODE_CHUNK as u32,
+            DECODE_CHUNK as u32 + 1,
+            t_max as u32,
+        ];
+        let b = lens.len();
+        let qkv = random(&mut rng, b * 3 * c);
+        let k_cache = random(&mut rng, b * t_max * c);
+        let v_cache = random(&mut rng, b * t_max * c);
+        let mut out_ref = vec![0.0; b * c];
+        reference::decode(
+            &mut out_ref,
+            &qkv,
+            &k_cache,
+            &v_cache,
+            &lens,
+            t_max,
+            c,
+            h,
+            0.3,
+        );
+        for fma in instruction_sets() {
+            let mut out = vec![f32::NAN; b * c];
+            decode_chunked(
+                &mut out, &qkv, &k_cache, &v_cache, &lens, t_max, c, h, 0.3, fma,
+            );
+            assert_close(&out, &out_ref, &format!("decode fma={fma}"));
+        }
     }
 }
 

@@ -90,8 +90,18 @@ pub fn cross_entropy_forward<F: Real>(losses: &mut [F], logits: &[F], targets: &
     let n = targets.len();
     check_rows(logits, n, v);
     assert_eq!(losses.len(), n, "losses must be [n] = [{n}]");
+    cross_entropy_forward_with(losses, logits, targets, v, has_avx2_fma());
+}
+
+/// [`cross_entropy_forward`] after validation, on the AVX2+FMA path when `fma`.
+fn cross_entropy_forward_with<F: Real>(
+    losses: &mut [F],
+    logits: &[F],
+    targets: &[u32],
+    v: usize,
+    fma: bool,
+) {
     let rows = rows_per_task(v);
-    let fma = has_avx2_fma();
     losses
         .par_chunks_mut(rows)
         .zip(logits.par_chunks(rows * v))
@@ -99,7 +109,7 @@ pub fn cross_entropy_forward<F: Real>(losses: &mut [F], logits: &[F], targets: &
         .for_each(|((losses, logits), targets)| {
             #[cfg(target_arch = "x86_64")]
             if fma {
-                // SAFETY: the CPU has AVX2 and FMA (checked by `has_avx2_fma`).
+                // SAFETY: callers pass `fma` only when the CPU has AVX2 and FMA.
                 return unsafe { ce_forward_rows_avx2(losses, logits, targets, v) };
             }
             let _ = fma;
@@ -118,8 +128,19 @@ pub fn cross_entropy_backward<F: Real>(
     let n = targets.len();
     check_rows(logits, n, v);
     assert_eq!(dlogits.len(), n * v, "dlogits must be [n, v] = [{n}, {v}]");
+    cross_entropy_backward_with(dlogits, logits, targets, v, dloss, has_avx2_fma());
+}
+
+/// [`cross_entropy_backward`] after validation, on the AVX2+FMA path when `fma`.
+fn cross_entropy_backward_with<F: Real>(
+    dlogits: &mut [F],
+    logits: &[F],
+    targets: &[u32],
+    v: usize,
+    dloss: F,
+    fma: bool,
+) {
     let rows = rows_per_task(v);
-    let fma = has_avx2_fma();
     dlogits
         .par_chunks_mut(rows * v)
         .zip(logits.par_chunks(rows * v))
@@ -127,7 +148,7 @@ pub fn cross_entropy_backward<F: Real>(
         .for_each(|((dlogits, logits), targets)| {
             #[cfg(target_arch = "x86_64")]
             if fma {
-                // SAFETY: the CPU has AVX2 and FMA (checked by `has_avx2_fma`).
+                // SAFETY: callers pass `fma` only when the CPU has AVX2 and FMA.
                 return unsafe { ce_backward_rows_avx2(dlogits, logits, targets, v, dloss) };
             }
             let _ = fma;
@@ -144,19 +165,70 @@ pub fn log_softmax<F: Real>(out: &mut [F], logits: &[F], v: usize) {
         "logits length must be a multiple of v = {v}"
     );
     assert_eq!(out.len(), logits.len(), "out must match logits");
+    log_softmax_with(out, logits, v, has_avx2_fma());
+}
+
+/// [`log_softmax`] after validation, on the AVX2+FMA path when `fma`.
+fn log_softmax_with<F: Real>(out: &mut [F], logits: &[F], v: usize, fma: bool) {
     let rows = rows_per_task(v);
-    let fma = has_avx2_fma();
     out.par_chunks_mut(rows * v)
         .zip(logits.par_chunks(rows * v))
         .for_each(|(out, logits)| {
             #[cfg(target_arch = "x86_64")]
             if fma {
-                // SAFETY: the CPU has AVX2 and FMA (checked by `has_avx2_fma`).
+                // SAFETY: callers pass `fma` only when the CPU has AVX2 and FMA.
                 return unsafe { log_softmax_rows_avx2(out, logits, v) };
             }
             let _ = fma;
             log_softmax_rows::<F, false>(out, logits, v)
         });
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fast paths on every instruction set this CPU offers (the public functions take
+    //! only the best one).
+
+    use super::*;
+
+    #[test]
+    fn every_instruction_set_matches_reference() {
+        let sets = if has_avx2_fma() {
+            vec![false, true]
+        } else {
+            vec![false]
+        };
+        for v in [1usize, 5, 256, 259] {
+            let n = 7;
+            let logits: Vec<f32> = (0..n * v)
+                .map(|i| ((i * 7919) % 263) as f32 * 0.05 - 6.0)
+                .collect();
+            let targets: Vec<u32> = (0..n).map(|i| ((i * 31) % v) as u32).collect();
+            let (mut l_ref, mut d_ref, mut s_ref) =
+                (vec![0.0; n], vec![0.0; n * v], vec![0.0; n * v]);
+            reference::cross_entropy_forward(&mut l_ref, &logits, &targets, v);
+            reference::cross_entropy_backward(&mut d_ref, &logits, &targets, v, 0.25);
+            reference::log_softmax(&mut s_ref, &logits, v);
+            for fma in sets.iter().copied() {
+                let (mut l, mut d, mut s) = (
+                    vec![f32::NAN; n],
+                    vec![f32::NAN; n * v],
+                    vec![f32::NAN; n * v],
+                );
+                cross_entropy_forward_with(&mut l, &logits, &targets, v, fma);
+                cross_entropy_backward_with(&mut d, &logits, &targets, v, 0.25, fma);
+                log_softmax_with(&mut s, &logits, v, fma);
+                for (got, want) in [(&l, &l_ref), (&d, &d_ref), (&s, &s_ref)] {
+                    for (g, w) in got.iter().zip(want.iter()) {
+                        assert!(
+                            (g - w).abs() <= 2e-6 * (1.0 + w.abs()),
+                            "v={v} fma={fma}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Plain loop implementations, the independent yardstick for the fast paths.
