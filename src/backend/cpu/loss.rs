@@ -1,4 +1,8 @@
 //! Softmax losses on the CPU: per-row cross-entropy, its gradient, and log-softmax.
+//!
+//! Rows are independent, so tasks are blocks of rows; each row is two passes (max, then a
+//! fused shift-exp-sum), compiled for baseline x86-64 and for AVX2+FMA and picked at run time.
+//! The `vector_math` submodule also serves the attention kernels' softmax.
 
 pub(super) mod vector_math;
 
@@ -10,6 +14,7 @@ use super::Real;
 /// Elements (rows × vocabulary) per rayon task: a few microseconds of exp work.
 const TASK_ELEMS: usize = 1 << 14;
 
+/// Rows per rayon task for rows of `v` logits.
 fn rows_per_task(v: usize) -> usize {
     (TASK_ELEMS / v.max(1)).max(1)
 }
@@ -26,8 +31,8 @@ fn logsumexp<F: Real, const FMA: bool>(row: &[F]) -> F {
     max + sum_exp_shifted::<F, FMA>(row, max).ln()
 }
 
-/// Runs `$body::<F, FMA>` with `FMA = true` under AVX2+FMA code generation when the CPU has
-/// them, else with the baseline instruction set.
+/// Defines `$avx2`: `$plain::<F, true>` compiled with AVX2 and FMA enabled (x86-64 only).
+/// Callers may run it only once `has_avx2_fma()` has said yes.
 macro_rules! dispatch_fma {
     ($avx2:ident, $plain:ident, ($($arg:ident: $ty:ty),*)) => {
         #[cfg(target_arch = "x86_64")]
@@ -38,6 +43,7 @@ macro_rules! dispatch_fma {
     };
 }
 
+/// Cross-entropy of consecutive rows.
 #[inline(always)]
 fn ce_forward_rows<F: Real, const FMA: bool>(
     losses: &mut [F],
@@ -53,6 +59,7 @@ fn ce_forward_rows<F: Real, const FMA: bool>(
 }
 dispatch_fma!(ce_forward_rows_avx2, ce_forward_rows, (losses: &mut [F], logits: &[F], targets: &[u32], v: usize));
 
+/// Cross-entropy gradient of consecutive rows.
 #[inline(always)]
 fn ce_backward_rows<F: Real, const FMA: bool>(
     dlogits: &mut [F],
@@ -74,6 +81,7 @@ fn ce_backward_rows<F: Real, const FMA: bool>(
 }
 dispatch_fma!(ce_backward_rows_avx2, ce_backward_rows, (dlogits: &mut [F], logits: &[F], targets: &[u32], v: usize, dloss: F));
 
+/// Log-softmax of consecutive rows.
 #[inline(always)]
 fn log_softmax_rows<F: Real, const FMA: bool>(out: &mut [F], logits: &[F], v: usize) {
     for (orow, row) in out.chunks_exact_mut(v).zip(logits.chunks_exact(v)) {

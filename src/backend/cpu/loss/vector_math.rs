@@ -1,6 +1,6 @@
 //! Vectorizable row math shared by the softmax-style ops (attention and the losses): row max,
-//! a polynomial `exp` for f32, fused shift-exp-sum loops, and the runtime choice of the x86
-//! instruction set.
+//! a polynomial `exp` for f32 (f64, used for gradient checks, keeps the library `exp`), fused
+//! shift-exp-sum loops, dot products, and the runtime choice of the x86 instruction set.
 //!
 //! Every helper is `#[inline(always)]` and generic over `FMA`, so a caller compiled with
 //! `#[target_feature(enable = "avx2,fma")]` gets 8-wide fused multiply-adds in these loops and
