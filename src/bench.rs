@@ -34,7 +34,9 @@ impl Machine {
             .unwrap_or_else(|| "unknown".into());
         Machine {
             cpu,
-            logical_cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            logical_cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             threads: rayon::current_num_threads(),
         }
     }
@@ -55,7 +57,10 @@ pub fn median(xs: &[f64]) -> f64 {
 /// f32 GEMM rate of the CPU backend on an `n³` product with `threads` threads, GFLOP/s
 /// (median of `runs` after one warm-up).
 pub fn gemm_gflops(n: usize, threads: usize, runs: usize) -> f64 {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("thread pool");
     pool.install(|| {
         let be = Cpu::<f32>::new();
         let a = be.upload(&vec![0.5; n * n]);
@@ -98,7 +103,13 @@ pub struct TrainBench {
 }
 
 /// Time full training steps of a randomly initialized model.
-pub fn bench_train(cfg: &MegabyteConfig, batch: usize, seq_len: usize, warmup: usize, runs: usize) -> TrainBench {
+pub fn bench_train(
+    cfg: &MegabyteConfig,
+    batch: usize,
+    seq_len: usize,
+    warmup: usize,
+    runs: usize,
+) -> TrainBench {
     let be = Cpu::<f32>::new();
     let model = Megabyte::new(cfg);
     let mut st = TrainState {
@@ -123,7 +134,9 @@ pub fn bench_train(cfg: &MegabyteConfig, batch: usize, seq_len: usize, warmup: u
         valid_fraction: 0.0,
     };
     let mut ws = model.workspace(&be, batch, seq_len, true);
-    let bytes: Vec<u8> = (0..batch * seq_len).map(|i| (i * 7919 % 251) as u8).collect();
+    let bytes: Vec<u8> = (0..batch * seq_len)
+        .map(|i| (i * 7919 % 251) as u8)
+        .collect();
     let mut rates = Vec::new();
     for step in 0..warmup + runs {
         let t = Instant::now();
@@ -191,7 +204,11 @@ pub fn bench_generate(
     let model = Megabyte::new(cfg);
     let params = model.layout.upload(&be, &model.layout.init_host(0));
     let prompts: Vec<Vec<u8>> = (0..batch)
-        .map(|r| (0..prompt_len).map(|i| b"the quick brown fox "[(i + r) % 20]).collect())
+        .map(|r| {
+            (0..prompt_len)
+                .map(|i| b"the quick brown fox "[(i + r) % 20])
+                .collect()
+        })
         .collect();
     let refs: Vec<&[u8]> = prompts.iter().map(|p| p.as_slice()).collect();
     let mut rates = Vec::new();
@@ -199,7 +216,13 @@ pub fn bench_generate(
         let t = Instant::now();
         let mut dec = MegabyteDecoder::new(&model, &be, &params, &refs);
         let mut samplers: Vec<Sampler> = (0..batch)
-            .map(|r| Sampler::new(SamplingParams { seed: r as u64, ..SamplingParams::default() }).expect("valid sampling"))
+            .map(|r| {
+                Sampler::new(SamplingParams {
+                    seed: r as u64,
+                    ..SamplingParams::default()
+                })
+                .expect("valid sampling")
+            })
             .collect();
         for _ in 0..gen_len {
             let next: Vec<u8> = dec

@@ -7,13 +7,23 @@ use std::path::Path;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("invalid config {path}: {source}")]
-    Parse { path: String, source: serde_json::Error },
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
     #[error("invalid config: {0}")]
     Invalid(String),
     #[error("unknown preset '{name}' for {model}; available: {available}")]
-    UnknownPreset { model: String, name: String, available: String },
+    UnknownPreset {
+        model: String,
+        name: String,
+        available: String,
+    },
 }
 
 /// Feed-forward variant of a transformer block.
@@ -126,7 +136,10 @@ impl MegabyteConfig {
             ));
         }
         if !(self.init_std.is_finite() && self.init_std > 0.0) {
-            return bad(format!("init_std must be positive and finite (got {})", self.init_std));
+            return bad(format!(
+                "init_std must be positive and finite (got {})",
+                self.init_std
+            ));
         }
         Ok(())
     }

@@ -13,7 +13,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "mega", version, about = "Train, evaluate and run byte-level MEGA-family language models")]
+#[command(
+    name = "mega",
+    version,
+    about = "Train, evaluate and run byte-level MEGA-family language models"
+)]
 struct Cli {
     /// Worker threads (default: all logical cores).
     #[arg(long, global = true)]
@@ -45,11 +49,16 @@ struct ModelArgs {
 impl ModelArgs {
     fn resolve(&self, default_preset: &str) -> Result<ModelConfig> {
         if self.model != ModelKind::Megabyte {
-            bail!("--model {:?} is not available in this version; use --model megabyte", self.model);
+            bail!(
+                "--model {:?} is not available in this version; use --model megabyte",
+                self.model
+            );
         }
         let cfg = match (&self.config, &self.preset) {
             (Some(path), _) => ModelConfig::from_file(path)?,
-            (None, preset) => ModelConfig::Megabyte(MegabyteConfig::preset(preset.as_deref().unwrap_or(default_preset))?),
+            (None, preset) => ModelConfig::Megabyte(MegabyteConfig::preset(
+                preset.as_deref().unwrap_or(default_preset),
+            )?),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -205,8 +214,13 @@ enum BenchKind {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
-    let v: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration like 90s, 10m or 1h"))?;
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 90s, 10m or 1h"))?;
     let secs = match unit {
         "" | "s" => v,
         "m" | "min" => v * 60.0,
@@ -222,7 +236,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn main() {
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
-        if n == 0 || rayon::ThreadPoolBuilder::new().num_threads(n).build_global().is_err() {
+        if n == 0
+            || rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()
+                .is_err()
+        {
             eprintln!("error: --threads must be a positive number");
             std::process::exit(2);
         }
@@ -261,8 +280,9 @@ fn run(cmd: Command) -> Result<()> {
             let cfg = if resume {
                 let json = mega::train::checkpoint::load_config(&out)
                     .with_context(|| format!("--resume needs a checkpoint in {}", out.display()))?;
-                let cfg: ModelConfig = serde_json::from_value(json)
-                    .with_context(|| format!("the checkpoint config in {} is invalid", out.display()))?;
+                let cfg: ModelConfig = serde_json::from_value(json).with_context(|| {
+                    format!("the checkpoint config in {} is invalid", out.display())
+                })?;
                 cfg.validate()?;
                 cfg
             } else {
@@ -312,16 +332,41 @@ fn run(cmd: Command) -> Result<()> {
                 "validation: {:.3} bits per byte (unigram entropy of the corpus: {:.3} bits per byte)",
                 s.final_valid_bpb, s.unigram_entropy_bits
             );
-            println!("checkpoint: {}   loss curve: {}", out.display(), out.join("loss.svg").display());
+            println!(
+                "checkpoint: {}   loss curve: {}",
+                out.display(),
+                out.join("loss.svg").display()
+            );
             if sample_bytes > 0 {
                 let split = open_split(&data, opts.valid.as_deref(), 0.05)?;
-                let prompt: Vec<u8> = split.valid_windows(m.patch_size * 8, 1).into_iter().next().unwrap_or_default();
+                let prompt: Vec<u8> = split
+                    .valid_windows(m.patch_size * 8, 1)
+                    .into_iter()
+                    .next()
+                    .unwrap_or_default();
                 println!("--- sample (prompt from the validation text, temperature 0.8) ---");
-                sample(&out, &prompt, sample_bytes, SamplingParams { temperature: 0.8, ..Default::default() }, &[])?;
+                sample(
+                    &out,
+                    &prompt,
+                    sample_bytes,
+                    SamplingParams {
+                        temperature: 0.8,
+                        ..Default::default()
+                    },
+                    &[],
+                )?;
             }
             Ok(())
         }
-        Command::Eval { checkpoint, data, strided, sliding_window, batch_size, seq_len, max_bytes } => {
+        Command::Eval {
+            checkpoint,
+            data,
+            strided,
+            sliding_window,
+            batch_size,
+            seq_len,
+            max_bytes,
+        } => {
             let (model, host) = load_model(&checkpoint)?;
             let be = Cpu::<f32>::new();
             let params = model.layout.upload(&be, &host);
@@ -330,29 +375,74 @@ fn run(cmd: Command) -> Result<()> {
             let bytes = corpus.bytes(0..n);
             let t = seq_len.unwrap_or(model.cfg.max_seq_len);
             if t % model.cfg.patch_size != 0 || t > model.cfg.max_seq_len || t == 0 {
-                bail!("--seq-len must be a positive multiple of {} up to {}", model.cfg.patch_size, model.cfg.max_seq_len);
+                bail!(
+                    "--seq-len must be a positive multiple of {} up to {}",
+                    model.cfg.patch_size,
+                    model.cfg.max_seq_len
+                );
             }
             if bytes.len() < t {
-                bail!("{} has {} bytes; at least one window of {t} is needed", data.display(), bytes.len());
+                bail!(
+                    "{} has {} bytes; at least one window of {t} is needed",
+                    data.display(),
+                    bytes.len()
+                );
             }
             let mut ws = model.workspace(&be, batch_size.max(1), t, false);
-            let r = evaluate(&be, &model, &params, &mut ws, &bytes, EvalMode { strided, sliding_window });
+            let r = evaluate(
+                &be,
+                &model,
+                &params,
+                &mut ws,
+                &bytes,
+                EvalMode {
+                    strided,
+                    sliding_window,
+                },
+            );
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())
         }
-        Command::Generate { checkpoint, prompt, prompt_file, max_bytes, temperature, top_k, top_p, seed, stop } => {
+        Command::Generate {
+            checkpoint,
+            prompt,
+            prompt_file,
+            max_bytes,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+        } => {
             let prompt = match (prompt, prompt_file) {
                 (Some(p), _) => p.into_bytes(),
-                (None, Some(f)) => std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
+                (None, Some(f)) => {
+                    std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?
+                }
                 (None, None) => Vec::new(),
             };
             let stops: Vec<Vec<u8>> = stop.into_iter().map(String::into_bytes).collect();
-            let params = SamplingParams { temperature, top_k, top_p, seed };
+            let params = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            };
             params.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
             sample(&checkpoint, &prompt, max_bytes, params, &stops)?;
             Ok(())
         }
-        Command::Bench { what, model, batch_size, seq_len, warmup, runs, prompt_len, gen_len, json: _ } => {
+        Command::Bench {
+            what,
+            model,
+            batch_size,
+            seq_len,
+            warmup,
+            runs,
+            prompt_len,
+            gen_len,
+            json: _,
+        } => {
             let ModelConfig::Megabyte(cfg) = model.resolve("bench")?;
             if runs == 0 {
                 bail!("--runs must be positive");
@@ -361,13 +451,25 @@ fn run(cmd: Command) -> Result<()> {
                 BenchKind::Train => {
                     let t = seq_len.unwrap_or(cfg.max_seq_len);
                     if t % cfg.patch_size != 0 || t > cfg.max_seq_len || t == 0 {
-                        bail!("--seq-len must be a positive multiple of {} up to {}", cfg.patch_size, cfg.max_seq_len);
+                        bail!(
+                            "--seq-len must be a positive multiple of {} up to {}",
+                            cfg.patch_size,
+                            cfg.max_seq_len
+                        );
                     }
-                    serde_json::to_string_pretty(&mega::bench::bench_train(&cfg, batch_size.unwrap_or(4).max(1), t, warmup, runs))?
+                    serde_json::to_string_pretty(&mega::bench::bench_train(
+                        &cfg,
+                        batch_size.unwrap_or(4).max(1),
+                        t,
+                        warmup,
+                        runs,
+                    ))?
                 }
                 BenchKind::Generate => {
                     if prompt_len + gen_len >= cfg.max_seq_len {
-                        eprintln!("note: prompt + generation exceed the context; the window slides");
+                        eprintln!(
+                            "note: prompt + generation exceed the context; the window slides"
+                        );
                     }
                     serde_json::to_string_pretty(&mega::bench::bench_generate(
                         &cfg,
@@ -385,7 +487,10 @@ fn run(cmd: Command) -> Result<()> {
         Command::Info => {
             let m = mega::bench::Machine::detect();
             println!("mega {}", env!("CARGO_PKG_VERSION"));
-            println!("cpu: {} ({} logical cores, {} worker threads)", m.cpu, m.logical_cores, m.threads);
+            println!(
+                "cpu: {} ({} logical cores, {} worker threads)",
+                m.cpu, m.logical_cores, m.threads
+            );
             println!("devices:");
             for d in mega::device::describe_devices() {
                 println!("  {d}");
@@ -418,7 +523,13 @@ fn select_device(spec: &str) -> Result<()> {
 }
 
 /// Generate from a checkpoint and stream the bytes to stdout.
-fn sample(checkpoint: &std::path::Path, prompt: &[u8], max_bytes: usize, sampling: SamplingParams, stop: &[Vec<u8>]) -> Result<()> {
+fn sample(
+    checkpoint: &std::path::Path,
+    prompt: &[u8],
+    max_bytes: usize,
+    sampling: SamplingParams,
+    stop: &[Vec<u8>],
+) -> Result<()> {
     let (model, host) = load_model(checkpoint)?;
     let be = Cpu::<f32>::new();
     let params = model.layout.upload(&be, &host);
@@ -426,7 +537,12 @@ fn sample(checkpoint: &std::path::Path, prompt: &[u8], max_bytes: usize, samplin
     let mut out = stdout.lock();
     out.write_all(prompt)?;
     out.flush()?;
-    let req = GenerateRequest { prompt: prompt.to_vec(), max_bytes, sampling, stop: stop.to_vec() };
+    let req = GenerateRequest {
+        prompt: prompt.to_vec(),
+        max_bytes,
+        sampling,
+        stop: stop.to_vec(),
+    };
     let mut io_err = None;
     generate(&model, &be, &params, &[req], |_, bytes| {
         if let Err(e) = out.write_all(bytes).and_then(|_| out.flush()) {

@@ -1179,10 +1179,14 @@ fn attention_and_loss_are_wired_through_the_trait() {
     attention::reference::decode(&mut o_r, &q1, &kc, &vc, &lens, t_max, c, h, scale);
     assert_close32("attention decode", &o, &o_r, TOL);
 
+    // kv_append addresses flat cache entries: row r, position p is entry r·t_max + p.
     let (mut k1, mut v1) = (kc.clone(), vc.clone());
-    cpu.kv_append(&mut k1, &mut v1, &q1, &[2, 5], t_max, c);
+    cpu.kv_append(&mut k1, &mut v1, &q1, &[2, t_max as u32 + 5], c);
     let (mut k_r, mut v_r) = (kc.clone(), vc.clone());
-    attention::reference::kv_append(&mut k_r, &mut v_r, &q1, &[2, 5], t_max, c);
+    for (r, e) in [(0usize, 2usize), (1, t_max + 5)] {
+        k_r[e * c..(e + 1) * c].copy_from_slice(&q1[r * 3 * c + c..r * 3 * c + 2 * c]);
+        v_r[e * c..(e + 1) * c].copy_from_slice(&q1[r * 3 * c + 2 * c..(r + 1) * 3 * c]);
+    }
     assert_eq!((k1, v1), (k_r, v_r), "kv_append");
 
     let (n, v) = (4usize, 11usize);

@@ -27,7 +27,11 @@ fn random_params(model: &Megabyte, seed: u64, std: f32) -> Vec<Vec<f32>> {
             (0..s.numel())
                 .map(|_| {
                     let u: f32 = rng.random_range(-1.0..1.0);
-                    if is_norm_weight { 1.0 + 0.3 * u } else { std * u }
+                    if is_norm_weight {
+                        1.0 + 0.3 * u
+                    } else {
+                        std * u
+                    }
                 })
                 .collect()
         })
@@ -49,7 +53,9 @@ fn input_construction_matches_the_papers_worked_example() {
     let bytes = &text[..16];
     let (gids, gpos) = model.global_inputs(bytes, 1, 16);
     let as_str = |ids: &[u32]| -> String {
-        ids.iter().map(|&i| if i == PAD_ID { '_' } else { i as u8 as char }).collect()
+        ids.iter()
+            .map(|&i| if i == PAD_ID { '_' } else { i as u8 as char })
+            .collect()
     };
     assert_eq!(as_str(&gids), "____megabyte tra");
     assert_eq!(&gpos[4..8], &[0, 1, 2, 3]);
@@ -58,7 +64,14 @@ fn input_construction_matches_the_papers_worked_example() {
     assert_eq!(slots, vec![0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3]);
 }
 
-fn loss_f64(model: &Megabyte, host: &[Vec<f32>], overrides: &[(usize, usize, f64)], bytes: &[u8], b: usize, t: usize) -> f64 {
+fn loss_f64(
+    model: &Megabyte,
+    host: &[Vec<f32>],
+    overrides: &[(usize, usize, f64)],
+    bytes: &[u8],
+    b: usize,
+    t: usize,
+) -> f64 {
     let be = Cpu::<f64>::new();
     let mut params = model.layout.upload(&be, host);
     for &(i, j, v) in overrides {
@@ -98,12 +111,22 @@ fn check_gradients(cfg: &MegabyteConfig) {
             let an = grads[i][j];
             let err = (fd - an).abs() / (fd.abs() + an.abs()).max(1e-6);
             if err > worst.0 {
-                worst = (err, format!("{}[{j}]: analytic {an:e} fd {fd:e}", spec.name));
+                worst = (
+                    err,
+                    format!("{}[{j}]: analytic {an:e} fd {fd:e}", spec.name),
+                );
             }
-            assert!(err < 1e-5, "{}[{j}]: analytic {an:e} vs finite difference {fd:e} (rel {err:e})", spec.name);
+            assert!(
+                err < 1e-5,
+                "{}[{j}]: analytic {an:e} vs finite difference {fd:e} (rel {err:e})",
+                spec.name
+            );
         }
     }
-    println!("worst relative gradient error: {:e} at {}", worst.0, worst.1);
+    println!(
+        "worst relative gradient error: {:e} at {}",
+        worst.0, worst.1
+    );
 }
 
 #[test]
@@ -144,17 +167,27 @@ fn changing_a_byte_never_changes_earlier_or_same_position_logits() {
         changed[pos] = changed[pos].wrapping_add(101);
         let out = logits_f32(&model, &host, &changed, 1, t);
         for q in 0..=pos {
-            assert_eq!(&out[q * v..(q + 1) * v], &base[q * v..(q + 1) * v], "byte {pos} leaked into position {q}");
+            assert_eq!(
+                &out[q * v..(q + 1) * v],
+                &base[q * v..(q + 1) * v],
+                "byte {pos} leaked into position {q}"
+            );
         }
         if pos + 1 < t {
             let later = &out[(pos + 1) * v..];
-            assert!(later != &base[(pos + 1) * v..], "byte {pos} does not influence later positions");
+            assert!(
+                later != &base[(pos + 1) * v..],
+                "byte {pos} does not influence later positions"
+            );
         }
     }
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -175,7 +208,10 @@ fn incremental_decoding_matches_the_full_forward_at_every_prompt_length() {
         for pos in prompt_len..t {
             let d = max_abs_diff(dec.logits(), &full[pos * v..(pos + 1) * v]);
             worst = worst.max(d);
-            assert!(d <= 1e-5, "prompt {prompt_len}, position {pos}: max diff {d}");
+            assert!(
+                d <= 1e-5,
+                "prompt {prompt_len}, position {pos}: max diff {d}"
+            );
             if pos + 1 < t {
                 dec.step(&[bytes[pos]]);
             }
@@ -194,7 +230,10 @@ fn batched_rows_at_mixed_phases_decode_like_the_full_forward() {
     let (t, v) = (cfg.max_seq_len, cfg.vocab_size);
     let rows = 5;
     let data: Vec<Vec<u8>> = (0..rows).map(|r| random_bytes(t, 100 + r as u64)).collect();
-    let fulls: Vec<Vec<f32>> = data.iter().map(|d| logits_f32(&model, &host, d, 1, t)).collect();
+    let fulls: Vec<Vec<f32>> = data
+        .iter()
+        .map(|d| logits_f32(&model, &host, d, 1, t))
+        .collect();
     let prompt_lens = [0usize, 1, 3, 4, 6];
     let prompts: Vec<&[u8]> = data.iter().zip(prompt_lens).map(|(d, n)| &d[..n]).collect();
     let mut dec = MegabyteDecoder::new(&model, &be, &params, &prompts);
@@ -202,7 +241,10 @@ fn batched_rows_at_mixed_phases_decode_like_the_full_forward() {
     for s in 0..=steps {
         for r in 0..rows {
             let pos = prompt_lens[r] + s;
-            let d = max_abs_diff(&dec.logits()[r * v..(r + 1) * v], &fulls[r][pos * v..(pos + 1) * v]);
+            let d = max_abs_diff(
+                &dec.logits()[r * v..(r + 1) * v],
+                &fulls[r][pos * v..(pos + 1) * v],
+            );
             assert!(d <= 1e-5, "row {r} at position {pos}: max diff {d}");
         }
         if s < steps {
@@ -252,6 +294,9 @@ fn overfits_one_batch() {
         }
         last = loss;
     }
-    assert!((first - (256f64).ln()).abs() < 0.05, "initial loss {first} should be ≈ ln 256");
+    assert!(
+        (first - (256f64).ln()).abs() < 0.05,
+        "initial loss {first} should be ≈ ln 256"
+    );
     assert!(last < 0.2, "one batch not memorised: loss {first} → {last}");
 }

@@ -60,7 +60,7 @@ pub fn generate<B: Backend>(
     for r in reqs {
         r.sampling.validate().map_err(|e| e.to_string())?;
         runs.push(RowRun {
-            sampler: Sampler::new(r.sampling.clone()).map_err(|e| e.to_string())?,
+            sampler: Sampler::new(r.sampling).map_err(|e| e.to_string())?,
             stop: StopFilter::new(r.stop.clone()).map_err(|e| e.to_string())?,
             out: Vec::new(),
             sampled: 0,
@@ -98,6 +98,9 @@ pub fn generate<B: Backend>(
     }
     Ok(runs
         .into_iter()
-        .map(|r| GenerateOutput { bytes: r.out, finish_reason: r.done.unwrap_or(FinishReason::Length) })
+        .map(|r| GenerateOutput {
+            bytes: r.out,
+            finish_reason: r.done.unwrap_or(FinishReason::Length),
+        })
         .collect())
 }

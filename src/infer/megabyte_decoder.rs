@@ -97,16 +97,37 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
         padded.resize(gt, 0);
         let (ids, pos) = m.global_inputs(&padded, 1, gt);
         let mut g_in = be.zeros((ks + 1) * pd);
-        be.patch_embed_forward(&mut g_in, &p[e.g_tok], &p[e.g_pos], &p[e.g_pad], &ids, &pos, pp, dg);
+        be.patch_embed_forward(
+            &mut g_in,
+            &p[e.g_tok],
+            &p[e.g_pos],
+            &p[e.g_pad],
+            &ids,
+            &pos,
+            pp,
+            dg,
+        );
         let mut acts = m.global.acts(be, 1, ks + 1, false);
         let g_x = project(be, p, e.in_proj, &g_in, ks + 1, pd, c.global_dim);
-        m.global.forward(be, p, &mut acts, g_x.as_ref().unwrap_or(&g_in));
-        m.global.fill_cache_from_forward(be, &acts, &mut row.global, 0);
+        m.global
+            .forward(be, p, &mut acts, g_x.as_ref().unwrap_or(&g_in));
+        m.global
+            .fill_cache_from_forward(be, &acts, &mut row.global, 0);
         let mut last = be.zeros(c.global_dim);
         be.gather_rows(&mut last, &acts.out, &[ks as u32], c.global_dim);
         let last_out = project(be, p, e.out_proj, &last, 1, c.global_dim, pd);
         let mut cond = be.zeros(pp * dl);
-        be.matmul(&mut cond, last_out.as_ref().unwrap_or(&last), &p[e.gl], pp, dg, dl, false, false, false);
+        be.matmul(
+            &mut cond,
+            last_out.as_ref().unwrap_or(&last),
+            &p[e.gl],
+            pp,
+            dg,
+            dl,
+            false,
+            false,
+            false,
+        );
         let cond_rows: Vec<u32> = (0..pp).map(|q| (i * pp + q) as u32).collect();
         be.scatter_rows(&mut self.cond, &cond, &cond_rows, dl);
 
@@ -114,12 +135,29 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
         let lt = ps + 1;
         let mut l_in = be.zeros(lt * dl);
         be.gather_rows(&mut l_in, &self.cond, &cond_rows[..lt], dl);
-        let ids: Vec<u32> = (0..lt).map(|q| if q == 0 { PAD_ID } else { w[ks * pp + q - 1] as u32 }).collect();
+        let ids: Vec<u32> = (0..lt)
+            .map(|q| {
+                if q == 0 {
+                    PAD_ID
+                } else {
+                    w[ks * pp + q - 1] as u32
+                }
+            })
+            .collect();
         let slots: Vec<u32> = (0..lt as u32).collect();
-        be.local_embed_forward(&mut l_in, &p[e.l_tok], &p[e.l_pos], &p[e.l_pad], &ids, &slots, dl);
+        be.local_embed_forward(
+            &mut l_in,
+            &p[e.l_tok],
+            &p[e.l_pos],
+            &p[e.l_pad],
+            &ids,
+            &slots,
+            dl,
+        );
         let mut lacts = m.local.acts(be, 1, lt, false);
         m.local.forward(be, p, &mut lacts, &l_in);
-        m.local.fill_cache_from_forward(be, &lacts, &mut self.local, i);
+        m.local
+            .fill_cache_from_forward(be, &lacts, &mut self.local, i);
         let mut out = be.zeros(dl);
         be.gather_rows(&mut out, &lacts.out, &[ps as u32], dl);
         let logits = self.head(&out, 1);
@@ -131,7 +169,17 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
         let c = &self.model.cfg;
         let mut logits = self.be.zeros(rows * c.vocab_size);
         let e = self.model.embeds();
-        self.be.matmul(&mut logits, out, &self.p[e.l_tok], rows, c.local_dim, c.vocab_size, false, true, false);
+        self.be.matmul(
+            &mut logits,
+            out,
+            &self.p[e.l_tok],
+            rows,
+            c.local_dim,
+            c.vocab_size,
+            false,
+            true,
+            false,
+        );
         self.be.download(&logits)
     }
 
@@ -143,8 +191,8 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
         let e = m.embeds();
         let (pp, dg, dl, pd) = (c.patch_size, c.global_byte_dim, c.local_dim, c.patch_dim());
         let rows = self.rows.len();
-        for i in 0..rows {
-            self.rows[i].bytes.push(next[i]);
+        for (i, &byte) in next.iter().enumerate() {
+            self.rows[i].bytes.push(byte);
             if self.rows[i].window().len() == c.max_seq_len {
                 // Context full: slide to the last half and rebuild the caches from the window
                 // minus its newest byte, which the step below then consumes as usual.
@@ -167,7 +215,16 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
                 pos.extend((n - pp..n).map(|t| t as u32));
             }
             let mut g_in = be.zeros(s * pd);
-            be.patch_embed_forward(&mut g_in, &p[e.g_tok], &p[e.g_pos], &p[e.g_pad], &ids, &pos, pp, dg);
+            be.patch_embed_forward(
+                &mut g_in,
+                &p[e.g_tok],
+                &p[e.g_pos],
+                &p[e.g_pad],
+                &ids,
+                &pos,
+                pp,
+                dg,
+            );
             let g_x = project(be, p, e.in_proj, &g_in, s, pd, c.global_dim);
             let gpos: Vec<u32> = due.iter().map(|&i| (lens[i] / pp) as u32).collect();
             let mut caches = Vec::with_capacity(s);
@@ -178,23 +235,62 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
                     due_iter.next();
                 }
             }
-            let g = m.global.decode_step(be, p, &mut CacheSet::PerRow(caches), g_x.as_ref().unwrap_or(&g_in), &gpos);
+            let g = m.global.decode_step(
+                be,
+                p,
+                &mut CacheSet::PerRow(caches),
+                g_x.as_ref().unwrap_or(&g_in),
+                &gpos,
+            );
             let g_out = project(be, p, e.out_proj, &g, s, c.global_dim, pd);
             let mut cond = be.zeros(s * pp * dl);
-            be.matmul(&mut cond, g_out.as_ref().unwrap_or(&g), &p[e.gl], s * pp, dg, dl, false, false, false);
-            let rows_idx: Vec<u32> = due.iter().flat_map(|&i| (0..pp).map(move |q| (i * pp + q) as u32)).collect();
+            be.matmul(
+                &mut cond,
+                g_out.as_ref().unwrap_or(&g),
+                &p[e.gl],
+                s * pp,
+                dg,
+                dl,
+                false,
+                false,
+                false,
+            );
+            let rows_idx: Vec<u32> = due
+                .iter()
+                .flat_map(|&i| (0..pp).map(move |q| (i * pp + q) as u32))
+                .collect();
             be.scatter_rows(&mut self.cond, &cond, &rows_idx, dl);
         }
         // Every row takes one local step at its slot.
         let slots: Vec<u32> = lens.iter().map(|&n| (n % pp) as u32).collect();
         let cond_rows: Vec<u32> = (0..rows).map(|i| (i * pp) as u32 + slots[i]).collect();
         let ids: Vec<u32> = (0..rows)
-            .map(|i| if slots[i] == 0 { PAD_ID } else { self.rows[i].window()[lens[i] - 1] as u32 })
+            .map(|i| {
+                if slots[i] == 0 {
+                    PAD_ID
+                } else {
+                    self.rows[i].window()[lens[i] - 1] as u32
+                }
+            })
             .collect();
         let mut l_in = be.zeros(rows * dl);
         be.gather_rows(&mut l_in, &self.cond, &cond_rows, dl);
-        be.local_embed_forward(&mut l_in, &p[e.l_tok], &p[e.l_pos], &p[e.l_pad], &ids, &slots, dl);
-        let out = m.local.decode_step(be, p, &mut CacheSet::Batched(&mut self.local), &l_in, &slots);
+        be.local_embed_forward(
+            &mut l_in,
+            &p[e.l_tok],
+            &p[e.l_pos],
+            &p[e.l_pad],
+            &ids,
+            &slots,
+            dl,
+        );
+        let out = m.local.decode_step(
+            be,
+            p,
+            &mut CacheSet::Batched(&mut self.local),
+            &l_in,
+            &slots,
+        );
         self.logits = self.head(&out, rows);
     }
 }

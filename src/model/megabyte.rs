@@ -2,7 +2,7 @@
 //! shared global-to-local projection, local model, tied byte head — forward and backward.
 
 use super::params::{many_mut, Init, ParamLayout};
-use super::transformer::{Stack, StackActs};
+use super::transformer::{Stack, StackActs, StackShape};
 use crate::backend::{Backend, PAD_ID};
 use crate::config::MegabyteConfig;
 
@@ -36,7 +36,12 @@ impl Megabyte {
     pub fn new(cfg: &MegabyteConfig) -> Self {
         let mut layout = ParamLayout::default();
         let w = Init::TruncNormal(cfg.init_std);
-        let (v, p, dg, dl) = (cfg.vocab_size, cfg.patch_size, cfg.global_byte_dim, cfg.local_dim);
+        let (v, p, dg, dl) = (
+            cfg.vocab_size,
+            cfg.patch_size,
+            cfg.global_byte_dim,
+            cfg.local_dim,
+        );
         let pd = cfg.patch_dim();
         let g_tok = layout.add("global.tok_emb", &[v, dg], w);
         let g_pos = layout.add("global.pos_emb", &[cfg.max_seq_len, dg], w);
@@ -47,15 +52,18 @@ impl Megabyte {
                 layout.add("global.in_proj.bias", &[cfg.global_dim], Init::Zeros),
             )
         });
+        let shape = |width, layers, heads| StackShape {
+            width,
+            layers,
+            heads,
+            ffn: cfg.activation,
+            ffn_mult: cfg.ffn_mult,
+            init_std: cfg.init_std,
+        };
         let global = Stack::declare(
             &mut layout,
             "global",
-            cfg.global_dim,
-            cfg.global_layers,
-            cfg.global_heads,
-            cfg.activation,
-            cfg.ffn_mult,
-            cfg.init_std,
+            shape(cfg.global_dim, cfg.global_layers, cfg.global_heads),
         );
         let out_proj = cfg.has_global_projections().then(|| {
             (
@@ -70,15 +78,26 @@ impl Megabyte {
         let local = Stack::declare(
             &mut layout,
             "local",
-            dl,
-            cfg.local_layers,
-            cfg.local_heads,
-            cfg.activation,
-            cfg.ffn_mult,
-            cfg.init_std,
+            shape(dl, cfg.local_layers, cfg.local_heads),
         );
-        let e = Embeds { g_tok, g_pos, g_pad, in_proj, out_proj, gl, l_tok, l_pos, l_pad };
-        Megabyte { cfg: cfg.clone(), layout, global, local, e }
+        let e = Embeds {
+            g_tok,
+            g_pos,
+            g_pad,
+            in_proj,
+            out_proj,
+            gl,
+            l_tok,
+            l_pos,
+            l_pad,
+        };
+        Megabyte {
+            cfg: cfg.clone(),
+            layout,
+            global,
+            local,
+            e,
+        }
     }
 
     /// Forward FLOPs per byte for a full context (2 per multiply-add; causal attention
@@ -87,7 +106,11 @@ impl Megabyte {
         let c = &self.cfg;
         let (p, k) = (c.patch_size as f64, c.patches() as f64);
         let pd = c.patch_dim() as f64;
-        let proj = if c.has_global_projections() { 2.0 * 2.0 * pd * c.global_dim as f64 } else { 0.0 };
+        let proj = if c.has_global_projections() {
+            2.0 * 2.0 * pd * c.global_dim as f64
+        } else {
+            0.0
+        };
         // Query at causal position i attends i+1 keys: 2·(i+1)·D for scores and again for values.
         let g_att = c.global_layers as f64 * 4.0 * c.global_dim as f64 * (k + 1.0) / 2.0;
         let l_att = c.local_layers as f64 * 4.0 * c.local_dim as f64 * (p + 1.0) / 2.0;
@@ -127,7 +150,11 @@ impl Megabyte {
         for row in 0..b {
             for i in 0..t {
                 let q = i % p;
-                ids.push(if q == 0 { PAD_ID } else { bytes[row * t + i - 1] as u32 });
+                ids.push(if q == 0 {
+                    PAD_ID
+                } else {
+                    bytes[row * t + i - 1] as u32
+                });
                 slots.push(q as u32);
             }
         }
@@ -137,7 +164,10 @@ impl Megabyte {
     /// A workspace for batches of `b` sequences of `t` bytes (`t` a multiple of P, ≤ T).
     pub fn workspace<B: Backend>(&self, be: &B, b: usize, t: usize, train: bool) -> Workspace<B> {
         let c = &self.cfg;
-        assert!(t % c.patch_size == 0 && t <= c.max_seq_len && t > 0, "bad sequence length {t}");
+        assert!(
+            t % c.patch_size == 0 && t <= c.max_seq_len && t > 0,
+            "bad sequence length {t}"
+        );
         let k = t / c.patch_size;
         let (pd, dl, v) = (c.patch_dim(), c.local_dim, c.vocab_size);
         let n = b * t;
@@ -172,7 +202,13 @@ impl Megabyte {
 
     /// Forward pass over `bytes` (`[ws.b, ws.t]`): fills `ws.logits` (`[b·t, 256]`) and
     /// returns the mean cross-entropy in nats.
-    pub fn forward<B: Backend>(&self, be: &B, p: &[B::Buf], ws: &mut Workspace<B>, bytes: &[u8]) -> f64 {
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        p: &[B::Buf],
+        ws: &mut Workspace<B>,
+        bytes: &[u8],
+    ) -> f64 {
         let c = &self.cfg;
         let (b, t) = (ws.b, ws.t);
         assert_eq!(bytes.len(), b * t, "batch has the wrong number of bytes");
@@ -194,7 +230,17 @@ impl Megabyte {
             c.global_byte_dim,
         );
         if let (Some((w, bias)), Some(g_x)) = (e.in_proj, ws.g_x.as_mut()) {
-            be.matmul(g_x, &ws.g_in, &p[w], b * k, c.patch_dim(), c.global_dim, false, false, false);
+            be.matmul(
+                g_x,
+                &ws.g_in,
+                &p[w],
+                b * k,
+                c.patch_dim(),
+                c.global_dim,
+                false,
+                false,
+                false,
+            );
             be.add_bias(g_x, &p[bias], b * k, c.global_dim);
             self.global.forward(be, p, &mut ws.global, g_x);
         } else {
@@ -202,14 +248,34 @@ impl Megabyte {
         }
         let g_out = match (e.out_proj, ws.g_out.as_mut()) {
             (Some((w, bias)), Some(g_out)) => {
-                be.matmul(g_out, &ws.global.out, &p[w], b * k, c.global_dim, c.patch_dim(), false, false, false);
+                be.matmul(
+                    g_out,
+                    &ws.global.out,
+                    &p[w],
+                    b * k,
+                    c.global_dim,
+                    c.patch_dim(),
+                    false,
+                    false,
+                    false,
+                );
                 be.add_bias(g_out, &p[bias], b * k, c.patch_dim());
                 &*g_out
             }
             _ => &ws.global.out,
         };
         // [B·K, P·D_G] is [B·T, D_G] in memory: one GEMM projects every slice with W_GL.
-        be.matmul(&mut ws.l_in, g_out, &p[e.gl], n, c.global_byte_dim, c.local_dim, false, false, false);
+        be.matmul(
+            &mut ws.l_in,
+            g_out,
+            &p[e.gl],
+            n,
+            c.global_byte_dim,
+            c.local_dim,
+            false,
+            false,
+            false,
+        );
         be.local_embed_forward(
             &mut ws.l_in,
             &p[e.l_tok],
@@ -220,50 +286,156 @@ impl Megabyte {
             c.local_dim,
         );
         self.local.forward(be, p, &mut ws.local, &ws.l_in);
-        be.matmul(&mut ws.logits, &ws.local.out, &p[e.l_tok], n, c.local_dim, c.vocab_size, false, true, false);
+        be.matmul(
+            &mut ws.logits,
+            &ws.local.out,
+            &p[e.l_tok],
+            n,
+            c.local_dim,
+            c.vocab_size,
+            false,
+            true,
+            false,
+        );
         be.cross_entropy_forward(&mut ws.losses, &ws.logits, &ws.targets, c.vocab_size);
         be.sum(&ws.losses) / n as f64
     }
 
     /// Backward of the last [`Megabyte::forward`] on `ws` for the mean loss: accumulates
     /// into `g` (one buffer per parameter).
-    pub fn backward<B: Backend>(&self, be: &B, p: &[B::Buf], g: &mut [B::Buf], ws: &mut Workspace<B>) {
+    pub fn backward<B: Backend>(
+        &self,
+        be: &B,
+        p: &[B::Buf],
+        g: &mut [B::Buf],
+        ws: &mut Workspace<B>,
+    ) {
         let c = &self.cfg;
         let e = &self.e;
         let (b, t) = (ws.b, ws.t);
         let (n, k) = (b * t, t / c.patch_size);
-        let (v, dl, dg, dgw, pd) = (c.vocab_size, c.local_dim, c.global_byte_dim, c.global_dim, c.patch_dim());
-        let wg = ws.grads.as_mut().expect("workspace was built for inference only");
+        let (v, dl, dg, dgw, pd) = (
+            c.vocab_size,
+            c.local_dim,
+            c.global_byte_dim,
+            c.global_dim,
+            c.patch_dim(),
+        );
+        let wg = ws
+            .grads
+            .as_mut()
+            .expect("workspace was built for inference only");
 
         be.cross_entropy_backward(&mut wg.d_logits, &ws.logits, &ws.targets, v, 1.0 / n as f32);
         // Tied head: logits = l_out · E_lembᵀ.
-        be.matmul(&mut g[e.l_tok], &wg.d_logits, &ws.local.out, v, n, dl, true, false, true);
-        be.matmul(&mut wg.d_lout, &wg.d_logits, &p[e.l_tok], n, v, dl, false, false, false);
-        self.local.backward(be, p, g, &mut ws.local, &wg.d_lout, &mut wg.d_lin);
+        be.matmul(
+            &mut g[e.l_tok],
+            &wg.d_logits,
+            &ws.local.out,
+            v,
+            n,
+            dl,
+            true,
+            false,
+            true,
+        );
+        be.matmul(
+            &mut wg.d_lout,
+            &wg.d_logits,
+            &p[e.l_tok],
+            n,
+            v,
+            dl,
+            false,
+            false,
+            false,
+        );
+        self.local
+            .backward(be, p, g, &mut ws.local, &wg.d_lout, &mut wg.d_lin);
         {
             let [dtok, dpos, dpad] = many_mut(g, [e.l_tok, e.l_pos, e.l_pad]);
             be.local_embed_backward(dtok, dpos, dpad, &wg.d_lin, &ws.l_ids, &ws.l_slots, dl);
         }
         let g_out = ws.g_out.as_ref().unwrap_or(&ws.global.out);
         be.matmul(&mut g[e.gl], g_out, &wg.d_lin, dg, n, dl, true, false, true);
-        be.matmul(&mut wg.d_gsplit, &wg.d_lin, &p[e.gl], n, dl, dg, false, true, false);
+        be.matmul(
+            &mut wg.d_gsplit,
+            &wg.d_lin,
+            &p[e.gl],
+            n,
+            dl,
+            dg,
+            false,
+            true,
+            false,
+        );
         if let Some((w, bias)) = e.out_proj {
             be.bias_backward(&mut g[bias], &wg.d_gsplit, b * k, pd);
-            be.matmul(&mut g[w], &ws.global.out, &wg.d_gsplit, dgw, b * k, pd, true, false, true);
-            be.matmul(&mut wg.d_gstack, &wg.d_gsplit, &p[w], b * k, pd, dgw, false, true, false);
+            be.matmul(
+                &mut g[w],
+                &ws.global.out,
+                &wg.d_gsplit,
+                dgw,
+                b * k,
+                pd,
+                true,
+                false,
+                true,
+            );
+            be.matmul(
+                &mut wg.d_gstack,
+                &wg.d_gsplit,
+                &p[w],
+                b * k,
+                pd,
+                dgw,
+                false,
+                true,
+                false,
+            );
         } else {
             be.copy(&mut wg.d_gstack, &wg.d_gsplit);
         }
-        self.global.backward(be, p, g, &mut ws.global, &wg.d_gstack, &mut wg.d_gx);
+        self.global
+            .backward(be, p, g, &mut ws.global, &wg.d_gstack, &mut wg.d_gx);
         if let (Some((w, bias)), Some(_)) = (e.in_proj, ws.g_x.as_ref()) {
             be.bias_backward(&mut g[bias], &wg.d_gx, b * k, dgw);
-            be.matmul(&mut g[w], &ws.g_in, &wg.d_gx, pd, b * k, dgw, true, false, true);
-            be.matmul(&mut wg.d_gin, &wg.d_gx, &p[w], b * k, dgw, pd, false, true, false);
+            be.matmul(
+                &mut g[w],
+                &ws.g_in,
+                &wg.d_gx,
+                pd,
+                b * k,
+                dgw,
+                true,
+                false,
+                true,
+            );
+            be.matmul(
+                &mut wg.d_gin,
+                &wg.d_gx,
+                &p[w],
+                b * k,
+                dgw,
+                pd,
+                false,
+                true,
+                false,
+            );
         } else {
             be.copy(&mut wg.d_gin, &wg.d_gx);
         }
         let [dtok, dpos, dpad] = many_mut(g, [e.g_tok, e.g_pos, e.g_pad]);
-        be.patch_embed_backward(dtok, dpos, dpad, &wg.d_gin, &ws.g_ids, &ws.g_pos, c.patch_size, dg);
+        be.patch_embed_backward(
+            dtok,
+            dpos,
+            dpad,
+            &wg.d_gin,
+            &ws.g_ids,
+            &ws.g_pos,
+            c.patch_size,
+            dg,
+        );
     }
 
     pub(crate) fn embeds(&self) -> EmbedIdx {

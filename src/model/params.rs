@@ -38,7 +38,11 @@ pub struct ParamLayout {
 impl ParamLayout {
     /// Declare a parameter and return its index.
     pub fn add(&mut self, name: impl Into<String>, shape: &[usize], init: Init) -> usize {
-        self.specs.push(ParamSpec { name: name.into(), shape: shape.to_vec(), init });
+        self.specs.push(ParamSpec {
+            name: name.into(),
+            shape: shape.to_vec(),
+            init,
+        });
         self.specs.len() - 1
     }
 
@@ -98,7 +102,11 @@ impl ParamLayout {
         self.specs
             .iter()
             .zip(bufs)
-            .map(|(s, b)| HostTensor { name: s.name.clone(), shape: s.shape.clone(), data: be.download(b) })
+            .map(|(s, b)| HostTensor {
+                name: s.name.clone(),
+                shape: s.shape.clone(),
+                data: be.download(b),
+            })
             .collect()
     }
 
@@ -120,7 +128,10 @@ impl ParamLayout {
             out.push(t.data.clone());
         }
         if let Some(extra) = tensors.iter().find(|t| self.index(&t.name).is_none()) {
-            return Err(format!("unexpected tensor '{}' for this config", extra.name));
+            return Err(format!(
+                "unexpected tensor '{}' for this config",
+                extra.name
+            ));
         }
         Ok(out)
     }

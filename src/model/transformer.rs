@@ -9,6 +9,18 @@ use super::params::{many_mut, Init, ParamLayout};
 use crate::backend::{Activation, Backend};
 use crate::config::FeedForward;
 
+/// The hyper-parameters of one stack.
+#[derive(Clone, Copy, Debug)]
+pub struct StackShape {
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub ffn: FeedForward,
+    pub ffn_mult: usize,
+    /// Std of the truncated-normal initialization of its matrices.
+    pub init_std: f32,
+}
+
 /// Parameter indices of one block.
 #[derive(Clone, Debug)]
 struct Block {
@@ -84,18 +96,21 @@ pub struct KvCache<B: Backend> {
 
 impl Stack {
     /// Declare the stack's parameters under `prefix` (e.g. `global`).
-    pub fn declare(
-        layout: &mut ParamLayout,
-        prefix: &str,
-        width: usize,
-        layers: usize,
-        heads: usize,
-        ffn: FeedForward,
-        ffn_mult: usize,
-        std: f32,
-    ) -> Self {
+    pub fn declare(layout: &mut ParamLayout, prefix: &str, shape: StackShape) -> Self {
+        let StackShape {
+            width,
+            layers,
+            heads,
+            ffn,
+            ffn_mult,
+            init_std: std,
+        } = shape;
         let hidden = ffn_mult * width;
-        let fc_out = if ffn == FeedForward::Swiglu { 2 * hidden } else { hidden };
+        let fc_out = if ffn == FeedForward::Swiglu {
+            2 * hidden
+        } else {
+            hidden
+        };
         let w = Init::TruncNormal(std);
         let blocks = (0..layers)
             .map(|i| {
@@ -118,7 +133,15 @@ impl Stack {
             .collect();
         let lnf_w = layout.add(format!("{prefix}.ln_f.weight"), &[width], Init::Ones);
         let lnf_b = layout.add(format!("{prefix}.ln_f.bias"), &[width], Init::Zeros);
-        Stack { width, heads, hidden, ffn, blocks, lnf_w, lnf_b }
+        Stack {
+            width,
+            heads,
+            hidden,
+            ffn,
+            blocks,
+            lnf_w,
+            lnf_b,
+        }
     }
 
     /// Number of blocks.
@@ -181,7 +204,13 @@ impl Stack {
 
     /// Run the stack over `input` `[b·t, D]` (causal within each of the `b` rows);
     /// the result is in `acts.out`.
-    pub fn forward<B: Backend>(&self, be: &B, p: &[B::Buf], acts: &mut StackActs<B>, input: &B::Buf) {
+    pub fn forward<B: Backend>(
+        &self,
+        be: &B,
+        p: &[B::Buf],
+        acts: &mut StackActs<B>,
+        input: &B::Buf,
+    ) {
         let (b, t, d, h) = (acts.b, acts.t, self.width, self.heads);
         let n = b * t;
         be.copy(&mut acts.resid[0], input);
@@ -196,12 +225,41 @@ impl Stack {
                 n,
                 d,
             );
-            be.matmul(&mut acts.qkv[l], &acts.ln1[l], &p[blk.qkv_w], n, d, 3 * d, false, false, false);
+            be.matmul(
+                &mut acts.qkv[l],
+                &acts.ln1[l],
+                &p[blk.qkv_w],
+                n,
+                d,
+                3 * d,
+                false,
+                false,
+                false,
+            );
             be.add_bias(&mut acts.qkv[l], &p[blk.qkv_b], n, 3 * d);
-            be.attention_forward(&mut acts.atty[l], &mut acts.att[l], &acts.qkv[l], b, t, d, h, self.scale());
+            be.attention_forward(
+                &mut acts.atty[l],
+                &mut acts.att[l],
+                &acts.qkv[l],
+                b,
+                t,
+                d,
+                h,
+                self.scale(),
+            );
             // resid_mid = resid + atty·W_o + b_o, with the residual add fused into the GEMM.
             be.copy(&mut acts.resid_mid[l], &acts.resid[l]);
-            be.matmul(&mut acts.resid_mid[l], &acts.atty[l], &p[blk.out_w], n, d, d, false, false, true);
+            be.matmul(
+                &mut acts.resid_mid[l],
+                &acts.atty[l],
+                &p[blk.out_w],
+                n,
+                d,
+                d,
+                false,
+                false,
+                true,
+            );
             be.add_bias(&mut acts.resid_mid[l], &p[blk.out_b], n, d);
             be.layernorm_forward(
                 &mut acts.ln2[l],
@@ -214,12 +272,32 @@ impl Stack {
                 d,
             );
             let f = self.fc_out();
-            be.matmul(&mut acts.fc[l], &acts.ln2[l], &p[blk.fc_w], n, d, f, false, false, false);
+            be.matmul(
+                &mut acts.fc[l],
+                &acts.ln2[l],
+                &p[blk.fc_w],
+                n,
+                d,
+                f,
+                false,
+                false,
+                false,
+            );
             be.add_bias(&mut acts.fc[l], &p[blk.fc_b], n, f);
             self.ffn_act(be, &mut acts.act[l], &acts.fc[l], n);
             let next = &mut acts.resid[l + 1];
             be.copy(next, &acts.resid_mid[l]);
-            be.matmul(next, &acts.act[l], &p[blk.proj_w], n, self.hidden, d, false, false, true);
+            be.matmul(
+                next,
+                &acts.act[l],
+                &p[blk.proj_w],
+                n,
+                self.hidden,
+                d,
+                false,
+                false,
+                true,
+            );
             be.add_bias(next, &p[blk.proj_b], n, d);
         }
         let last = &acts.resid[self.blocks.len()];
@@ -257,7 +335,10 @@ impl Stack {
         let (b, t, d, h) = (acts.b, acts.t, self.width, self.heads);
         let n = b * t;
         let f = self.fc_out();
-        let s = acts.scratch.as_mut().expect("stack workspace allocated without backward scratch");
+        let s = acts
+            .scratch
+            .as_mut()
+            .expect("stack workspace allocated without backward scratch");
         be.fill_zero(&mut s.d_resid);
         {
             let [dw, db] = many_mut(g, [self.lnf_w, self.lnf_b]);
@@ -277,8 +358,28 @@ impl Stack {
         for (l, blk) in self.blocks.iter().enumerate().rev() {
             // FFN: resid[l+1] = resid_mid + act(LN2(resid_mid)·W_fc + b_fc)·W_proj + b_proj
             be.bias_backward(&mut g[blk.proj_b], &s.d_resid, n, d);
-            be.matmul(&mut g[blk.proj_w], &acts.act[l], &s.d_resid, self.hidden, n, d, true, false, true);
-            be.matmul(&mut s.d_act, &s.d_resid, &p[blk.proj_w], n, d, self.hidden, false, true, false);
+            be.matmul(
+                &mut g[blk.proj_w],
+                &acts.act[l],
+                &s.d_resid,
+                self.hidden,
+                n,
+                d,
+                true,
+                false,
+                true,
+            );
+            be.matmul(
+                &mut s.d_act,
+                &s.d_resid,
+                &p[blk.proj_w],
+                n,
+                d,
+                self.hidden,
+                false,
+                true,
+                false,
+            );
             be.fill_zero(&mut s.d_fc);
             match self.ffn {
                 FeedForward::Relu => {
@@ -292,8 +393,28 @@ impl Stack {
                 }
             }
             be.bias_backward(&mut g[blk.fc_b], &s.d_fc, n, f);
-            be.matmul(&mut g[blk.fc_w], &acts.ln2[l], &s.d_fc, d, n, f, true, false, true);
-            be.matmul(&mut s.d_small, &s.d_fc, &p[blk.fc_w], n, f, d, false, true, false);
+            be.matmul(
+                &mut g[blk.fc_w],
+                &acts.ln2[l],
+                &s.d_fc,
+                d,
+                n,
+                f,
+                true,
+                false,
+                true,
+            );
+            be.matmul(
+                &mut s.d_small,
+                &s.d_fc,
+                &p[blk.fc_w],
+                n,
+                f,
+                d,
+                false,
+                true,
+                false,
+            );
             {
                 let [dw, db] = many_mut(g, [blk.ln2_w, blk.ln2_b]);
                 be.layernorm_backward(
@@ -311,13 +432,63 @@ impl Stack {
             }
             // Attention: resid_mid = resid[l] + Attn(LN1(resid[l]))·W_o + b_o
             be.bias_backward(&mut g[blk.out_b], &s.d_resid, n, d);
-            be.matmul(&mut g[blk.out_w], &acts.atty[l], &s.d_resid, d, n, d, true, false, true);
-            be.matmul(&mut s.d_small, &s.d_resid, &p[blk.out_w], n, d, d, false, true, false);
+            be.matmul(
+                &mut g[blk.out_w],
+                &acts.atty[l],
+                &s.d_resid,
+                d,
+                n,
+                d,
+                true,
+                false,
+                true,
+            );
+            be.matmul(
+                &mut s.d_small,
+                &s.d_resid,
+                &p[blk.out_w],
+                n,
+                d,
+                d,
+                false,
+                true,
+                false,
+            );
             be.fill_zero(&mut s.d_qkv);
-            be.attention_backward(&mut s.d_qkv, &s.d_small, &acts.qkv[l], &acts.att[l], b, t, d, h, self.scale());
+            be.attention_backward(
+                &mut s.d_qkv,
+                &s.d_small,
+                &acts.qkv[l],
+                &acts.att[l],
+                b,
+                t,
+                d,
+                h,
+                self.scale(),
+            );
             be.bias_backward(&mut g[blk.qkv_b], &s.d_qkv, n, 3 * d);
-            be.matmul(&mut g[blk.qkv_w], &acts.ln1[l], &s.d_qkv, d, n, 3 * d, true, false, true);
-            be.matmul(&mut s.d_small, &s.d_qkv, &p[blk.qkv_w], n, 3 * d, d, false, true, false);
+            be.matmul(
+                &mut g[blk.qkv_w],
+                &acts.ln1[l],
+                &s.d_qkv,
+                d,
+                n,
+                3 * d,
+                true,
+                false,
+                true,
+            );
+            be.matmul(
+                &mut s.d_small,
+                &s.d_qkv,
+                &p[blk.qkv_w],
+                n,
+                3 * d,
+                d,
+                false,
+                true,
+                false,
+            );
             {
                 let [dw, db] = many_mut(g, [blk.ln1_w, blk.ln1_b]);
                 be.layernorm_backward(
@@ -359,9 +530,17 @@ impl Stack {
     ) {
         assert_eq!(acts.b, 1);
         assert!(acts.t <= cache.t_max && row < cache.rows);
-        let entries: Vec<u32> = (0..acts.t).map(|i| (row * cache.t_max + i) as u32).collect();
+        let entries: Vec<u32> = (0..acts.t)
+            .map(|i| (row * cache.t_max + i) as u32)
+            .collect();
         for l in 0..self.blocks.len() {
-            be.kv_append(&mut cache.k[l], &mut cache.v[l], &acts.qkv[l], &entries, self.width);
+            be.kv_append(
+                &mut cache.k[l],
+                &mut cache.v[l],
+                &acts.qkv[l],
+                &entries,
+                self.width,
+            );
         }
     }
 
@@ -388,16 +567,48 @@ impl Stack {
         let mut fc = be.zeros(s * f);
         let mut act = be.zeros(s * self.hidden);
         for (l, blk) in self.blocks.iter().enumerate() {
-            be.layernorm_forward(&mut ln, &mut mean, &mut rstd, &resid, &p[blk.ln1_w], &p[blk.ln1_b], s, d);
-            be.matmul(&mut qkv, &ln, &p[blk.qkv_w], s, d, 3 * d, false, false, false);
+            be.layernorm_forward(
+                &mut ln,
+                &mut mean,
+                &mut rstd,
+                &resid,
+                &p[blk.ln1_w],
+                &p[blk.ln1_b],
+                s,
+                d,
+            );
+            be.matmul(
+                &mut qkv,
+                &ln,
+                &p[blk.qkv_w],
+                s,
+                d,
+                3 * d,
+                false,
+                false,
+                false,
+            );
             be.add_bias(&mut qkv, &p[blk.qkv_b], s, 3 * d);
             match caches {
                 CacheSet::Batched(c) => {
                     assert_eq!(c.rows, s);
-                    let entries: Vec<u32> =
-                        pos.iter().enumerate().map(|(r, &q)| (r * c.t_max) as u32 + q).collect();
+                    let entries: Vec<u32> = pos
+                        .iter()
+                        .enumerate()
+                        .map(|(r, &q)| (r * c.t_max) as u32 + q)
+                        .collect();
                     be.kv_append(&mut c.k[l], &mut c.v[l], &qkv, &entries, d);
-                    be.attention_decode(&mut atty, &qkv, &c.k[l], &c.v[l], &lens, c.t_max, d, h, self.scale());
+                    be.attention_decode(
+                        &mut atty,
+                        &qkv,
+                        &c.k[l],
+                        &c.v[l],
+                        &lens,
+                        c.t_max,
+                        d,
+                        h,
+                        self.scale(),
+                    );
                 }
                 CacheSet::PerRow(cs) => {
                     assert_eq!(cs.len(), s);
@@ -405,22 +616,70 @@ impl Stack {
                     for (i, c) in cs.iter_mut().enumerate() {
                         be.gather_rows(&mut q1, &qkv, &[i as u32], 3 * d);
                         be.kv_append(&mut c.k[l], &mut c.v[l], &q1, &pos[i..i + 1], d);
-                        be.attention_decode(&mut o1, &q1, &c.k[l], &c.v[l], &lens[i..i + 1], c.t_max, d, h, self.scale());
+                        be.attention_decode(
+                            &mut o1,
+                            &q1,
+                            &c.k[l],
+                            &c.v[l],
+                            &lens[i..i + 1],
+                            c.t_max,
+                            d,
+                            h,
+                            self.scale(),
+                        );
                         be.scatter_rows(&mut atty, &o1, &[i as u32], d);
                     }
                 }
             }
-            be.matmul(&mut resid, &atty, &p[blk.out_w], s, d, d, false, false, true);
+            be.matmul(
+                &mut resid,
+                &atty,
+                &p[blk.out_w],
+                s,
+                d,
+                d,
+                false,
+                false,
+                true,
+            );
             be.add_bias(&mut resid, &p[blk.out_b], s, d);
-            be.layernorm_forward(&mut ln, &mut mean, &mut rstd, &resid, &p[blk.ln2_w], &p[blk.ln2_b], s, d);
+            be.layernorm_forward(
+                &mut ln,
+                &mut mean,
+                &mut rstd,
+                &resid,
+                &p[blk.ln2_w],
+                &p[blk.ln2_b],
+                s,
+                d,
+            );
             be.matmul(&mut fc, &ln, &p[blk.fc_w], s, d, f, false, false, false);
             be.add_bias(&mut fc, &p[blk.fc_b], s, f);
             self.ffn_act(be, &mut act, &fc, s);
-            be.matmul(&mut resid, &act, &p[blk.proj_w], s, self.hidden, d, false, false, true);
+            be.matmul(
+                &mut resid,
+                &act,
+                &p[blk.proj_w],
+                s,
+                self.hidden,
+                d,
+                false,
+                false,
+                true,
+            );
             be.add_bias(&mut resid, &p[blk.proj_b], s, d);
         }
         let mut out = be.zeros(s * d);
-        be.layernorm_forward(&mut out, &mut mean, &mut rstd, &resid, &p[self.lnf_w], &p[self.lnf_b], s, d);
+        be.layernorm_forward(
+            &mut out,
+            &mut mean,
+            &mut rstd,
+            &resid,
+            &p[self.lnf_w],
+            &p[self.lnf_b],
+            s,
+            d,
+        );
         out
     }
 }

@@ -37,15 +37,27 @@ fn spans(len: usize, t: usize, sliding: bool) -> Vec<Span> {
     if sliding {
         let stride = t / 2;
         let mut start = 0;
-        out.push(Span { start, from: 0, to: t });
+        out.push(Span {
+            start,
+            from: 0,
+            to: t,
+        });
         while start + stride + t <= len {
             start += stride;
-            out.push(Span { start, from: t - stride, to: t });
+            out.push(Span {
+                start,
+                from: t - stride,
+                to: t,
+            });
         }
     } else {
         let mut start = 0;
         while start + t <= len {
-            out.push(Span { start, from: 0, to: t });
+            out.push(Span {
+                start,
+                from: 0,
+                to: t,
+            });
             start += t;
         }
     }
@@ -94,8 +106,11 @@ pub fn evaluate<B: Backend>(
     let base = window_losses(be, model, params, ws, bytes, &starts);
     let mut passes = base.len();
     let shifted = if mode.strided && half > 0 {
-        let shifted_starts: Vec<usize> =
-            starts.iter().map(|&s| s + half).filter(|&s| s + t <= bytes.len()).collect();
+        let shifted_starts: Vec<usize> = starts
+            .iter()
+            .map(|&s| s + half)
+            .filter(|&s| s + t <= bytes.len())
+            .collect();
         passes += shifted_starts.len();
         window_losses(be, model, params, ws, bytes, &shifted_starts)
     } else {
@@ -140,7 +155,10 @@ mod tests {
             }
             let covered = hits.iter().take_while(|&&h| h == 1).count();
             assert!(hits.iter().all(|&h| h <= 1), "a byte was scored twice");
-            assert!(covered >= len - t, "sliding={sliding}: only {covered} leading bytes scored");
+            assert!(
+                covered >= len - t,
+                "sliding={sliding}: only {covered} leading bytes scored"
+            );
         }
     }
 }

@@ -2,8 +2,8 @@
 //! the loss-curve plot, evaluation (bits per byte) and the trainer loop.
 
 pub mod checkpoint;
-pub mod eval;
 pub mod data;
+pub mod eval;
 pub mod plot;
 pub mod schedule;
 pub mod trainer;

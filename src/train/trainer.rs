@@ -86,15 +86,37 @@ pub fn optimizer_step<B: Backend>(
     lr: f32,
     step: u64,
 ) -> f64 {
-    let norm = st.grads.iter().map(|g| be.sum_squares(g)).sum::<f64>().sqrt();
+    let norm = st
+        .grads
+        .iter()
+        .map(|g| be.sum_squares(g))
+        .sum::<f64>()
+        .sqrt();
     if norm > hp.grad_clip as f64 {
         let s = (hp.grad_clip as f64 / norm) as f32;
         st.grads.iter_mut().for_each(|g| be.scale(g, s));
     }
     for (i, spec) in model.layout.specs.iter().enumerate() {
-        let wd = if spec.shape.len() >= 2 { hp.weight_decay } else { 0.0 };
-        let h = AdamW { lr, beta1: hp.beta1, beta2: hp.beta2, eps: hp.eps, weight_decay: wd, step: step + 1 };
-        be.adamw_step(&mut st.params[i], &st.grads[i], &mut st.m[i], &mut st.v[i], &h);
+        let wd = if spec.shape.len() >= 2 {
+            hp.weight_decay
+        } else {
+            0.0
+        };
+        let h = AdamW {
+            lr,
+            beta1: hp.beta1,
+            beta2: hp.beta2,
+            eps: hp.eps,
+            weight_decay: wd,
+            step: step + 1,
+        };
+        be.adamw_step(
+            &mut st.params[i],
+            &st.grads[i],
+            &mut st.m[i],
+            &mut st.v[i],
+            &h,
+        );
     }
     norm
 }
@@ -117,7 +139,10 @@ pub fn evaluate_bpb<B: Backend>(
         }
         model.forward(be, params, ws, &batch);
         let losses = be.download(&ws.losses);
-        total += losses[..chunk.len() * ws.t].iter().map(|&x| x as f64).sum::<f64>();
+        total += losses[..chunk.len() * ws.t]
+            .iter()
+            .map(|&x| x as f64)
+            .sum::<f64>();
         count += chunk.len() * ws.t;
     }
     total / count.max(1) as f64 / std::f64::consts::LN_2
@@ -127,7 +152,8 @@ pub fn evaluate_bpb<B: Backend>(
 pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Result<TrainSummary> {
     let ModelConfig::Megabyte(mcfg) = cfg;
     let model = Megabyte::new(mcfg);
-    let corpus = ByteCorpus::open(&opts.data).with_context(|| "opening the training data".to_string())?;
+    let corpus =
+        ByteCorpus::open(&opts.data).with_context(|| "opening the training data".to_string())?;
     let entropy = corpus.unigram_entropy_bits();
     let valid = match &opts.valid {
         Some(v) => Some(ByteCorpus::open(v).context("opening the validation data")?),
@@ -136,15 +162,26 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
 
     let ckpt_dir = opts.out.clone();
     let (mut hp, mut tstate, host_params, opt_state) = if opts.resume {
-        let ck = checkpoint::load(&ckpt_dir).with_context(|| format!("resuming from {}", ckpt_dir.display()))?;
-        let saved_cfg: ModelConfig = serde_json::from_value(ck.config.clone()).context("checkpoint config.json")?;
+        let ck = checkpoint::load(&ckpt_dir)
+            .with_context(|| format!("resuming from {}", ckpt_dir.display()))?;
+        let saved_cfg: ModelConfig =
+            serde_json::from_value(ck.config.clone()).context("checkpoint config.json")?;
         if &saved_cfg != cfg {
-            bail!("the checkpoint in {} was trained with a different model config", ckpt_dir.display());
+            bail!(
+                "the checkpoint in {} was trained with a different model config",
+                ckpt_dir.display()
+            );
         }
-        let ts = ck.trainer.context("checkpoint has no trainer state; cannot resume")?;
+        let ts = ck
+            .trainer
+            .context("checkpoint has no trainer state; cannot resume")?;
         let hp: TrainHparams =
-            serde_json::from_value(ts.extra.get("hparams").cloned().unwrap_or_default()).context("trainer hparams")?;
-        let host = model.layout.host_from_named(&ck.model).map_err(anyhow::Error::msg)?;
+            serde_json::from_value(ts.extra.get("hparams").cloned().unwrap_or_default())
+                .context("trainer hparams")?;
+        let host = model
+            .layout
+            .host_from_named(&ck.model)
+            .map_err(anyhow::Error::msg)?;
         (hp, ts, host, ck.optimizer)
     } else {
         let ts = TrainerState {
@@ -156,7 +193,12 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
             history: Vec::new(),
             extra: serde_json::Value::Null,
         };
-        (opts.hp.clone(), ts, model.layout.init_host(opts.hp.seed), None)
+        (
+            opts.hp.clone(),
+            ts,
+            model.layout.init_host(opts.hp.seed),
+            None,
+        )
     };
     let data = corpus.split(valid, hp.valid_fraction)?;
     data.check_window(hp.seq_len)?;
@@ -176,8 +218,20 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
         v: model.layout.zeros(be),
     };
     if let Some(o) = opt_state {
-        st.m = model.layout.upload(be, &model.layout.host_from_named(&o.m).map_err(anyhow::Error::msg)?);
-        st.v = model.layout.upload(be, &model.layout.host_from_named(&o.v).map_err(anyhow::Error::msg)?);
+        st.m = model.layout.upload(
+            be,
+            &model
+                .layout
+                .host_from_named(&o.m)
+                .map_err(anyhow::Error::msg)?,
+        );
+        st.v = model.layout.upload(
+            be,
+            &model
+                .layout
+                .host_from_named(&o.v)
+                .map_err(anyhow::Error::msg)?,
+        );
     }
     let mut ws = model.workspace(be, hp.batch_size, hp.seq_len, true);
     let mut eval_ws = model.workspace(be, hp.batch_size, hp.seq_len, false);
@@ -186,7 +240,11 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
 
     let t0 = Instant::now();
     let elapsed_before = tstate.elapsed_s;
-    let mut total = if opts.resume { hp.total_steps } else { opts.steps.unwrap_or(0) };
+    let mut total = if opts.resume {
+        hp.total_steps
+    } else {
+        opts.steps.unwrap_or(0)
+    };
     if let (true, Some(n)) = (opts.resume, opts.steps) {
         if n != total {
             eprintln!("note: --steps {n} replaces the saved schedule length {total}; the LR schedule changes");
@@ -230,11 +288,14 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
             total_steps: total.max(1),
         };
         let lr = sched.lr_at(step);
-        let grad_finite = loss.is_finite()
-            && st.grads.iter().all(|g| be.sum_squares(g).is_finite());
+        let grad_finite =
+            loss.is_finite() && st.grads.iter().all(|g| be.sum_squares(g).is_finite());
         if !grad_finite {
             tstate.skipped_steps += 1;
-            say(&pb, format!("step {step}: non-finite loss or gradient, step skipped"));
+            say(
+                &pb,
+                format!("step {step}: non-finite loss or gradient, step skipped"),
+            );
             if tstate.skipped_steps > opts.max_skipped {
                 bail!(
                     "stopping: {} steps had non-finite loss or gradients (limit {}); lower --lr",
@@ -248,7 +309,12 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
         }
         tstate.step += 1;
         tstate.bytes_seen += bytes_per_step;
-        let mut point = LogPoint { step: tstate.step, train_loss: Some(loss as f32), valid_bpb: None, lr };
+        let mut point = LogPoint {
+            step: tstate.step,
+            train_loss: Some(loss as f32),
+            valid_bpb: None,
+            lr,
+        };
         let done = (total > 0 && tstate.step >= total)
             || budget.is_some_and(|b| t0.elapsed() >= b)
             || opts.stop_at_step.is_some_and(|s| tstate.step >= s);
@@ -300,7 +366,8 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
     hp.total_steps = total;
     save(be, &model, cfg, &st, &tstate, &hp, &ckpt_dir)?;
     let plot = ckpt_dir.join("loss.svg");
-    write_loss_plot(&plot, &tstate.history, "MEGABYTE training").context("writing the loss plot")?;
+    write_loss_plot(&plot, &tstate.history, "MEGABYTE training")
+        .context("writing the loss plot")?;
     Ok(TrainSummary {
         steps: tstate.step,
         final_train_loss: last_loss,
@@ -333,7 +400,8 @@ fn save<B: Backend>(
         }),
         trainer: Some(ts),
     };
-    checkpoint::save(dir, &ck).with_context(|| format!("saving the checkpoint to {}", dir.display()))?;
+    checkpoint::save(dir, &ck)
+        .with_context(|| format!("saving the checkpoint to {}", dir.display()))?;
     Ok(())
 }
 
@@ -352,21 +420,27 @@ fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
     }
     let pb = indicatif::ProgressBar::new(total);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .expect("valid template"),
     );
     pb
 }
 
 /// Open a model checkpoint for inference: its config and parameter values.
 pub fn load_model(dir: &Path) -> Result<(Megabyte, Vec<Vec<f32>>)> {
-    let ck = checkpoint::load_model_only(dir).with_context(|| format!("loading checkpoint {}", dir.display()))?;
+    let ck = checkpoint::load_model_only(dir)
+        .with_context(|| format!("loading checkpoint {}", dir.display()))?;
     let cfg: ModelConfig = serde_json::from_value(ck.config.clone())
         .with_context(|| format!("{}/config.json is not a valid model config", dir.display()))?;
     cfg.validate()?;
     let ModelConfig::Megabyte(m) = cfg;
     let model = Megabyte::new(&m);
-    let host = model.layout.host_from_named(&ck.model).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let host = model
+        .layout
+        .host_from_named(&ck.model)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     Ok((model, host))
 }
 

@@ -7,7 +7,7 @@ use super::parallel::ELEMWISE_CHUNK;
 use super::Real;
 use crate::backend::AdamW;
 
-/// Per-step scalars, converted once: `(beta1, beta2, lr, eps, wd, 1/(1−β1ᵗ), 1/(1−β2ᵗ))`.
+/// The step's scalars converted to `F` once, with the inverse bias corrections `1/(1−βᵗ)`.
 struct Coefficients<F> {
     beta1: F,
     beta2: F,

@@ -3,8 +3,37 @@
 //!
 //! Layouts follow [`crate::backend::Backend::attention_forward`]: `qkv` is `[b, t, 3c]` with
 //! per row `[q | k | v]`, head `i` owning channels `i·c/h .. (i+1)·c/h` of each part.
+//!
+//! Two kernels, chosen by sequence length: `short` (whole sequences per task, for the local
+//! model's thousands of rows of a few positions) and `tiled` (register-tiled products per
+//! (batch, head) pair, for the global model); decode is `chunked_decode`. Each kernel is
+//! compiled twice, for baseline x86-64 and for AVX2+FMA, and picked at run time. The
+//! `reference` module holds the plain loops the fast paths are tested against.
 
+mod chunked_decode;
+mod short;
+mod tile;
+mod tiled;
+
+use super::loss::vector_math::has_avx2_fma;
 use super::Real;
+
+/// Multiply-adds worth one rayon task: well above the pool's hand-off cost.
+const TASK_MACS: usize = 1 << 16;
+
+fn check_heads(c: usize, h: usize) {
+    assert!(
+        h > 0 && c % h == 0,
+        "channels {c} must split evenly into {h} heads"
+    );
+}
+
+/// Longest sequence the short-sequence forward takes; longer ones use the tiled kernel.
+/// Measured (c = 256..512, one thread): the two forward kernels tie at t = 24.
+const SHORT_MAX_T_FORWARD: usize = 24;
+
+/// As [`SHORT_MAX_T_FORWARD`] for the backward pass, whose kernels tie at t ≈ 32-48.
+const SHORT_MAX_T_BACKWARD: usize = 32;
 
 /// Causal attention forward: `out = [b, t, c]`, `att = [b, h, t, t]` probabilities.
 #[allow(clippy::too_many_arguments)]
@@ -18,7 +47,17 @@ pub fn forward<F: Real>(
     h: usize,
     scale: F,
 ) {
-    reference::forward(out, att, qkv, b, t, c, h, scale)
+    check_heads(c, h);
+    assert_eq!(qkv.len(), b * t * 3 * c, "qkv must be [b, t, 3c]");
+    assert_eq!(out.len(), b * t * c, "out must be [b, t, c]");
+    assert_eq!(att.len(), b * h * t * t, "att must be [b, h, t, t]");
+    if out.is_empty() {
+        return;
+    }
+    if t <= SHORT_MAX_T_FORWARD {
+        return short::forward(out, att, qkv, t, c, h, scale, has_avx2_fma());
+    }
+    tiled::forward::<F, 16>(out, att, qkv, t, c, h, scale, has_avx2_fma())
 }
 
 /// Causal attention backward: `dqkv += …` given `dout` and the saved `att`.
@@ -34,7 +73,18 @@ pub fn backward<F: Real>(
     h: usize,
     scale: F,
 ) {
-    reference::backward(dqkv, dout, qkv, att, b, t, c, h, scale)
+    check_heads(c, h);
+    assert_eq!(qkv.len(), b * t * 3 * c, "qkv must be [b, t, 3c]");
+    assert_eq!(dqkv.len(), b * t * 3 * c, "dqkv must be [b, t, 3c]");
+    assert_eq!(dout.len(), b * t * c, "dout must be [b, t, c]");
+    assert_eq!(att.len(), b * h * t * t, "att must be [b, h, t, t]");
+    if dout.is_empty() {
+        return;
+    }
+    if t <= SHORT_MAX_T_BACKWARD {
+        return short::backward(dqkv, dout, qkv, att, t, c, h, scale, has_avx2_fma());
+    }
+    tiled::backward::<F, 16>(dqkv, dout, qkv, att, t, c, h, scale, has_avx2_fma())
 }
 
 /// Single-query attention of each row `r` over its first `lens[r]` cached keys.
@@ -50,19 +100,153 @@ pub fn decode<F: Real>(
     h: usize,
     scale: F,
 ) {
-    reference::decode(out, qkv, k_cache, v_cache, lens, t_max, c, h, scale)
+    check_heads(c, h);
+    let b = lens.len();
+    assert_eq!(qkv.len(), b * 3 * c, "qkv must be [b, 3c]");
+    assert_eq!(out.len(), b * c, "out must be [b, c]");
+    assert_eq!(
+        k_cache.len(),
+        b * t_max * c,
+        "k_cache must be [b, t_max, c]"
+    );
+    assert_eq!(
+        v_cache.len(),
+        b * t_max * c,
+        "v_cache must be [b, t_max, c]"
+    );
+    for &len in lens {
+        assert!(
+            len >= 1 && len as usize <= t_max,
+            "decode length {len} outside 1..={t_max}"
+        );
+    }
+    if out.is_empty() {
+        return;
+    }
+    chunked_decode::decode(
+        out,
+        qkv,
+        k_cache,
+        v_cache,
+        lens,
+        t_max,
+        c,
+        h,
+        scale,
+        has_avx2_fma(),
+    );
 }
 
-/// Copy the `k` and `v` parts of `qkv[r]` into the caches at position `pos[r]`.
-pub fn kv_append<F: Real>(
-    k_cache: &mut [F],
-    v_cache: &mut [F],
-    qkv: &[F],
-    pos: &[u32],
-    t_max: usize,
-    c: usize,
-) {
-    reference::kv_append(k_cache, v_cache, qkv, pos, t_max, c)
+#[cfg(test)]
+mod tests {
+    //! Both kernels on both instruction-set paths, for lengths on either side of the switch
+    //! between them (the public functions pick one kernel per length and one path per CPU,
+    //! so the integration tests cannot reach every combination).
+
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+
+    fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], what: &str) {
+        // `f32::max` skips NaN, so non-finite values must be rejected explicitly.
+        assert!(
+            a.iter().chain(b).all(|x| x.is_finite()),
+            "{what}: non-finite values"
+        );
+        let scale = b.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let diff = a
+            .iter()
+            .zip(b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 4e-6 * (1.0 + scale), "{what}: max diff {diff}");
+    }
+
+    fn instruction_sets() -> Vec<bool> {
+        if has_avx2_fma() {
+            vec![false, true]
+        } else {
+            vec![false]
+        }
+    }
+
+    #[test]
+    fn every_kernel_and_instruction_set_matches_reference() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for (b, t, c, h) in [
+            (2, 1, 8, 2),
+            (3, 7, 12, 3),
+            (1, 9, 6, 2),
+            (2, 30, 16, 2),
+            (1, 40, 32, 4),
+        ] {
+            let scale = 1.0 / ((c / h) as f32).sqrt();
+            let qkv = random(&mut rng, b * t * 3 * c);
+            let dout = random(&mut rng, b * t * c);
+            let start = random(&mut rng, b * t * 3 * c);
+            let (mut out_ref, mut att_ref) = (vec![0.0; b * t * c], vec![0.0; b * h * t * t]);
+            reference::forward(&mut out_ref, &mut att_ref, &qkv, b, t, c, h, scale);
+            let mut dqkv_ref = start.clone();
+            reference::backward(&mut dqkv_ref, &dout, &qkv, &att_ref, b, t, c, h, scale);
+            for fma in instruction_sets() {
+                let what = format!("{b}x{t}x{c}/{h} fma={fma}");
+                let (mut out, mut att) = (vec![f32::NAN; b * t * c], vec![f32::NAN; b * h * t * t]);
+                short::forward(&mut out, &mut att, &qkv, t, c, h, scale, fma);
+                assert_close(&out, &out_ref, &format!("short forward out {what}"));
+                assert_close(&att, &att_ref, &format!("short forward att {what}"));
+                let (mut out, mut att) = (vec![f32::NAN; b * t * c], vec![f32::NAN; b * h * t * t]);
+                tiled::forward::<f32, 16>(&mut out, &mut att, &qkv, t, c, h, scale, fma);
+                assert_close(&out, &out_ref, &format!("tiled forward out {what}"));
+                assert_close(&att, &att_ref, &format!("tiled forward att {what}"));
+
+                let mut dqkv = start.clone();
+                short::backward(&mut dqkv, &dout, &qkv, &att_ref, t, c, h, scale, fma);
+                assert_close(&dqkv, &dqkv_ref, &format!("short backward {what}"));
+                let mut dqkv = start.clone();
+                tiled::backward::<f32, 16>(&mut dqkv, &dout, &qkv, &att_ref, t, c, h, scale, fma);
+                assert_close(&dqkv, &dqkv_ref, &format!("tiled backward {what}"));
+            }
+        }
+    }
+
+    #[test]
+    fn decode_on_every_instruction_set_matches_reference() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let (t_max, c, h) = (2 * chunked_decode::KEYS_PER_TASK + 3, 16, 2);
+        let lens = [
+            1,
+            chunked_decode::KEYS_PER_TASK as u32,
+            chunked_decode::KEYS_PER_TASK as u32 + 1,
+            t_max as u32,
+        ];
+        let b = lens.len();
+        let qkv = random(&mut rng, b * 3 * c);
+        let k_cache = random(&mut rng, b * t_max * c);
+        let v_cache = random(&mut rng, b * t_max * c);
+        let mut out_ref = vec![0.0; b * c];
+        reference::decode(
+            &mut out_ref,
+            &qkv,
+            &k_cache,
+            &v_cache,
+            &lens,
+            t_max,
+            c,
+            h,
+            0.3,
+        );
+        for fma in instruction_sets() {
+            let mut out = vec![f32::NAN; b * c];
+            chunked_decode::decode(
+                &mut out, &qkv, &k_cache, &v_cache, &lens, t_max, c, h, 0.3, fma,
+            );
+            assert_close(&out, &out_ref, &format!("decode fma={fma}"));
+        }
+    }
 }
 
 /// Plain loop implementations, the independent yardstick for the fast paths.
@@ -109,7 +293,11 @@ pub mod reference {
                         sum = sum + e;
                     }
                     for j in 0..t {
-                        att[arow + j] = if j <= i { att[arow + j] / sum } else { F::zero() };
+                        att[arow + j] = if j <= i {
+                            att[arow + j] / sum
+                        } else {
+                            F::zero()
+                        };
                     }
                     let o = (bi * t + i) * c + hi * hs;
                     for d in 0..hs {
@@ -202,7 +390,10 @@ pub mod reference {
         let mut scores = vec![F::zero(); t_max];
         for r in 0..b {
             let len = lens[r] as usize;
-            assert!(len >= 1 && len <= t_max, "decode length {len} outside 1..={t_max}");
+            assert!(
+                len >= 1 && len <= t_max,
+                "decode length {len} outside 1..={t_max}"
+            );
             for hi in 0..h {
                 let q = r * 3 * c + hi * hs;
                 let mut max = F::neg_infinity();
@@ -228,29 +419,6 @@ pub mod reference {
                     }
                     out[o + d] = acc / sum;
                 }
-            }
-        }
-    }
-
-    /// Reference of [`super::kv_append`].
-    pub fn kv_append<F: Real>(
-        k_cache: &mut [F],
-        v_cache: &mut [F],
-        qkv: &[F],
-        pos: &[u32],
-        t_max: usize,
-        c: usize,
-    ) {
-        let b = pos.len();
-        assert_eq!(qkv.len(), b * 3 * c);
-        assert_eq!(k_cache.len(), b * t_max * c);
-        assert_eq!(v_cache.len(), b * t_max * c);
-        for r in 0..b {
-            let p = pos[r] as usize;
-            assert!(p < t_max, "cache position {p} outside 0..{t_max}");
-            for d in 0..c {
-                k_cache[(r * t_max + p) * c + d] = qkv[r * 3 * c + c + d];
-                v_cache[(r * t_max + p) * c + d] = qkv[r * 3 * c + 2 * c + d];
             }
         }
     }

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::lanes::sum_by;
-use super::parallel::{column_block, min_rows};
+use super::parallel::{min_rows, rows_with_column_sums};
 use super::Real;
 
 /// Variance floor, as in GPT-2 / PyTorch's default.
@@ -78,43 +78,27 @@ pub fn backward<F: Real>(
         return;
     }
     let inv_d = F::one() / super::real(d as f64);
-    // Rows are independent for dx.
-    dx.par_chunks_mut(d)
-        .zip(dout.par_chunks(d).zip(x.par_chunks(d)))
-        .zip(mean.par_iter().zip(rstd.par_iter()))
-        .with_min_len(min_rows(d))
-        .for_each(|((dxr, (g, xr)), (&mu, &rs))| {
+    // One pass: each row's dx, and per block of rows partial sums of dw | db (read from the
+    // rows while they are in L1), added in block order.
+    let sums = rows_with_column_sums(dx, d, 2 * d, |first, block, partial| {
+        let (pw, pb) = partial.split_at_mut(d);
+        for (r, dxr) in block.chunks_exact_mut(d).enumerate() {
+            let i = first + r;
+            let (g, xr) = (&dout[i * d..(i + 1) * d], &x[i * d..(i + 1) * d]);
+            let (mu, rs) = (mean[i], rstd[i]);
             let g_mean = sum_by(d, |j| g[j] * w[j]) * inv_d;
             let gx_mean = sum_by(d, |j| g[j] * w[j] * ((xr[j] - mu) * rs)) * inv_d;
             for j in 0..d {
                 let xhat = (xr[j] - mu) * rs;
                 dxr[j] = dxr[j] + rs * (g[j] * w[j] - g_mean - xhat * gx_mean);
+                pw[j] = pw[j] + g[j] * xhat;
+                pb[j] = pb[j] + g[j];
             }
-        });
-    // dw, db are column sums: parallel over column blocks, each column summed in row order.
-    let block = column_block(n, d);
-    dw.par_chunks_mut(block)
-        .zip(db.par_chunks_mut(block))
-        .enumerate()
-        .for_each(|(bi, (dwb, dbb))| {
-            let j0 = bi * block;
-            let width = dwb.len();
-            let mut sw = vec![F::zero(); width];
-            let mut sb = vec![F::zero(); width];
-            for i in 0..n {
-                let (mu, rs) = (mean[i], rstd[i]);
-                let g = &dout[i * d + j0..i * d + j0 + width];
-                let xr = &x[i * d + j0..i * d + j0 + width];
-                for jj in 0..width {
-                    sw[jj] = sw[jj] + g[jj] * ((xr[jj] - mu) * rs);
-                    sb[jj] = sb[jj] + g[jj];
-                }
-            }
-            for jj in 0..width {
-                dwb[jj] = dwb[jj] + sw[jj];
-                dbb[jj] = dbb[jj] + sb[jj];
-            }
-        });
+        }
+    });
+    let (sw, sb) = sums.split_at(d);
+    dw.iter_mut().zip(sw).for_each(|(o, &s)| *o = *o + s);
+    db.iter_mut().zip(sb).for_each(|(o, &s)| *o = *o + s);
 }
 
 /// Plain loop implementations, the independent yardstick for the fast paths.

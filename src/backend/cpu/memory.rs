@@ -36,7 +36,11 @@ pub fn scale<F: Real>(buf: &mut [F], s: F) {
 fn sum_map<F: Real>(buf: &[F], f: impl Fn(f64) -> f64 + Sync) -> f64 {
     let partials: Vec<f64> = buf
         .par_chunks(ELEMWISE_CHUNK)
-        .map(|c| c.iter().map(|&x| f(x.to_f64().unwrap_or(f64::NAN))).sum::<f64>())
+        .map(|c| {
+            c.iter()
+                .map(|&x| f(x.to_f64().unwrap_or(f64::NAN)))
+                .sum::<f64>()
+        })
         .collect();
     partials.iter().sum()
 }

@@ -10,9 +10,9 @@
 pub mod activation;
 pub mod adamw;
 pub mod attention;
-pub mod kv_cache;
 pub mod bias;
 pub mod embedding;
+pub mod kv_cache;
 mod lanes;
 pub mod layernorm;
 pub mod loss;

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::lanes::sum_by;
-use super::parallel::{column_block, min_rows};
+use super::parallel::{min_rows, rows_with_column_sums};
 use super::Real;
 
 /// Mean-square floor.
@@ -58,33 +58,21 @@ pub fn backward<F: Real>(
         return;
     }
     let inv_d = F::one() / super::real(d as f64);
-    dx.par_chunks_mut(d)
-        .zip(dout.par_chunks(d).zip(x.par_chunks(d)))
-        .zip(rstd.par_iter())
-        .with_min_len(min_rows(d))
-        .for_each(|((dxr, (g, xr)), &rs)| {
+    // One pass: each row's dx, and per block of rows partial sums of dw, added in block order.
+    let sums = rows_with_column_sums(dx, d, d, |first, block, pw| {
+        for (r, dxr) in block.chunks_exact_mut(d).enumerate() {
+            let i = first + r;
+            let (g, xr) = (&dout[i * d..(i + 1) * d], &x[i * d..(i + 1) * d]);
+            let rs = rstd[i];
             let gx_mean = sum_by(d, |j| g[j] * w[j] * (xr[j] * rs)) * inv_d;
             for j in 0..d {
                 let xhat = xr[j] * rs;
                 dxr[j] = dxr[j] + rs * (g[j] * w[j] - xhat * gx_mean);
-            }
-        });
-    // dw is a column sum: parallel over column blocks, each column summed in row order.
-    let block = column_block(n, d);
-    dw.par_chunks_mut(block).enumerate().for_each(|(bi, dwb)| {
-        let j0 = bi * block;
-        let width = dwb.len();
-        let mut sw = vec![F::zero(); width];
-        for i in 0..n {
-            let rs = rstd[i];
-            let g = &dout[i * d + j0..i * d + j0 + width];
-            let xr = &x[i * d + j0..i * d + j0 + width];
-            for jj in 0..width {
-                sw[jj] = sw[jj] + g[jj] * (xr[jj] * rs);
+                pw[j] = pw[j] + g[j] * xhat;
             }
         }
-        dwb.iter_mut().zip(&sw).for_each(|(o, &s)| *o = *o + s);
     });
+    dw.iter_mut().zip(&sums).for_each(|(o, &s)| *o = *o + s);
 }
 
 /// Plain loop implementations, the independent yardstick for the fast paths.
