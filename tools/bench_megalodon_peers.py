@@ -9,9 +9,10 @@ Measurements (each one is a separate subprocess, bounded by --budget-s of work a
 timeout of --budget-s + 30 s, so that no figure takes more than about 3 minutes):
   peer-train    megalodon-jax forward + backward + optax AdamW (global-norm clip 1.0, the
                 engine's trainer hyper-parameters) as one jitted step with donated buffers;
-                tokens/s = B * L / step time, median of the timed steps after the compile step
-                and one warm-up step; peak resident memory of that process (VmHWM, and the
-                parent's wait4 ru_maxrss).
+                tokens/s = B * L / step time, median of the steps after the compiling one
+                (the first of them dropped as warm-up when three or more fit the budget);
+                peak resident memory of that process (VmHWM, and the parent's wait4
+                ru_maxrss).
   peer-decode   megalodon_jax.generate (its jitted lax.scan decoder with the fixed-capacity
                 streaming cache), prompt 256 bytes, 512 new bytes, temperature 1: generated
                 bytes/s of all rows with the prefill included (as `mega bench generate`
@@ -166,6 +167,9 @@ def worker_train(batch: int, budget_s: float) -> None:
     emit({"event": "setup", "seconds": time.perf_counter() - start,
           "params": cfg.parameter_count_breakdown()["total"]})
 
+    # Every step after the compiling one is timed; when at least three fit the budget the
+    # first of them is dropped as warm-up (allocator and page-cache effects), otherwise all
+    # count, so that batch 4 on a slow, shared machine still gives a figure within budget.
     times = []
     losses = []
     n = 0
@@ -175,24 +179,24 @@ def worker_train(batch: int, budget_s: float) -> None:
         loss.block_until_ready()
         dt = time.perf_counter() - t
         losses.append(float(loss))
-        kind = "compile+step" if n == 0 else ("warmup" if n == 1 else "timed")
-        if kind == "timed":
+        if n > 0:
             times.append(dt)
-        emit({"event": kind, "seconds": dt, "loss": float(loss)})
+        emit({"event": "compile+step" if n == 0 else "step", "seconds": dt, "loss": float(loss)})
         n += 1
         elapsed = time.perf_counter() - start
-        last = dt
-        # At least one timed step; the parent's hard timeout bounds a slow machine.
-        if len(times) >= MAX_TIMED_RUNS or (times and elapsed + 1.1 * last > budget_s):
+        # At least one post-compile step; the parent's hard timeout bounds a slow machine.
+        if len(times) > MAX_TIMED_RUNS or (times and elapsed + 1.1 * dt > budget_s):
             break
-    med = statistics.median(times) if times else None
+    counted = times[1:] if len(times) >= 3 else times
+    med = statistics.median(counted)
     emit({
         "event": "result",
         "bench": "peer-train",
         "batch_size": batch,
         "seq_len": SEQ_LEN,
         "step_seconds": times,
-        "tokens_per_s_median": (batch * SEQ_LEN / med) if med else None,
+        "warmup_dropped": len(times) >= 3,
+        "tokens_per_s_median": batch * SEQ_LEN / med,
         "first_loss": losses[0],
         "last_loss": losses[-1],
         **peak_rss_mib(),
@@ -319,9 +323,7 @@ def peer(kind: str, batch: int, budget_s: float) -> dict:
                   "error": (r["stderr"].strip().splitlines() or ["(no output)"])[-1],
                   "timed_out": r["timed_out"]}
         # Killed at the hard timeout: keep what the finished steps say.
-        steps = [e["seconds"] for e in events if e.get("event") == "timed"]
-        if kind == "train" and not steps:
-            steps = [e["seconds"] for e in events if e.get("event") == "warmup"]
+        steps = [e["seconds"] for e in events if e.get("event") == "step"]
         if kind == "train" and steps:
             med = statistics.median(steps)
             result.update({"step_seconds": steps, "tokens_per_s_median": batch * SEQ_LEN / med,
@@ -417,7 +419,7 @@ def summary(results: list[dict]) -> str:
             fig = f"{fmt(r.get('tokens_per_s_median'), digits=0)} tokens/s"
             if r.get("step_seconds"):
                 fig += " (steps " + ", ".join(f"{s:.2f}" for s in r["step_seconds"]) + " s)"
-            rss = fmt(r.get("vmhwm_mib"), " MiB")
+            rss = fmt(r.get("vmhwm_mib") or r.get("wait4_ru_maxrss_mib"), " MiB")
         elif r["bench"] == "peer-decode":
             fig = (f"{fmt(r.get('bytes_per_s_median'), digits=1)} bytes/s incl. prefill; "
                    f"{fmt(r.get('decode_only_bytes_per_s'), digits=1)} decode-only")
