@@ -4,10 +4,8 @@
 
 use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
-use crate::config::MegabyteConfig;
-use crate::infer::megabyte_decoder::MegabyteDecoder;
 use crate::infer::sampler::{Sampler, SamplingParams};
-use crate::model::megabyte::Megabyte;
+use crate::model::LanguageModel;
 use crate::train::trainer::{optimizer_step, TrainHparams, TrainState};
 use serde::Serialize;
 use std::time::Instant;
@@ -82,8 +80,7 @@ pub fn gemm_gflops(n: usize, threads: usize, runs: usize) -> f64 {
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainBench {
     pub bench: &'static str,
-    pub model: &'static str,
-    pub config: MegabyteConfig,
+    pub config: serde_json::Value,
     pub batch_size: usize,
     pub seq_len: usize,
     pub params: usize,
@@ -102,21 +99,22 @@ pub struct TrainBench {
     pub machine: Machine,
 }
 
-/// Time full training steps of a randomly initialized model.
-pub fn bench_train(
-    cfg: &MegabyteConfig,
+/// Time full training steps of a randomly initialized model; `config` is echoed in the report.
+pub fn bench_train<M: LanguageModel<Cpu>>(
+    model: &M,
+    config: serde_json::Value,
     batch: usize,
     seq_len: usize,
     warmup: usize,
     runs: usize,
 ) -> TrainBench {
     let be = Cpu::<f32>::new();
-    let model = Megabyte::new(cfg);
+    let layout = model.layout();
     let mut st = TrainState {
-        params: model.layout.upload(&be, &model.layout.init_host(0)),
-        grads: model.layout.zeros(&be),
-        m: model.layout.zeros(&be),
-        v: model.layout.zeros(&be),
+        params: layout.upload(&be, &layout.init_host(0)),
+        grads: layout.zeros(&be),
+        m: layout.zeros(&be),
+        v: layout.zeros(&be),
     };
     let hp = TrainHparams {
         batch_size: batch,
@@ -143,7 +141,7 @@ pub fn bench_train(
         st.grads.iter_mut().for_each(|g| be.fill_zero(g));
         model.forward(&be, &st.params, &mut ws, &bytes);
         model.backward(&be, &st.params, &mut st.grads, &mut ws);
-        optimizer_step(&be, &model, &mut st, &hp, 1e-4, step as u64);
+        optimizer_step(&be, model, &mut st, &hp, 1e-4, step as u64);
         if step >= warmup {
             rates.push((batch * seq_len) as f64 / t.elapsed().as_secs_f64());
         }
@@ -156,11 +154,10 @@ pub fn bench_train(
     let gemm_all = gemm_gflops(2048, threads, 3);
     TrainBench {
         bench: "train",
-        model: "megabyte",
-        config: cfg.clone(),
+        config,
         batch_size: batch,
         seq_len,
-        params: model.layout.numel(),
+        params: layout.numel(),
         threads,
         warmup,
         runs: rates,
@@ -178,8 +175,7 @@ pub fn bench_train(
 #[derive(Clone, Debug, Serialize)]
 pub struct GenerateBench {
     pub bench: &'static str,
-    pub model: &'static str,
-    pub config: MegabyteConfig,
+    pub config: serde_json::Value,
     pub params: usize,
     pub batch_size: usize,
     pub prompt_len: usize,
@@ -192,8 +188,9 @@ pub struct GenerateBench {
 }
 
 /// Time KV-cached generation of `gen_len` bytes after `prompt_len`-byte prompts.
-pub fn bench_generate(
-    cfg: &MegabyteConfig,
+pub fn bench_generate<M: LanguageModel<Cpu>>(
+    model: &M,
+    config: serde_json::Value,
     batch: usize,
     prompt_len: usize,
     gen_len: usize,
@@ -201,8 +198,7 @@ pub fn bench_generate(
     runs: usize,
 ) -> GenerateBench {
     let be = Cpu::<f32>::new();
-    let model = Megabyte::new(cfg);
-    let params = model.layout.upload(&be, &model.layout.init_host(0));
+    let params = model.layout().upload(&be, &model.layout().init_host(0));
     let prompts: Vec<Vec<u8>> = (0..batch)
         .map(|r| {
             (0..prompt_len)
@@ -214,7 +210,7 @@ pub fn bench_generate(
     let mut rates = Vec::new();
     for run in 0..warmup + runs {
         let t = Instant::now();
-        let mut dec = MegabyteDecoder::new(&model, &be, &params, &refs);
+        let mut dec = model.decoder(&be, &params, &refs);
         let mut samplers: Vec<Sampler> = (0..batch)
             .map(|r| {
                 Sampler::new(SamplingParams {
@@ -227,7 +223,7 @@ pub fn bench_generate(
         for _ in 0..gen_len {
             let next: Vec<u8> = dec
                 .logits()
-                .chunks(cfg.vocab_size)
+                .chunks(256)
                 .zip(samplers.iter_mut())
                 .map(|(l, s)| s.sample(l) as u8)
                 .collect();
@@ -239,9 +235,8 @@ pub fn bench_generate(
     }
     GenerateBench {
         bench: "generate",
-        model: "megabyte",
-        config: cfg.clone(),
-        params: model.layout.numel(),
+        config,
+        params: model.layout().numel(),
         batch_size: batch,
         prompt_len,
         gen_len,

@@ -6,8 +6,10 @@ use mega::backend::cpu::Cpu;
 use mega::config::{MegabyteConfig, ModelConfig};
 use mega::infer::generate::{generate, GenerateRequest};
 use mega::infer::sampler::SamplingParams;
+use mega::model::ModelShape;
 use mega::train::eval::{evaluate, EvalMode};
-use mega::train::trainer::{load_model, open_split, train, TrainHparams, TrainOptions};
+use mega::train::trainer::{load_checkpoint, open_split, train, TrainHparams, TrainOptions};
+use mega::with_model;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -289,7 +291,7 @@ fn run(cmd: Command) -> Result<()> {
                 model.resolve("small")?
             };
             select_device(&device)?;
-            let ModelConfig::Megabyte(m) = &cfg;
+            let max_seq_len = with_model!(&cfg, |m| m.max_seq_len());
             let opts = TrainOptions {
                 data: data.clone(),
                 valid,
@@ -298,7 +300,7 @@ fn run(cmd: Command) -> Result<()> {
                 time_budget,
                 hp: TrainHparams {
                     batch_size,
-                    seq_len: seq_len.unwrap_or(m.max_seq_len),
+                    seq_len: seq_len.unwrap_or(max_seq_len),
                     total_steps: steps.unwrap_or(0),
                     lr,
                     min_lr: lr / 10.0,
@@ -340,7 +342,7 @@ fn run(cmd: Command) -> Result<()> {
             if sample_bytes > 0 {
                 let split = open_split(&data, opts.valid.as_deref(), 0.05)?;
                 let prompt: Vec<u8> = split
-                    .valid_windows(m.patch_size * 8, 1)
+                    .valid_windows(64, 1)
                     .into_iter()
                     .next()
                     .unwrap_or_default();
@@ -367,39 +369,45 @@ fn run(cmd: Command) -> Result<()> {
             seq_len,
             max_bytes,
         } => {
-            let (model, host) = load_model(&checkpoint)?;
-            let be = Cpu::<f32>::new();
-            let params = model.layout.upload(&be, &host);
+            let (cfg, tensors) = load_checkpoint(&checkpoint)?;
             let corpus = mega::train::data::ByteCorpus::open(&data)?;
             let n = max_bytes.unwrap_or(corpus.len()).min(corpus.len());
             let bytes = corpus.bytes(0..n);
-            let t = seq_len.unwrap_or(model.cfg.max_seq_len);
-            if t % model.cfg.patch_size != 0 || t > model.cfg.max_seq_len || t == 0 {
-                bail!(
-                    "--seq-len must be a positive multiple of {} up to {}",
-                    model.cfg.patch_size,
-                    model.cfg.max_seq_len
-                );
-            }
-            if bytes.len() < t {
-                bail!(
-                    "{} has {} bytes; at least one window of {t} is needed",
-                    data.display(),
-                    bytes.len()
-                );
-            }
-            let mut ws = model.workspace(&be, batch_size.max(1), t, false);
-            let r = evaluate(
-                &be,
-                &model,
-                &params,
-                &mut ws,
-                &bytes,
-                EvalMode {
-                    strided,
-                    sliding_window,
-                },
-            );
+            let be = Cpu::<f32>::new();
+            let r = with_model!(&cfg, |model| {
+                if strided && model.patch_size().is_none() {
+                    bail!("--strided needs a patch-based model (MEGABYTE)");
+                }
+                let host = model
+                    .layout()
+                    .host_from_named(&tensors)
+                    .map_err(anyhow::Error::msg)?;
+                let params = model.layout().upload(&be, &host);
+                let t = seq_len.unwrap_or_else(|| model.max_seq_len());
+                model
+                    .check_seq_len(t)
+                    .map_err(|e| anyhow::anyhow!("--seq-len: {e}"))?;
+                if bytes.len() < model.window_len(t) {
+                    bail!(
+                        "{} has {} bytes; one window needs {}",
+                        data.display(),
+                        bytes.len(),
+                        model.window_len(t)
+                    );
+                }
+                let mut ws = model.workspace(&be, batch_size.max(1), t, false);
+                evaluate(
+                    &be,
+                    &model,
+                    &params,
+                    &mut ws,
+                    &bytes,
+                    EvalMode {
+                        strided,
+                        sliding_window,
+                    },
+                )
+            });
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())
         }
@@ -443,44 +451,33 @@ fn run(cmd: Command) -> Result<()> {
             gen_len,
             json: _,
         } => {
-            let ModelConfig::Megabyte(cfg) = model.resolve("bench")?;
+            let cfg = model.resolve("bench")?;
             if runs == 0 {
                 bail!("--runs must be positive");
             }
-            let out = match what {
+            let config = cfg.to_json();
+            let out = with_model!(&cfg, |m| match what {
                 BenchKind::Train => {
-                    let t = seq_len.unwrap_or(cfg.max_seq_len);
-                    if t % cfg.patch_size != 0 || t > cfg.max_seq_len || t == 0 {
-                        bail!(
-                            "--seq-len must be a positive multiple of {} up to {}",
-                            cfg.patch_size,
-                            cfg.max_seq_len
-                        );
-                    }
+                    let t = seq_len.unwrap_or_else(|| m.max_seq_len());
+                    m.check_seq_len(t)
+                        .map_err(|e| anyhow::anyhow!("--seq-len: {e}"))?;
+                    let b = batch_size.unwrap_or(4).max(1);
                     serde_json::to_string_pretty(&mega::bench::bench_train(
-                        &cfg,
-                        batch_size.unwrap_or(4).max(1),
-                        t,
-                        warmup,
-                        runs,
+                        &m, config, b, t, warmup, runs,
                     ))?
                 }
                 BenchKind::Generate => {
-                    if prompt_len + gen_len >= cfg.max_seq_len {
+                    if prompt_len + gen_len >= m.max_seq_len() {
                         eprintln!(
                             "note: prompt + generation exceed the context; the window slides"
                         );
                     }
+                    let b = batch_size.unwrap_or(1).max(1);
                     serde_json::to_string_pretty(&mega::bench::bench_generate(
-                        &cfg,
-                        batch_size.unwrap_or(1).max(1),
-                        prompt_len,
-                        gen_len,
-                        warmup,
-                        runs,
+                        &m, config, b, prompt_len, gen_len, warmup, runs,
                     ))?
                 }
-            };
+            });
             println!("{out}");
             Ok(())
         }
@@ -530,9 +527,8 @@ fn sample(
     sampling: SamplingParams,
     stop: &[Vec<u8>],
 ) -> Result<()> {
-    let (model, host) = load_model(checkpoint)?;
+    let (cfg, tensors) = load_checkpoint(checkpoint)?;
     let be = Cpu::<f32>::new();
-    let params = model.layout.upload(&be, &host);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     out.write_all(prompt)?;
@@ -544,12 +540,19 @@ fn sample(
         stop: stop.to_vec(),
     };
     let mut io_err = None;
-    generate(&model, &be, &params, &[req], |_, bytes| {
-        if let Err(e) = out.write_all(bytes).and_then(|_| out.flush()) {
-            io_err.get_or_insert(e);
-        }
-    })
-    .map_err(anyhow::Error::msg)?;
+    with_model!(&cfg, |model| {
+        let host = model
+            .layout()
+            .host_from_named(&tensors)
+            .map_err(anyhow::Error::msg)?;
+        let params = model.layout().upload(&be, &host);
+        generate(&model, &be, &params, &[req], |_, bytes| {
+            if let Err(e) = out.write_all(bytes).and_then(|_| out.flush()) {
+                io_err.get_or_insert(e);
+            }
+        })
+        .map_err(anyhow::Error::msg)?;
+    });
     if let Some(e) = io_err {
         return Err(e.into());
     }

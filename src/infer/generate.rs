@@ -1,11 +1,10 @@
 //! Sampling loop over the KV-cached decoder: per-row sampling parameters, byte budgets, stop
 //! sequences, and a callback that receives bytes as soon as they are final (streaming).
 
-use super::megabyte_decoder::MegabyteDecoder;
 use super::sampler::{Sampler, SamplingParams};
 use super::stop::StopFilter;
 use crate::backend::Backend;
-use crate::model::megabyte::Megabyte;
+use crate::model::LanguageModel;
 
 /// One generation request.
 #[derive(Clone, Debug)]
@@ -49,8 +48,8 @@ struct RowRun {
 /// Generate for every request as one batch; `on_bytes(row, bytes)` receives each row's
 /// output incrementally, never including bytes that may still turn out to be part of a stop
 /// sequence.
-pub fn generate<B: Backend>(
-    model: &Megabyte,
+pub fn generate<B: Backend, M: LanguageModel<B>>(
+    model: &M,
     be: &B,
     params: &[B::Buf],
     reqs: &[GenerateRequest],
@@ -68,8 +67,8 @@ pub fn generate<B: Backend>(
         });
     }
     let prompts: Vec<&[u8]> = reqs.iter().map(|r| r.prompt.as_slice()).collect();
-    let mut dec = MegabyteDecoder::new(model, be, params, &prompts);
-    let v = model.cfg.vocab_size;
+    let mut dec = model.decoder(be, params, &prompts);
+    let v = 256;
     while runs.iter().any(|r| r.done.is_none()) {
         let logits = dec.logits();
         let mut next = vec![0u8; runs.len()];

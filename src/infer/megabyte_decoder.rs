@@ -312,3 +312,17 @@ fn project<B: Backend>(
         y
     })
 }
+
+impl<B: Backend> crate::model::Decoder for MegabyteDecoder<'_, B> {
+    fn rows(&self) -> usize {
+        MegabyteDecoder::rows(self)
+    }
+
+    fn logits(&self) -> &[f32] {
+        MegabyteDecoder::logits(self)
+    }
+
+    fn step(&mut self, next: &[u8]) {
+        MegabyteDecoder::step(self, next)
+    }
+}

@@ -1,10 +1,12 @@
 //! MEGABYTE (spec/megabyte.md §2, docs/megabyte-model.md): patch embedder, global model,
 //! shared global-to-local projection, local model, tied byte head — forward and backward.
 
+use super::language_model::{Decoder, LanguageModel, ModelShape};
 use super::params::{many_mut, Init, ParamLayout};
 use super::transformer::{Stack, StackActs, StackShape};
 use crate::backend::{Backend, PAD_ID};
 use crate::config::MegabyteConfig;
+use crate::infer::megabyte_decoder::MegabyteDecoder;
 
 /// Indices of the MEGABYTE-specific parameters in the layout.
 #[derive(Clone, Debug)]
@@ -499,4 +501,74 @@ struct WorkGrads<B: Backend> {
     d_gstack: B::Buf,
     d_gx: B::Buf,
     d_gin: B::Buf,
+}
+
+impl ModelShape for Megabyte {
+    fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    fn window_len(&self, t: usize) -> usize {
+        t
+    }
+
+    fn check_seq_len(&self, t: usize) -> Result<(), String> {
+        let p = self.cfg.patch_size;
+        if t == 0 || t % p != 0 || t > self.cfg.max_seq_len {
+            return Err(format!(
+                "sequence length {t} must be a positive multiple of the patch size {p} and at most max_seq_len {}",
+                self.cfg.max_seq_len
+            ));
+        }
+        Ok(())
+    }
+
+    fn max_seq_len(&self) -> usize {
+        self.cfg.max_seq_len
+    }
+
+    fn forward_flops_per_byte(&self) -> f64 {
+        Megabyte::forward_flops_per_byte(self)
+    }
+
+    fn patch_size(&self) -> Option<usize> {
+        Some(self.cfg.patch_size)
+    }
+}
+
+impl<B: Backend> LanguageModel<B> for Megabyte {
+    type Workspace = Workspace<B>;
+
+    fn workspace(&self, be: &B, b: usize, t: usize, train: bool) -> Workspace<B> {
+        Megabyte::workspace(self, be, b, t, train)
+    }
+
+    fn workspace_shape(&self, ws: &Workspace<B>) -> (usize, usize) {
+        (ws.b, ws.t)
+    }
+
+    fn forward(&self, be: &B, params: &[B::Buf], ws: &mut Workspace<B>, windows: &[u8]) -> f64 {
+        Megabyte::forward(self, be, params, ws, windows)
+    }
+
+    fn losses<'w>(&self, ws: &'w Workspace<B>) -> &'w B::Buf {
+        &ws.losses
+    }
+
+    fn logits<'w>(&self, ws: &'w Workspace<B>) -> &'w B::Buf {
+        &ws.logits
+    }
+
+    fn backward(&self, be: &B, params: &[B::Buf], grads: &mut [B::Buf], ws: &mut Workspace<B>) {
+        Megabyte::backward(self, be, params, grads, ws)
+    }
+
+    fn decoder<'a>(
+        &'a self,
+        be: &'a B,
+        params: &'a [B::Buf],
+        prompts: &[&[u8]],
+    ) -> Box<dyn Decoder + 'a> {
+        Box::new(MegabyteDecoder::new(self, be, params, prompts))
+    }
 }

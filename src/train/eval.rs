@@ -3,8 +3,8 @@
 //! each later window is scored), and strided inference (a second pass shifted by P/2; each
 //! byte is scored by the pass in which it sits in the first half of its patch).
 
-use super::super::backend::Backend;
-use crate::model::megabyte::{Megabyte, Workspace};
+use crate::backend::Backend;
+use crate::model::LanguageModel;
 
 /// Evaluation options.
 #[derive(Clone, Copy, Debug, Default)]
@@ -29,60 +29,50 @@ struct Span {
     to: usize,
 }
 
-fn spans(len: usize, t: usize, sliding: bool) -> Vec<Span> {
+/// Spans over `len` bytes of windows that read `w` bytes and score their last `t`.
+fn spans(len: usize, t: usize, w: usize, sliding: bool) -> Vec<Span> {
     let mut out = Vec::new();
-    if len < t {
+    if len < w {
         return out;
     }
-    if sliding {
-        let stride = t / 2;
-        let mut start = 0;
+    let stride = if sliding { t / 2 } else { t };
+    let mut start = 0;
+    out.push(Span {
+        start,
+        from: 0,
+        to: t,
+    });
+    while start + stride + w <= len {
+        start += stride;
         out.push(Span {
             start,
-            from: 0,
+            from: t - stride,
             to: t,
         });
-        while start + stride + t <= len {
-            start += stride;
-            out.push(Span {
-                start,
-                from: t - stride,
-                to: t,
-            });
-        }
-    } else {
-        let mut start = 0;
-        while start + t <= len {
-            out.push(Span {
-                start,
-                from: 0,
-                to: t,
-            });
-            start += t;
-        }
     }
     out
 }
 
-/// Per-byte losses (nats) for a list of window starts, run in batches of `ws.b`.
-fn window_losses<B: Backend>(
+/// Per-byte losses (nats) for a list of window starts, run in batches of the workspace's `b`.
+fn window_losses<B: Backend, M: LanguageModel<B>>(
     be: &B,
-    model: &Megabyte,
+    model: &M,
     params: &[B::Buf],
-    ws: &mut Workspace<B>,
+    ws: &mut M::Workspace,
     bytes: &[u8],
     starts: &[usize],
 ) -> Vec<Vec<f32>> {
-    let t = ws.t;
+    let (b, t) = model.workspace_shape(ws);
+    let w = model.window_len(t);
     let mut out = Vec::with_capacity(starts.len());
-    for chunk in starts.chunks(ws.b) {
-        let mut batch = Vec::with_capacity(ws.b * t);
-        for i in 0..ws.b {
+    for chunk in starts.chunks(b) {
+        let mut batch = Vec::with_capacity(b * w);
+        for i in 0..b {
             let s = chunk[i.min(chunk.len() - 1)];
-            batch.extend_from_slice(&bytes[s..s + t]);
+            batch.extend_from_slice(&bytes[s..s + w]);
         }
         model.forward(be, params, ws, &batch);
-        let losses = be.download(&ws.losses);
+        let losses = be.download(model.losses(ws));
         for i in 0..chunk.len() {
             out.push(losses[i * t..(i + 1) * t].to_vec());
         }
@@ -90,43 +80,45 @@ fn window_losses<B: Backend>(
     out
 }
 
-/// Evaluate bits per byte of `bytes` with windows of `ws.t` bytes.
-pub fn evaluate<B: Backend>(
+/// Evaluate bits per byte of `bytes` with the workspace's window length. Strided inference
+/// needs a patch-based model; it is ignored (with `forward_passes` showing it) otherwise.
+pub fn evaluate<B: Backend, M: LanguageModel<B>>(
     be: &B,
-    model: &Megabyte,
+    model: &M,
     params: &[B::Buf],
-    ws: &mut Workspace<B>,
+    ws: &mut M::Workspace,
     bytes: &[u8],
     mode: EvalMode,
 ) -> EvalResult {
-    let t = ws.t;
-    let half = model.cfg.patch_size / 2;
-    let spans = spans(bytes.len(), t, mode.sliding_window);
+    let (_, t) = model.workspace_shape(ws);
+    let w = model.window_len(t);
+    let spans = spans(bytes.len(), t, w, mode.sliding_window);
     let starts: Vec<usize> = spans.iter().map(|s| s.start).collect();
     let base = window_losses(be, model, params, ws, bytes, &starts);
     let mut passes = base.len();
-    let shifted = if mode.strided && half > 0 {
+    let patch = model.patch_size().filter(|_| mode.strided).unwrap_or(0);
+    let half = patch / 2;
+    let shifted = if half > 0 {
         let shifted_starts: Vec<usize> = starts
             .iter()
             .map(|&s| s + half)
-            .filter(|&s| s + t <= bytes.len())
+            .filter(|&s| s + w <= bytes.len())
             .collect();
         passes += shifted_starts.len();
         window_losses(be, model, params, ws, bytes, &shifted_starts)
     } else {
         Vec::new()
     };
-    let p = model.cfg.patch_size;
     let mut total = 0.0f64;
     let mut count = 0usize;
-    for (w, span) in spans.iter().enumerate() {
+    for (wi, span) in spans.iter().enumerate() {
         for i in span.from..span.to {
             // A byte in the second half of its patch takes the shifted pass's prediction,
             // where it sits P/2 earlier in its patch, when that pass exists.
-            let loss = if i % p >= half && w < shifted.len() && !shifted.is_empty() {
-                shifted[w][i - half]
+            let loss = if half > 0 && i % patch >= half && wi < shifted.len() {
+                shifted[wi][i - half]
             } else {
-                base[w][i]
+                base[wi][i]
             };
             total += loss as f64;
             count += 1;
@@ -148,7 +140,7 @@ mod tests {
         let (len, t) = (100, 16);
         for sliding in [false, true] {
             let mut hits = vec![0; len];
-            for s in spans(len, t, sliding) {
+            for s in spans(len, t, t, sliding) {
                 for i in s.from..s.to {
                     hits[s.start + i] += 1;
                 }

@@ -7,7 +7,8 @@ use super::plot::write_loss_plot;
 use super::schedule::LrSchedule;
 use crate::backend::{AdamW, Backend};
 use crate::config::ModelConfig;
-use crate::model::megabyte::{Megabyte, Workspace};
+use crate::model::megabyte::Megabyte;
+use crate::model::LanguageModel;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -67,7 +68,7 @@ pub struct TrainSummary {
     pub params: usize,
 }
 
-/// A MEGABYTE model's parameters with their gradients and AdamW moments on one backend.
+/// A model's parameters with their gradients and AdamW moments on one backend.
 pub struct TrainState<B: Backend> {
     pub params: Vec<B::Buf>,
     pub grads: Vec<B::Buf>,
@@ -78,9 +79,9 @@ pub struct TrainState<B: Backend> {
 /// One optimizer step: clip the global gradient norm to `clip`, then AdamW. Weight decay
 /// applies to matrices and embedding tables only (tensors of rank ≥ 2), not to biases,
 /// norms or pads. Returns the pre-clip gradient norm.
-pub fn optimizer_step<B: Backend>(
+pub fn optimizer_step<B: Backend, M: LanguageModel<B>>(
     be: &B,
-    model: &Megabyte,
+    model: &M,
     st: &mut TrainState<B>,
     hp: &TrainHparams,
     lr: f32,
@@ -96,8 +97,8 @@ pub fn optimizer_step<B: Backend>(
         let s = (hp.grad_clip as f64 / norm) as f32;
         st.grads.iter_mut().for_each(|g| be.scale(g, s));
     }
-    for (i, spec) in model.layout.specs.iter().enumerate() {
-        let wd = if spec.shape.len() >= 2 {
+    for i in 0..st.params.len() {
+        let wd = if model.decays(i) {
             hp.weight_decay
         } else {
             0.0
@@ -121,37 +122,50 @@ pub fn optimizer_step<B: Backend>(
     norm
 }
 
-/// Mean validation bits per byte over `windows` (each `ws.t` bytes), in batches of `ws.b`.
-pub fn evaluate_bpb<B: Backend>(
+/// Mean validation bits per byte over `windows` (each `window_len(t)` bytes), in batches of
+/// the workspace's `b`.
+pub fn evaluate_bpb<B: Backend, M: LanguageModel<B>>(
     be: &B,
-    model: &Megabyte,
+    model: &M,
     params: &[B::Buf],
-    ws: &mut Workspace<B>,
+    ws: &mut M::Workspace,
     windows: &[Vec<u8>],
 ) -> f64 {
+    let (b, t) = model.workspace_shape(ws);
     let mut total = 0.0;
     let mut count = 0usize;
-    for chunk in windows.chunks(ws.b) {
+    for chunk in windows.chunks(b) {
         let mut batch: Vec<u8> = chunk.concat();
         // A short last batch is padded with copies of its first window, which are not counted.
-        while batch.len() < ws.b * ws.t {
+        for _ in chunk.len()..b {
             batch.extend_from_slice(&chunk[0]);
         }
         model.forward(be, params, ws, &batch);
-        let losses = be.download(&ws.losses);
-        total += losses[..chunk.len() * ws.t]
+        let losses = be.download(model.losses(ws));
+        total += losses[..chunk.len() * t]
             .iter()
             .map(|&x| x as f64)
             .sum::<f64>();
-        count += chunk.len() * ws.t;
+        count += chunk.len() * t;
     }
     total / count.max(1) as f64 / std::f64::consts::LN_2
 }
 
-/// Train a model on the CPU or any backend; writes checkpoints and the plot under `opts.out`.
+/// Train the model `cfg` describes on backend `be`; writes checkpoints and the plot under
+/// `opts.out`.
 pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Result<TrainSummary> {
-    let ModelConfig::Megabyte(mcfg) = cfg;
-    let model = Megabyte::new(mcfg);
+    match cfg {
+        ModelConfig::Megabyte(c) => train_model(be, &Megabyte::new(c), cfg, opts),
+    }
+}
+
+/// [`train`] for a constructed model.
+pub fn train_model<B: Backend, M: LanguageModel<B>>(
+    be: &B,
+    model: &M,
+    cfg: &ModelConfig,
+    opts: &TrainOptions,
+) -> Result<TrainSummary> {
     let corpus =
         ByteCorpus::open(&opts.data).with_context(|| "opening the training data".to_string())?;
     let entropy = corpus.unigram_entropy_bits();
@@ -179,7 +193,7 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
             serde_json::from_value(ts.extra.get("hparams").cloned().unwrap_or_default())
                 .context("trainer hparams")?;
         let host = model
-            .layout
+            .layout()
             .host_from_named(&ck.model)
             .map_err(anyhow::Error::msg)?;
         (hp, ts, host, ck.optimizer)
@@ -196,46 +210,32 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
         (
             opts.hp.clone(),
             ts,
-            model.layout.init_host(opts.hp.seed),
+            model.layout().init_host(opts.hp.seed),
             None,
         )
     };
+    model
+        .check_seq_len(hp.seq_len)
+        .map_err(|e| anyhow::anyhow!("--seq-len: {e}"))?;
+    let window = model.window_len(hp.seq_len);
     let data = corpus.split(valid, hp.valid_fraction)?;
-    data.check_window(hp.seq_len)?;
-    if hp.seq_len % mcfg.patch_size != 0 || hp.seq_len > mcfg.max_seq_len || hp.seq_len == 0 {
-        bail!(
-            "--seq-len {} must be a positive multiple of the patch size {} and at most max_seq_len {}",
-            hp.seq_len,
-            mcfg.patch_size,
-            mcfg.max_seq_len
-        );
-    }
+    data.check_window(window)?;
 
+    let layout = model.layout();
     let mut st = TrainState {
-        params: model.layout.upload(be, &host_params),
-        grads: model.layout.zeros(be),
-        m: model.layout.zeros(be),
-        v: model.layout.zeros(be),
+        params: layout.upload(be, &host_params),
+        grads: layout.zeros(be),
+        m: layout.zeros(be),
+        v: layout.zeros(be),
     };
     if let Some(o) = opt_state {
-        st.m = model.layout.upload(
-            be,
-            &model
-                .layout
-                .host_from_named(&o.m)
-                .map_err(anyhow::Error::msg)?,
-        );
-        st.v = model.layout.upload(
-            be,
-            &model
-                .layout
-                .host_from_named(&o.v)
-                .map_err(anyhow::Error::msg)?,
-        );
+        let named = |t| layout.host_from_named(t).map_err(anyhow::Error::msg);
+        st.m = layout.upload(be, &named(&o.m)?);
+        st.v = layout.upload(be, &named(&o.v)?);
     }
     let mut ws = model.workspace(be, hp.batch_size, hp.seq_len, true);
     let mut eval_ws = model.workspace(be, hp.batch_size, hp.seq_len, false);
-    let valid_windows = data.valid_windows(hp.seq_len, opts.eval_windows);
+    let valid_windows = data.valid_windows(window, opts.eval_windows);
     let bytes_per_step = (hp.batch_size * hp.seq_len) as u64;
 
     let t0 = Instant::now();
@@ -269,7 +269,7 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
                 break;
             }
         }
-        let batch = data.train_batch(hp.seed, step, hp.batch_size, hp.seq_len);
+        let batch = data.train_batch(hp.seed, step, hp.batch_size, window);
         st.grads.iter_mut().for_each(|g| be.fill_zero(g));
         let loss = model.forward(be, &st.params, &mut ws, &batch);
         model.backward(be, &st.params, &mut st.grads, &mut ws);
@@ -304,7 +304,7 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
                 );
             }
         } else {
-            optimizer_step(be, &model, &mut st, &hp, lr, step);
+            optimizer_step(be, model, &mut st, &hp, lr, step);
             last_loss = loss as f32;
         }
         tstate.step += 1;
@@ -319,7 +319,7 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
             || budget.is_some_and(|b| t0.elapsed() >= b)
             || opts.stop_at_step.is_some_and(|s| tstate.step >= s);
         if tstate.step % opts.eval_every == 0 || done {
-            last_valid = evaluate_bpb(be, &model, &st.params, &mut eval_ws, &valid_windows) as f32;
+            last_valid = evaluate_bpb(be, model, &st.params, &mut eval_ws, &valid_windows) as f32;
             point.valid_bpb = Some(last_valid);
         }
         tstate.history.push(point);
@@ -354,7 +354,7 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
         if tstate.step % opts.checkpoint_every == 0 || done {
             tstate.elapsed_s = elapsed_before + secs;
             hp.total_steps = total;
-            save(be, &model, cfg, &st, &tstate, &hp, &ckpt_dir)?;
+            save(be, layout, cfg, &st, &tstate, &hp, &ckpt_dir)?;
         }
         if done {
             break;
@@ -364,7 +364,7 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
     let secs = t0.elapsed().as_secs_f64();
     tstate.elapsed_s = elapsed_before + secs;
     hp.total_steps = total;
-    save(be, &model, cfg, &st, &tstate, &hp, &ckpt_dir)?;
+    save(be, layout, cfg, &st, &tstate, &hp, &ckpt_dir)?;
     let plot = ckpt_dir.join("loss.svg");
     write_loss_plot(&plot, &tstate.history, "MEGABYTE training")
         .context("writing the loss plot")?;
@@ -376,13 +376,13 @@ pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Resu
         bytes_per_s: ((tstate.step - run_start_step) * bytes_per_step) as f64 / secs.max(1e-9),
         elapsed_s: tstate.elapsed_s,
         skipped_steps: tstate.skipped_steps,
-        params: model.layout.numel(),
+        params: layout.numel(),
     })
 }
 
 fn save<B: Backend>(
     be: &B,
-    model: &Megabyte,
+    layout: &crate::model::params::ParamLayout,
     cfg: &ModelConfig,
     st: &TrainState<B>,
     ts: &TrainerState,
@@ -393,10 +393,10 @@ fn save<B: Backend>(
     ts.extra = serde_json::json!({ "hparams": hp });
     let ck = Checkpoint {
         config: cfg.to_json(),
-        model: model.layout.download(be, &st.params),
+        model: layout.download(be, &st.params),
         optimizer: Some(OptimizerState {
-            m: model.layout.download(be, &st.m),
-            v: model.layout.download(be, &st.v),
+            m: layout.download(be, &st.m),
+            v: layout.download(be, &st.v),
         }),
         trainer: Some(ts),
     };
@@ -428,20 +428,15 @@ fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
     pb
 }
 
-/// Open a model checkpoint for inference: its config and parameter values.
-pub fn load_model(dir: &Path) -> Result<(Megabyte, Vec<Vec<f32>>)> {
+/// Open a model checkpoint for inference: its config and its named tensors (matched to a
+/// model's layout by [`crate::model::params::ParamLayout::host_from_named`]).
+pub fn load_checkpoint(dir: &Path) -> Result<(ModelConfig, Vec<checkpoint::HostTensor>)> {
     let ck = checkpoint::load_model_only(dir)
         .with_context(|| format!("loading checkpoint {}", dir.display()))?;
     let cfg: ModelConfig = serde_json::from_value(ck.config.clone())
-        .with_context(|| format!("{}/config.json is not a valid model config", dir.display()))?;
+        .with_context(|| format!("{}: config.json is not a valid model config", dir.display()))?;
     cfg.validate()?;
-    let ModelConfig::Megabyte(m) = cfg;
-    let model = Megabyte::new(&m);
-    let host = model
-        .layout
-        .host_from_named(&ck.model)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-    Ok((model, host))
+    Ok((cfg, ck.model))
 }
 
 /// The data split for a run's options (for `mega eval` and tests).
