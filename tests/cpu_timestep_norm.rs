@@ -254,70 +254,74 @@ fn time_concat<F: Copy>(a: &[F], bb: &[F], b: usize, width: usize) -> Vec<F> {
 
 // ---- (a) fast path vs reference -------------------------------------------------------------
 
+/// Fast path vs reference on one shape, f32; returns the worst forward and backward errors.
+fn compare_fast_and_reference(
+    r: &mut rand_chacha::ChaCha8Rng,
+    b: usize,
+    l: usize,
+    d: usize,
+    g: usize,
+    with_state: bool,
+) -> (f64, f64) {
+    let tag = format!("b={b} l={l} d={d} g={g} state={with_state}");
+    let (x, w, bias) = random_inputs(r, b, l, d);
+    let (x, w, bias) = (to_f32(&x), to_f32(&w), to_f32(&bias));
+    let carried = random_state(r, b, g).cast::<f32>();
+    let st = with_state.then_some(&carried);
+    let fast = run_forward(true, &x, &w, &bias, st, b, l, d, g);
+    let refr = run_forward(false, &x, &w, &bias, st, b, l, d, g);
+    let mut worst_f: f64 = 0.0;
+    for (name, got, want) in [
+        ("y", &fast.y, &refr.y),
+        ("saved mean", &fast.mean, &refr.mean),
+        ("saved rstd", &fast.rstd, &refr.rstd),
+        ("mean out", &fast.state.mean, &refr.state.mean),
+        ("var out", &fast.state.var, &refr.state.var),
+    ] {
+        worst_f = worst_f.max(assert_close32(&format!("{tag} {name}"), got, want, TOL));
+    }
+    assert_eq!(fast.state.count, refr.state.count, "{tag} count");
+
+    let dy = to_f32(&uniform(r, b * l * d, -1.0, 1.0));
+    let dm = to_f32(&uniform(r, b * g, -1.0, 1.0));
+    let dv = to_f32(&uniform(r, b * g, -1.0, 1.0));
+    let dw0 = to_f32(&uniform(r, d, -1.0, 1.0));
+    let db0 = to_f32(&uniform(r, d, -1.0, 1.0));
+    let mut worst_b: f64 = 0.0;
+    for dstate_out in [None, Some((&dm[..], &dv[..]))] {
+        let [f, rf] = [true, false].map(|fast| {
+            run_backward(
+                fast, &dy, dstate_out, &x, &w, &refr, st, &dw0, &db0, b, l, d, g,
+            )
+        });
+        let tag = format!("{tag} dstate_out={}", dstate_out.is_some());
+        for (name, got, want) in [
+            ("dx", &f.dx, &rf.dx),
+            ("dw", &f.dw, &rf.dw),
+            ("db", &f.db, &rf.db),
+            ("dmean_in", &f.dmean_in, &rf.dmean_in),
+            ("dvar_in", &f.dvar_in, &rf.dvar_in),
+        ] {
+            worst_b = worst_b.max(assert_close32(&format!("{tag} {name}"), got, want, TOL));
+        }
+    }
+    (worst_f, worst_b)
+}
+
 #[test]
 fn fast_matches_reference() {
     let mut r = rng(500);
     let (mut worst_f, mut worst_b): (f64, f64) = (0.0, 0.0);
-    for &b in &[1usize, 3] {
-        for &l in &[1usize, 5, 300] {
-            for &d in &[8usize, 24] {
-                for &g in &[1usize, 2, 4, 8] {
-                    for with_state in [false, true] {
-                        let tag = format!("b={b} l={l} d={d} g={g} state={with_state}");
-                        let (x, w, bias) = random_inputs(&mut r, b, l, d);
-                        let st = random_state(&mut r, b, g).cast::<f32>();
-                        let st = with_state.then_some(&st);
-                        let (x, w, bias) = (to_f32(&x), to_f32(&w), to_f32(&bias));
-                        let fast = run_forward(true, &x, &w, &bias, st, b, l, d, g);
-                        let refr = run_forward(false, &x, &w, &bias, st, b, l, d, g);
-                        for (name, got, want) in [
-                            ("y", &fast.y, &refr.y),
-                            ("saved mean", &fast.mean, &refr.mean),
-                            ("saved rstd", &fast.rstd, &refr.rstd),
-                            ("mean out", &fast.state.mean, &refr.state.mean),
-                            ("var out", &fast.state.var, &refr.state.var),
-                        ] {
-                            worst_f = worst_f.max(assert_close32(
-                                &format!("{tag} {name}"),
-                                got,
-                                want,
-                                TOL,
-                            ));
-                        }
-                        assert_eq!(fast.state.count, refr.state.count, "{tag} count");
-
-                        let dy = to_f32(&uniform(&mut r, b * l * d, -1.0, 1.0));
-                        let dm = to_f32(&uniform(&mut r, b * g, -1.0, 1.0));
-                        let dv = to_f32(&uniform(&mut r, b * g, -1.0, 1.0));
-                        let dw0 = to_f32(&uniform(&mut r, d, -1.0, 1.0));
-                        let db0 = to_f32(&uniform(&mut r, d, -1.0, 1.0));
-                        for dstate_out in [None, Some((&dm[..], &dv[..]))] {
-                            let args = (&dy, dstate_out, &x, &w, &refr, st, &dw0, &db0);
-                            let f = run_backward(
-                                true, args.0, args.1, args.2, args.3, args.4, args.5, args.6,
-                                args.7, b, l, d, g,
-                            );
-                            let rf = run_backward(
-                                false, args.0, args.1, args.2, args.3, args.4, args.5, args.6,
-                                args.7, b, l, d, g,
-                            );
-                            let tag = format!("{tag} dstate_out={}", dstate_out.is_some());
-                            for (name, got, want) in [
-                                ("dx", &f.dx, &rf.dx),
-                                ("dw", &f.dw, &rf.dw),
-                                ("db", &f.db, &rf.db),
-                                ("dmean_in", &f.dmean_in, &rf.dmean_in),
-                                ("dvar_in", &f.dvar_in, &rf.dvar_in),
-                            ] {
-                                worst_b = worst_b.max(assert_close32(
-                                    &format!("{tag} {name}"),
-                                    got,
-                                    want,
-                                    TOL,
-                                ));
-                            }
-                        }
-                    }
+    for b in [1usize, 3] {
+        for l in [1usize, 5, 300] {
+            for (d, g) in [8usize, 24]
+                .into_iter()
+                .flat_map(|d| [1usize, 2, 4, 8].map(|g| (d, g)))
+            {
+                for with_state in [false, true] {
+                    let (ef, eb) = compare_fast_and_reference(&mut r, b, l, d, g, with_state);
+                    worst_f = worst_f.max(ef);
+                    worst_b = worst_b.max(eb);
                 }
             }
         }
