@@ -172,6 +172,9 @@ pub fn forward<F: Real>(
     if let Some(s) = &state_in {
         check_state_lens(s.count, s.mean, s.var, b, g);
     }
+    if let Some(s) = &state_out {
+        check_state_lens(s.count, s.mean, s.var, b, g);
+    }
     let n0 = start_counts(state_in.as_ref(), b);
     let (mut end_mean, mut end_var) = match &state_in {
         Some(s) => (s.mean.to_vec(), s.var.to_vec()),
@@ -236,7 +239,6 @@ pub fn forward<F: Real>(
     }
 
     if let Some(out) = state_out {
-        check_state_lens(out.count, out.mean, out.var, b, g);
         for (c, &n) in out.count.iter_mut().zip(&n0) {
             *c = real(n + l as f64);
         }
