@@ -23,6 +23,7 @@ pub mod parallel;
 pub mod rmsnorm;
 pub mod scatter_add;
 pub mod swiglu;
+pub mod timestep_norm;
 
 use num_traits::Float;
 
