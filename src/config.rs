@@ -65,6 +65,11 @@ pub struct MegabyteConfig {
     pub activation: FeedForward,
     /// Std of the truncated-normal initialization (cut at ±2σ).
     pub init_std: f32,
+    /// A learned bias on the tied output head (not in the paper). It absorbs the byte
+    /// unigram distribution, which otherwise has to be carved into the shared byte table and
+    /// stalls small models on a unigram plateau.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub head_bias: bool,
 }
 
 /// Every model family behind one JSON shape, selected by its `"model"` field.
@@ -161,6 +166,7 @@ impl MegabyteConfig {
             ffn_mult: 4,
             activation: FeedForward::Relu,
             init_std: 0.006,
+            head_bias: false,
         };
         let cfg = match name {
             "tiny" => base(4, 16, 8, 32, 2, 2, 16, 2, 2),
