@@ -145,6 +145,7 @@ fn projected_gelu_and_swiglu_variants_have_correct_gradients() {
     cfg.activation = FeedForward::Gelu;
     check_gradients(&cfg);
     cfg.activation = FeedForward::Swiglu;
+    cfg.head_bias = true;
     check_gradients(&cfg);
 }
 
