@@ -172,7 +172,10 @@ impl MegabyteConfig {
             "tiny" => base(4, 16, 8, 32, 2, 2, 16, 2, 2),
             // ~13M parameters, most of them in the global model that runs once per patch,
             // so that two CPU cores see many bytes per second (the quickstart).
-            "small" => base(8, 512, 64, 512, 4, 8, 128, 2, 2),
+            "small" => MegabyteConfig {
+                head_bias: true,
+                ..base(8, 512, 64, 512, 4, 8, 128, 2, 2)
+            },
             // The configuration of the peer benchmark (tools/bench_megabyte_peers.py).
             "bench" => base(8, 2048, 64, 512, 6, 8, 256, 2, 4),
             // Paper v1 Table 15 text models (arXiv/PG-19): 758M global + 262M local.

@@ -83,7 +83,9 @@ impl Megabyte {
             "local",
             shape(dl, cfg.local_layers, cfg.local_heads),
         );
-        let head_bias = cfg.head_bias.then(|| layout.add("local.head_bias", &[v], Init::Zeros));
+        let head_bias = cfg
+            .head_bias
+            .then(|| layout.add("local.head_bias", &[v], Init::Zeros));
         let e = Embeds {
             head_bias,
             g_tok,
