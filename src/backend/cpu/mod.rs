@@ -12,6 +12,7 @@ pub mod adamw;
 pub mod attention;
 pub mod kv_cache;
 pub mod bias;
+pub mod cema;
 pub mod embedding;
 mod lanes;
 pub mod layernorm;
