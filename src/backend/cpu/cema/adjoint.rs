@@ -28,7 +28,9 @@ use rayon::prelude::*;
 use super::coefficients::{CoefficientGrads, Coefficients};
 use super::disjoint::DisjointOut;
 use super::plan::{Task, Tiling};
-use super::scan::{chunk_starts, BlockCoef, BlockState};
+use super::scan::{
+    chunk_starts, lanes_at, BlockCoef, BlockState, CoefLane, Lanes, StateLane, LANES,
+};
 use crate::backend::cpu::Real;
 
 /// Tokens summed in `F` before a partial sum moves into its f64 accumulator: keeps the f32
@@ -51,25 +53,26 @@ fn to64<F: Real>(v: F) -> f64 {
 
 /// `λ` from zero over task `t`'s chunk, backwards; returns `c·λ_{s0}` per (n, channel).
 fn run_local_adjoint<F: Real>(bc: &BlockCoef<F>, dy: &[F], t: &Task, tl: &Tiling) -> BlockState<F> {
-    let (w, n) = (bc.w, bc.n);
-    let mut fut = BlockState::zeros(n, w);
+    let mut fut = BlockState::zeros(tl.n);
+    let mut pad = [F::zero(); LANES];
     for tok in (t.t0..t.t1).rev() {
-        let base = (t.bi * tl.l + tok) * tl.d + t.d0;
-        let dys = &dy[base..base + w];
-        for k in 0..n {
-            let r = k * w..(k + 1) * w;
-            let (fr, fi) = (&mut fut.re[r.clone()], &mut fut.im[r.clone()]);
-            let (qr, qi) = (&bc.qr[r.clone()], &bc.qi[r.clone()]);
-            let (gr, gi) = (&bc.gr[r.clone()], &bc.gi[r]);
-            for j in 0..w {
-                let lr = gr[j] * dys[j] + fr[j];
-                let li = fi[j] - gi[j] * dys[j];
-                fr[j] = qr[j] * lr + qi[j] * li;
-                fi[j] = qr[j] * li - qi[j] * lr;
-            }
+        let dys = lanes_at(dy, (t.bi * tl.l + tok) * tl.d + t.d0, t.w, &mut pad);
+        for (f, c) in fut.lanes.iter_mut().zip(&bc.lanes) {
+            local_adjoint_step(f, c, dys);
         }
     }
     fut
+}
+
+/// `λ = conj(γ̃)·dy + f`, `f ← c·λ` for one n across a block.
+#[inline(always)]
+fn local_adjoint_step<F: Real>(f: &mut StateLane<F>, c: &CoefLane<F>, dys: &Lanes<F>) {
+    for j in 0..LANES {
+        let lr = c.gr[j] * dys[j] + f.re[j];
+        let li = f.im[j] - c.gi[j] * dys[j];
+        f.re[j] = c.qr[j] * lr + c.qi[j] * li;
+        f.im[j] = c.qr[j] * li - c.qi[j] * lr;
+    }
 }
 
 /// The adjoint arriving at the last state of every chunk, f64 `[b, chunks, d, n, 2]`.
@@ -110,7 +113,7 @@ fn chunk_carries<F: Real>(
                 let i = tl.index(bi, c, blk);
                 let t = tl.task(i);
                 let st = locals[i].as_ref().expect("every chunk but the first ran");
-                st.store(&mut local_row, t.d0, t.w, tl.n, to64);
+                st.store(&mut local_row, t.d0, t.w, to64);
             }
             let (pr, pi) = if c + 1 == tl.chunks { &last } else { &full };
             let base = (bi * tl.chunks + c - 1) * row;
@@ -125,104 +128,114 @@ fn chunk_carries<F: Real>(
     carries
 }
 
-/// The reverse-time state of one task, `[n][w]` planes (see the module docs).
-struct AdjointState<F> {
-    /// `c·λ_{t+1}`: the adjoint flowing into `h_t` from later tokens.
-    fut: BlockState<F>,
+/// The reverse-time state of one n across a block (see the module docs), with the partial
+/// x-weighted sums over the last few tokens.
+#[derive(Clone, Copy)]
+struct AdjointLane<F> {
     /// `λ_{t+1}`.
-    lam: BlockState<F>,
-    mu: BlockState<F>,
-    nu: BlockState<F>,
+    lr: Lanes<F>,
+    li: Lanes<F>,
+    /// `μ_t` (after a step).
+    mr: Lanes<F>,
+    mi: Lanes<F>,
+    /// `ν_t` (after a step).
+    vr: Lanes<F>,
+    vi: Lanes<F>,
+    /// Partial `Σ x·Re λ`, `Σ x·μ`, `Σ x·ν`.
+    x_lr: Lanes<F>,
+    x_mr: Lanes<F>,
+    x_mi: Lanes<F>,
+    x_vr: Lanes<F>,
+    x_vi: Lanes<F>,
 }
 
-/// Partial sums over a few tokens in `F`.
-struct Partials<F> {
-    x_lam_re: Vec<F>,
-    x_mu: BlockState<F>,
-    x_nu: BlockState<F>,
-    dy_x: Vec<F>,
-}
-
-impl<F: Real> Partials<F> {
-    fn zeros(n: usize, w: usize) -> Self {
+impl<F: Real> AdjointLane<F> {
+    fn zeros() -> Self {
+        let z = [F::zero(); LANES];
         Self {
-            x_lam_re: vec![F::zero(); n * w],
-            x_mu: BlockState::zeros(n, w),
-            x_nu: BlockState::zeros(n, w),
-            dy_x: vec![F::zero(); w],
+            lr: z,
+            li: z,
+            mr: z,
+            mi: z,
+            vr: z,
+            vi: z,
+            x_lr: z,
+            x_mr: z,
+            x_mi: z,
+            x_vr: z,
+            x_vi: z,
         }
-    }
-
-    /// Adds the partials into the f64 sums and zeroes them.
-    fn flush(&mut self, s: &mut TaskSums<F>) {
-        fn mv<F: Real>(dst: &mut [f64], src: &mut [F]) {
-            for (a, b) in dst.iter_mut().zip(src.iter_mut()) {
-                *a += to64(*b);
-                *b = F::zero();
-            }
-        }
-        mv(&mut s.dp, &mut self.x_lam_re);
-        mv(&mut s.dq.0, &mut self.x_mu.re);
-        mv(&mut s.dq.1, &mut self.x_mu.im);
-        mv(&mut s.dgamma.0, &mut self.x_nu.re);
-        mv(&mut s.dgamma.1, &mut self.x_nu.im);
-        mv(&mut s.domega, &mut self.dy_x);
     }
 }
 
-/// One reverse step for one n across the block: advances `λ`, `μ`, `ν` and `c·λ`, adds the
-/// x-weighted partials and `p·Re λ` into `dx_acc`.
-#[allow(clippy::too_many_arguments)]
+/// One reverse step for one n across a block: `μ_t = λ_{t+1} + c·μ_{t+1}`,
+/// `λ_t = conj(γ̃)·dy_t + fut`, `ν_t = dy_t + c·ν_{t+1}`, where `fut`, the adjoint flowing into
+/// `h_t` from later tokens, is `c·λ_{t+1}`, or the chunk's carry at its last token (then
+/// `λ_{t+1}`, `μ`, `ν` are zero). Adds the x-weighted partials and `p·Re λ_t` into `dx_acc`.
 #[inline(always)]
 fn reverse_step<F: Real>(
-    st: &mut AdjointState<F>,
-    pa: &mut Partials<F>,
-    bc: &BlockCoef<F>,
-    k: usize,
-    xs: &[F],
-    dys: &[F],
-    dx_acc: &mut [F],
+    s: &mut AdjointLane<F>,
+    c: &CoefLane<F>,
+    carry: Option<&StateLane<F>>,
+    xs: &Lanes<F>,
+    dys: &Lanes<F>,
+    dx_acc: &mut Lanes<F>,
 ) {
-    let w = xs.len();
-    let r = k * w..(k + 1) * w;
-    let (p, qr, qi) = (&bc.p[r.clone()], &bc.qr[r.clone()], &bc.qi[r.clone()]);
-    let (gr, gi) = (&bc.gr[r.clone()], &bc.gi[r.clone()]);
-    let (fr, fi) = (&mut st.fut.re[r.clone()], &mut st.fut.im[r.clone()]);
-    let (lr_, li_) = (&mut st.lam.re[r.clone()], &mut st.lam.im[r.clone()]);
-    let (mr_, mi_) = (&mut st.mu.re[r.clone()], &mut st.mu.im[r.clone()]);
-    let (vr_, vi_) = (&mut st.nu.re[r.clone()], &mut st.nu.im[r.clone()]);
-    let sl = &mut pa.x_lam_re[r.clone()];
-    let (smr, smi) = (&mut pa.x_mu.re[r.clone()], &mut pa.x_mu.im[r.clone()]);
-    let (svr, svi) = (&mut pa.x_nu.re[r.clone()], &mut pa.x_nu.im[r]);
-    let dys = &dys[..w];
-    let dx_acc = &mut dx_acc[..w];
-    for j in 0..w {
-        let (cr, ci) = (qr[j], qi[j]);
+    for j in 0..LANES {
+        let (cr, ci) = (c.qr[j], c.qi[j]);
         let (xv, g) = (xs[j], dys[j]);
-        // μ_t = λ_{t+1} + c·μ_{t+1}
-        let mr = lr_[j] + (cr * mr_[j] + ci * mi_[j]);
-        let mi = li_[j] + (cr * mi_[j] - ci * mr_[j]);
-        // λ_t = conj(γ̃)·dy_t + c·λ_{t+1}
-        let lr = gr[j] * g + fr[j];
-        let li = fi[j] - gi[j] * g;
-        // ν_t = dy_t + c·ν_{t+1}
-        let vr = g + (cr * vr_[j] + ci * vi_[j]);
-        let vi = cr * vi_[j] - ci * vr_[j];
-        fr[j] = cr * lr + ci * li;
-        fi[j] = cr * li - ci * lr;
-        lr_[j] = lr;
-        li_[j] = li;
-        mr_[j] = mr;
-        mi_[j] = mi;
-        vr_[j] = vr;
-        vi_[j] = vi;
-        sl[j] = sl[j] + xv * lr;
-        smr[j] = smr[j] + xv * mr;
-        smi[j] = smi[j] + xv * mi;
-        svr[j] = svr[j] + xv * vr;
-        svi[j] = svi[j] + xv * vi;
-        dx_acc[j] = dx_acc[j] + p[j] * lr;
+        let (l1r, l1i) = (s.lr[j], s.li[j]);
+        let mr = l1r + (cr * s.mr[j] + ci * s.mi[j]);
+        let mi = l1i + (cr * s.mi[j] - ci * s.mr[j]);
+        let (fr, fi) = match carry {
+            Some(k) => (k.re[j], k.im[j]),
+            None => (cr * l1r + ci * l1i, cr * l1i - ci * l1r),
+        };
+        let lr = c.gr[j] * g + fr;
+        let li = fi - c.gi[j] * g;
+        let vr = g + (cr * s.vr[j] + ci * s.vi[j]);
+        let vi = cr * s.vi[j] - ci * s.vr[j];
+        s.lr[j] = lr;
+        s.li[j] = li;
+        s.mr[j] = mr;
+        s.mi[j] = mi;
+        s.vr[j] = vr;
+        s.vi[j] = vi;
+        s.x_lr[j] = s.x_lr[j] + xv * lr;
+        s.x_mr[j] = s.x_mr[j] + xv * mr;
+        s.x_mi[j] = s.x_mi[j] + xv * mi;
+        s.x_vr[j] = s.x_vr[j] + xv * vr;
+        s.x_vi[j] = s.x_vi[j] + xv * vi;
+        dx_acc[j] = dx_acc[j] + c.p[j] * lr;
     }
+}
+
+/// Moves the partial sums of `lanes` into the f64 sums (`[n][w]`) and zeroes them.
+fn flush<F: Real>(
+    lanes: &mut [AdjointLane<F>],
+    dy_x: &mut Lanes<F>,
+    s: &mut TaskSums<F>,
+    w: usize,
+) {
+    for (k, a) in lanes.iter_mut().enumerate() {
+        for j in 0..w {
+            let i = k * w + j;
+            s.dp[i] += to64(a.x_lr[j]);
+            s.dq.0[i] += to64(a.x_mr[j]);
+            s.dq.1[i] += to64(a.x_mi[j]);
+            s.dgamma.0[i] += to64(a.x_vr[j]);
+            s.dgamma.1[i] += to64(a.x_vi[j]);
+        }
+        a.x_lr = [F::zero(); LANES];
+        a.x_mr = [F::zero(); LANES];
+        a.x_mi = [F::zero(); LANES];
+        a.x_vr = [F::zero(); LANES];
+        a.x_vi = [F::zero(); LANES];
+    }
+    for j in 0..w {
+        s.domega[j] += to64(dy_x[j]);
+    }
+    *dy_x = [F::zero(); LANES];
 }
 
 /// Runs task `t` backwards from the adjoint `carry` at its end, writes its `dx` segments and
@@ -239,7 +252,7 @@ fn run_adjoint<F: Real>(
     t: &Task,
     tl: &Tiling,
 ) -> TaskSums<F> {
-    let (w, n) = (bc.w, bc.n);
+    let (w, n) = (t.w, tl.n);
     let mut sums = TaskSums {
         dp: vec![0.0; n * w],
         dq: (vec![0.0; n * w], vec![0.0; n * w]),
@@ -247,41 +260,44 @@ fn run_adjoint<F: Real>(
         domega: vec![0.0; w],
         dh0: None,
     };
-    let mut st = AdjointState {
-        fut: BlockState::load(carry, t.d0, w, n),
-        lam: BlockState::zeros(n, w),
-        mu: BlockState::zeros(n, w),
-        nu: BlockState::zeros(n, w),
-    };
-    let mut pa = Partials::zeros(n, w);
-    let mut dx_acc = vec![F::zero(); w];
+    let carry = BlockState::load(carry, t.d0, w, n);
+    let mut lanes = vec![AdjointLane::zeros(); n];
+    let (mut xpad, mut dypad) = ([F::zero(); LANES], [F::zero(); LANES]);
+    let mut dy_x = [F::zero(); LANES];
     for (count, tok) in (t.t0..t.t1).rev().enumerate() {
         let base = (t.bi * tl.l + tok) * tl.d + t.d0;
-        let (xs, dys) = (&x[base..base + w], &dy[base..base + w]);
-        dx_acc.fill(F::zero());
-        for k in 0..n {
-            reverse_step(&mut st, &mut pa, bc, k, xs, dys, &mut dx_acc);
+        let xs = lanes_at(x, base, w, &mut xpad);
+        let dys = lanes_at(dy, base, w, &mut dypad);
+        let mut dx_acc = [F::zero(); LANES];
+        if count == 0 {
+            for ((s, c), k) in lanes.iter_mut().zip(&bc.lanes).zip(&carry.lanes) {
+                reverse_step(s, c, Some(k), xs, dys, &mut dx_acc);
+            }
+        } else {
+            for (s, c) in lanes.iter_mut().zip(&bc.lanes) {
+                reverse_step(s, c, None, xs, dys, &mut dx_acc);
+            }
         }
         // SAFETY: task `t` is the only one owning channels d0..d0+w of this token.
         let dxs = unsafe { dx.segment(base, w) };
         for j in 0..w {
             dxs[j] = bc.omega[j] * dys[j] + dx_acc[j];
-            pa.dy_x[j] = pa.dy_x[j] + dys[j] * xs[j];
+            dy_x[j] = dy_x[j] + dys[j] * xs[j];
         }
         if (count + 1) % FLUSH_TOKENS == 0 {
-            pa.flush(&mut sums);
+            flush(&mut lanes, &mut dy_x, &mut sums, w);
         }
     }
-    pa.flush(&mut sums);
+    flush(&mut lanes, &mut dy_x, &mut sums, w);
     // Close the sums in f64: scale by p, add the start-state terms.
-    for k in 0..n {
+    for (k, a) in lanes.iter().enumerate() {
         for j in 0..w {
             let (i, ci) = (k * w + j, (t.d0 + j) * n + k);
             let (p, qr, qi) = (coef.a[ci], coef.qr[ci], coef.qi[ci]);
             let (hr, hi) = (start[2 * ci], start[2 * ci + 1]);
-            let (l0r, l0i) = (to64(st.lam.re[i]), to64(st.lam.im[i]));
-            let (m0r, m0i) = (to64(st.mu.re[i]), to64(st.mu.im[i]));
-            let (v0r, v0i) = (to64(st.nu.re[i]), to64(st.nu.im[i]));
+            let (l0r, l0i) = (to64(a.lr[j]), to64(a.li[j]));
+            let (m0r, m0i) = (to64(a.mr[j]), to64(a.mi[j]));
+            let (v0r, v0i) = (to64(a.vr[j]), to64(a.vi[j]));
             // s = λ_{s0} + conj(q)·μ_{s0}; ∂L/∂q += conj(H)·s
             let sr = l0r + (qr * m0r + qi * m0i);
             let si = l0i + (qr * m0i - qi * m0r);
@@ -294,7 +310,20 @@ fn run_adjoint<F: Real>(
         }
     }
     if t.c == 0 {
-        sums.dh0 = Some(st.fut);
+        // ∂L/∂h0 = c·λ_0, or the carry itself when the call has no tokens.
+        sums.dh0 = Some(if t.t0 == t.t1 {
+            carry
+        } else {
+            let mut g = BlockState::zeros(n);
+            for ((o, a), c) in g.lanes.iter_mut().zip(&lanes).zip(&bc.lanes) {
+                for j in 0..LANES {
+                    let (cr, ci) = (c.qr[j], c.qi[j]);
+                    o.re[j] = cr * a.lr[j] + ci * a.li[j];
+                    o.im[j] = cr * a.li[j] - ci * a.lr[j];
+                }
+            }
+            g
+        });
     }
     sums
 }
@@ -362,7 +391,7 @@ pub(super) fn backward<F: Real>(
             sums.domega[t.d0 + j] += part.domega[j];
         }
         if let (Some(g), Some(st)) = (dh0.as_deref_mut(), part.dh0.as_ref()) {
-            st.store(&mut g[t.bi * row..(t.bi + 1) * row], t.d0, t.w, n, |v| v);
+            st.store(&mut g[t.bi * row..(t.bi + 1) * row], t.d0, t.w, |v| v);
         }
     }
     sums

@@ -13,126 +13,161 @@ use rayon::prelude::*;
 
 use super::coefficients::Coefficients;
 use super::disjoint::DisjointOut;
-use super::plan::{Task, Tiling};
+use super::plan::{Task, Tiling, BLOCK_WIDTH};
 use crate::backend::cpu::{real, Real};
 
-/// One task's coefficients, rounded to `F`, in `[n][w]` layout so the inner loops run
-/// across contiguous channels.
+/// Channels of one block as a fixed-width array: the inner loops always run over
+/// [`LANES`] channels (a narrower last block is zero-padded), so they compile to straight
+/// vector code without remainder loops or bounds checks.
+pub(super) type Lanes<F> = [F; LANES];
+
+/// Width of [`Lanes`].
+pub(super) const LANES: usize = BLOCK_WIDTH;
+
+/// The coefficients of one n across a block of channels, rounded to `F`.
+pub(super) struct CoefLane<F> {
+    pub p: Lanes<F>,
+    pub qr: Lanes<F>,
+    pub qi: Lanes<F>,
+    pub gr: Lanes<F>,
+    pub gi: Lanes<F>,
+}
+
+/// One task's coefficients: a [`CoefLane`] per n, plus the skip weights. Padding channels
+/// have all coefficients zero.
 pub(super) struct BlockCoef<F> {
-    pub w: usize,
-    pub n: usize,
-    pub p: Vec<F>,
-    pub qr: Vec<F>,
-    pub qi: Vec<F>,
-    pub gr: Vec<F>,
-    pub gi: Vec<F>,
-    pub omega: Vec<F>,
+    pub lanes: Vec<CoefLane<F>>,
+    pub omega: Lanes<F>,
 }
 
 impl<F: Real> BlockCoef<F> {
     pub fn new(coef: &Coefficients, d0: usize, w: usize) -> Self {
         let n = coef.n;
-        let gather = |src: &[f64]| -> Vec<F> {
-            let mut v = Vec::with_capacity(n * w);
-            for k in 0..n {
-                for j in 0..w {
-                    v.push(real(src[(d0 + j) * n + k]));
-                }
+        let lane = |src: &[f64], k: usize| -> Lanes<F> {
+            let mut v = [F::zero(); LANES];
+            for (j, slot) in v.iter_mut().enumerate().take(w) {
+                *slot = real(src[(d0 + j) * n + k]);
             }
             v
         };
+        let mut omega = [F::zero(); LANES];
+        for (j, slot) in omega.iter_mut().enumerate().take(w) {
+            *slot = real(coef.omega[d0 + j]);
+        }
         Self {
-            w,
-            n,
-            p: gather(&coef.a),
-            qr: gather(&coef.qr),
-            qi: gather(&coef.qi),
-            gr: gather(&coef.gr),
-            gi: gather(&coef.gi),
-            omega: coef.omega[d0..d0 + w].iter().map(|&v| real(v)).collect(),
+            lanes: (0..n)
+                .map(|k| CoefLane {
+                    p: lane(&coef.a, k),
+                    qr: lane(&coef.qr, k),
+                    qi: lane(&coef.qi, k),
+                    gr: lane(&coef.gr, k),
+                    gi: lane(&coef.gi, k),
+                })
+                .collect(),
+            omega,
         }
     }
 }
 
-/// One task's complex state, `[n][w]` real and imaginary planes.
+/// A complex value per channel of a block.
+#[derive(Clone, Copy)]
+pub(super) struct StateLane<F> {
+    pub re: Lanes<F>,
+    pub im: Lanes<F>,
+}
+
+/// One task's complex state (or adjoint): a [`StateLane`] per n.
 pub(super) struct BlockState<F> {
-    pub re: Vec<F>,
-    pub im: Vec<F>,
+    pub lanes: Vec<StateLane<F>>,
 }
 
 impl<F: Real> BlockState<F> {
-    pub fn zeros(n: usize, w: usize) -> Self {
+    pub fn zeros(n: usize) -> Self {
+        let zero = StateLane {
+            re: [F::zero(); LANES],
+            im: [F::zero(); LANES],
+        };
         Self {
-            re: vec![F::zero(); n * w],
-            im: vec![F::zero(); n * w],
+            lanes: vec![zero; n],
         }
     }
 
     /// The block's part of a `[d, n, 2]` state row held in f64.
     pub fn load(row: &[f64], d0: usize, w: usize, n: usize) -> Self {
-        let mut s = Self::zeros(n, w);
-        for j in 0..w {
-            for k in 0..n {
+        let mut s = Self::zeros(n);
+        for (k, lane) in s.lanes.iter_mut().enumerate() {
+            for j in 0..w {
                 let i = ((d0 + j) * n + k) * 2;
-                s.re[k * w + j] = real(row[i]);
-                s.im[k * w + j] = real(row[i + 1]);
+                lane.re[j] = real(row[i]);
+                lane.im[j] = real(row[i + 1]);
             }
         }
         s
     }
 
     /// Writes the block into its part of a `[d, n, 2]` state row.
-    pub fn store<T>(&self, row: &mut [T], d0: usize, w: usize, n: usize, conv: impl Fn(F) -> T) {
-        for j in 0..w {
-            for k in 0..n {
+    pub fn store<T>(&self, row: &mut [T], d0: usize, w: usize, conv: impl Fn(F) -> T) {
+        let n = self.lanes.len();
+        for (k, lane) in self.lanes.iter().enumerate() {
+            for j in 0..w {
                 let i = ((d0 + j) * n + k) * 2;
-                row[i] = conv(self.re[k * w + j]);
-                row[i + 1] = conv(self.im[k * w + j]);
+                row[i] = conv(lane.re[j]);
+                row[i + 1] = conv(lane.im[j]);
             }
         }
     }
 }
 
-/// `h ← p·x + q·h` for one n across the block; when `acc` is given also
-/// `acc += Re(γ̃·h)`. The operation order is shared with [`step`], which makes a step and a
-/// one-token forward agree bit for bit.
-#[allow(clippy::too_many_arguments)]
+/// The `w` values at `src[base..]` as a full [`Lanes`]: borrowed when the block is full
+/// width, else copied into `pad` (whose tail stays zero).
 #[inline(always)]
-fn advance<F: Real>(
-    hr: &mut [F],
-    hi: &mut [F],
-    p: &[F],
-    qr: &[F],
-    qi: &[F],
-    xs: &[F],
-    out: Option<(&[F], &[F], &mut [F])>,
-) {
-    let w = xs.len();
-    let (hr, hi, p, qr, qi) = (&mut hr[..w], &mut hi[..w], &p[..w], &qr[..w], &qi[..w]);
-    match out {
-        Some((gr, gi, acc)) => {
-            let (gr, gi, acc) = (&gr[..w], &gi[..w], &mut acc[..w]);
-            for j in 0..w {
-                let (nr, ni) = recur(hr[j], hi[j], p[j], qr[j], qi[j], xs[j]);
-                hr[j] = nr;
-                hi[j] = ni;
-                acc[j] = acc[j] + (gr[j] * nr - gi[j] * ni);
-            }
-        }
-        None => {
-            for j in 0..w {
-                let (nr, ni) = recur(hr[j], hi[j], p[j], qr[j], qi[j], xs[j]);
-                hr[j] = nr;
-                hi[j] = ni;
-            }
-        }
+pub(super) fn lanes_at<'a, F: Real>(
+    src: &'a [F],
+    base: usize,
+    w: usize,
+    pad: &'a mut Lanes<F>,
+) -> &'a Lanes<F> {
+    if w == LANES {
+        src[base..base + LANES]
+            .try_into()
+            .expect("a full block is LANES wide")
+    } else {
+        pad[..w].copy_from_slice(&src[base..base + w]);
+        pad
     }
 }
 
-/// One step of the recurrence for one (channel, n): `(p·x + q·h)`.
+/// One step of the recurrence for one (channel, n): `(p·x + q·h)`. Shared with [`step`],
+/// which makes a step and a one-token forward agree bit for bit.
 #[inline(always)]
 fn recur<F: Real>(hr: F, hi: F, p: F, qr: F, qi: F, x: F) -> (F, F) {
     (p * x + (qr * hr - qi * hi), qr * hi + qi * hr)
+}
+
+/// `h ← p·x + q·h` for one n across a block.
+#[inline(always)]
+fn advance<F: Real>(s: &mut StateLane<F>, c: &CoefLane<F>, xs: &Lanes<F>) {
+    for j in 0..LANES {
+        let (nr, ni) = recur(s.re[j], s.im[j], c.p[j], c.qr[j], c.qi[j], xs[j]);
+        s.re[j] = nr;
+        s.im[j] = ni;
+    }
+}
+
+/// [`advance`], then `acc += Re(γ̃·h)`.
+#[inline(always)]
+fn advance_project<F: Real>(
+    s: &mut StateLane<F>,
+    c: &CoefLane<F>,
+    xs: &Lanes<F>,
+    acc: &mut Lanes<F>,
+) {
+    for j in 0..LANES {
+        let (nr, ni) = recur(s.re[j], s.im[j], c.p[j], c.qr[j], c.qi[j], xs[j]);
+        s.re[j] = nr;
+        s.im[j] = ni;
+        acc[j] = acc[j] + (c.gr[j] * nr - c.gi[j] * ni);
+    }
 }
 
 /// Runs task `t` from the state in `st`, leaving the state after its last token there, and
@@ -145,30 +180,28 @@ pub(super) fn run_forward<F: Real>(
     t: &Task,
     tl: &Tiling,
 ) {
-    let (w, n, l, d) = (bc.w, bc.n, tl.l, tl.d);
-    let mut acc = vec![F::zero(); w];
+    let (w, l, d) = (t.w, tl.l, tl.d);
+    let mut pad = [F::zero(); LANES];
+    let mut acc = [F::zero(); LANES];
     for tok in t.t0..t.t1 {
         let base = (t.bi * l + tok) * d + t.d0;
-        let xs = &x[base..base + w];
-        for k in 0..n {
-            let r = k * w..(k + 1) * w;
-            let out = y.map(|_| (&bc.gr[r.clone()], &bc.gi[r.clone()], &mut acc[..]));
-            advance(
-                &mut st.re[r.clone()],
-                &mut st.im[r.clone()],
-                &bc.p[r.clone()],
-                &bc.qr[r.clone()],
-                &bc.qi[r],
-                xs,
-                out,
-            );
-        }
-        if let Some(y) = y {
-            // SAFETY: task `t` is the only one owning channels d0..d0+w of this token.
-            let ys = unsafe { y.segment(base, w) };
-            for j in 0..w {
-                ys[j] = acc[j] + bc.omega[j] * xs[j];
-                acc[j] = F::zero();
+        let xs = lanes_at(x, base, w, &mut pad);
+        match y {
+            None => {
+                for (s, c) in st.lanes.iter_mut().zip(&bc.lanes) {
+                    advance(s, c, xs);
+                }
+            }
+            Some(y) => {
+                for (s, c) in st.lanes.iter_mut().zip(&bc.lanes) {
+                    advance_project(s, c, xs, &mut acc);
+                }
+                // SAFETY: task `t` is the only one owning channels d0..d0+w of this token.
+                let ys = unsafe { y.segment(base, w) };
+                for j in 0..w {
+                    ys[j] = acc[j] + bc.omega[j] * xs[j];
+                }
+                acc = [F::zero(); LANES];
             }
         }
     }
@@ -205,7 +238,7 @@ pub(super) fn chunk_starts<F: Real>(
                 return None;
             }
             let bc = BlockCoef::new(coef, t.d0, t.w);
-            let mut st = BlockState::zeros(tl.n, t.w);
+            let mut st = BlockState::zeros(tl.n);
             run_forward(&bc, &mut st, x, None, &t, tl);
             Some(st)
         })
@@ -220,7 +253,7 @@ pub(super) fn chunk_starts<F: Real>(
                 let st = locals[tl.index(bi, c, blk)]
                     .as_ref()
                     .expect("pass 1 ran every chunk but the last");
-                st.store(&mut local_row, t.d0, t.w, tl.n, |v| {
+                st.store(&mut local_row, t.d0, t.w, |v| {
                     v.to_f64().unwrap_or(f64::NAN)
                 });
             }
@@ -274,7 +307,7 @@ pub(super) fn forward<F: Real>(
                 let i = tl.index(bi, tl.chunks - 1, blk);
                 let t = tl.task(i);
                 let st = finals[i].as_ref().expect("last chunks keep their state");
-                st.store(&mut h_out[bi * row..(bi + 1) * row], t.d0, t.w, tl.n, |v| v);
+                st.store(&mut h_out[bi * row..(bi + 1) * row], t.d0, t.w, |v| v);
             }
         }
     }
