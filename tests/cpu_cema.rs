@@ -806,3 +806,36 @@ fn forward_matches_convolution_kernel_form() {
     worst.check("reference h_out", &h_ref, &h_k, TOL64, "");
     worst.print("kernel form");
 }
+
+#[test]
+fn portable_and_wide_kernels_agree_bitwise() {
+    // Both instruction-set copies of the kernels run the same per-channel operations, so they
+    // must agree exactly (on a CPU without AVX2 both runs take the portable copy).
+    let mut r = rng(101);
+    let s @ [b, l, d, n] = [2usize, 600usize, 45usize, 16usize];
+    let p = Params::random(&mut r, d, n, false);
+    let io = Inputs::random(&mut r, b, l, d, n, true, true);
+    let run = || {
+        let p32 = p.to32();
+        let h0 = io.h0.as_deref().map(to_f32);
+        let f32_out = fast_forward(&p32, &to_f32(&io.x), h0.as_deref(), s, Some(128));
+        let b32 = fast_backward(&p32, &io, s, Some(128));
+        let f64_out = fast_forward(&p, &io.x, io.h0.as_deref(), s, Some(128));
+        let b64 = fast_backward(&p, &io, s, Some(128));
+        (
+            f32_out,
+            b32.0,
+            b32.1,
+            b32.2.gamma,
+            f64_out,
+            b64.0,
+            b64.1,
+            b64.2.theta,
+        )
+    };
+    let wide = run();
+    cema::force_portable_kernels(true);
+    let portable = run();
+    cema::force_portable_kernels(false);
+    assert!(wide == portable, "AVX2 and portable kernels differ");
+}

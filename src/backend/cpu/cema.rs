@@ -27,11 +27,14 @@
 mod adjoint;
 mod coefficients;
 mod disjoint;
+mod isa;
 mod plan;
 pub mod reference;
 mod scan;
 
 pub use coefficients::Coefficients;
+#[doc(hidden)]
+pub use isa::force_portable_kernels;
 pub use plan::{auto_chunk_len, BLOCK_WIDTH};
 
 use super::Real;

@@ -53,6 +53,34 @@ fn to64<F: Real>(v: F) -> f64 {
 
 /// `λ` from zero over task `t`'s chunk, backwards; returns `c·λ_{s0}` per (n, channel).
 fn run_local_adjoint<F: Real>(bc: &BlockCoef<F>, dy: &[F], t: &Task, tl: &Tiling) -> BlockState<F> {
+    #[cfg(target_arch = "x86_64")]
+    if super::isa::use_avx2() {
+        // SAFETY: `use_avx2` confirmed that the running CPU supports AVX2.
+        return unsafe { run_local_adjoint_avx2(bc, dy, t, tl) };
+    }
+    run_local_adjoint_body(bc, dy, t, tl)
+}
+
+/// [`run_local_adjoint`] compiled with 256-bit vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn run_local_adjoint_avx2<F: Real>(
+    bc: &BlockCoef<F>,
+    dy: &[F],
+    t: &Task,
+    tl: &Tiling,
+) -> BlockState<F> {
+    run_local_adjoint_body(bc, dy, t, tl)
+}
+
+/// Body of [`run_local_adjoint`], inlined into each instruction-set variant.
+#[inline(always)]
+fn run_local_adjoint_body<F: Real>(
+    bc: &BlockCoef<F>,
+    dy: &[F],
+    t: &Task,
+    tl: &Tiling,
+) -> BlockState<F> {
     let mut fut = BlockState::zeros(tl.n);
     let mut pad = [F::zero(); LANES];
     for tok in (t.t0..t.t1).rev() {
@@ -131,6 +159,7 @@ fn chunk_carries<F: Real>(
 /// The reverse-time state of one n across a block (see the module docs), with the partial
 /// x-weighted sums over the last few tokens.
 #[derive(Clone, Copy)]
+#[repr(C, align(64))]
 struct AdjointLane<F> {
     /// `λ_{t+1}`.
     lr: Lanes<F>,
@@ -242,6 +271,46 @@ fn flush<F: Real>(
 /// returns its gradient sums. `start` is the f64 `[d, n, 2]` state row before the chunk.
 #[allow(clippy::too_many_arguments)]
 fn run_adjoint<F: Real>(
+    coef: &Coefficients,
+    bc: &BlockCoef<F>,
+    start: &[f64],
+    carry: &[f64],
+    x: &[F],
+    dy: &[F],
+    dx: &DisjointOut<F>,
+    t: &Task,
+    tl: &Tiling,
+) -> TaskSums<F> {
+    #[cfg(target_arch = "x86_64")]
+    if super::isa::use_avx2() {
+        // SAFETY: `use_avx2` confirmed that the running CPU supports AVX2.
+        return unsafe { run_adjoint_avx2(coef, bc, start, carry, x, dy, dx, t, tl) };
+    }
+    run_adjoint_body(coef, bc, start, carry, x, dy, dx, t, tl)
+}
+
+/// [`run_adjoint`] compiled with 256-bit vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_adjoint_avx2<F: Real>(
+    coef: &Coefficients,
+    bc: &BlockCoef<F>,
+    start: &[f64],
+    carry: &[f64],
+    x: &[F],
+    dy: &[F],
+    dx: &DisjointOut<F>,
+    t: &Task,
+    tl: &Tiling,
+) -> TaskSums<F> {
+    run_adjoint_body(coef, bc, start, carry, x, dy, dx, t, tl)
+}
+
+/// Body of [`run_adjoint`], inlined into each instruction-set variant.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn run_adjoint_body<F: Real>(
     coef: &Coefficients,
     bc: &BlockCoef<F>,
     start: &[f64],

@@ -24,7 +24,9 @@ pub(super) type Lanes<F> = [F; LANES];
 /// Width of [`Lanes`].
 pub(super) const LANES: usize = BLOCK_WIDTH;
 
-/// The coefficients of one n across a block of channels, rounded to `F`.
+/// The coefficients of one n across a block of channels, rounded to `F`. Cache-line
+/// aligned, like every lane struct, so no vector load straddles two lines.
+#[repr(C, align(64))]
 pub(super) struct CoefLane<F> {
     pub p: Lanes<F>,
     pub qr: Lanes<F>,
@@ -71,6 +73,7 @@ impl<F: Real> BlockCoef<F> {
 
 /// A complex value per channel of a block.
 #[derive(Clone, Copy)]
+#[repr(C, align(64))]
 pub(super) struct StateLane<F> {
     pub re: Lanes<F>,
     pub im: Lanes<F>,
@@ -173,6 +176,38 @@ fn advance_project<F: Real>(
 /// Runs task `t` from the state in `st`, leaving the state after its last token there, and
 /// writes its `y` segments when `y` is given.
 pub(super) fn run_forward<F: Real>(
+    bc: &BlockCoef<F>,
+    st: &mut BlockState<F>,
+    x: &[F],
+    y: Option<&DisjointOut<F>>,
+    t: &Task,
+    tl: &Tiling,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::isa::use_avx2() {
+        // SAFETY: `use_avx2` confirmed that the running CPU supports AVX2.
+        return unsafe { run_forward_avx2(bc, st, x, y, t, tl) };
+    }
+    run_forward_body(bc, st, x, y, t, tl)
+}
+
+/// [`run_forward`] compiled with 256-bit vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn run_forward_avx2<F: Real>(
+    bc: &BlockCoef<F>,
+    st: &mut BlockState<F>,
+    x: &[F],
+    y: Option<&DisjointOut<F>>,
+    t: &Task,
+    tl: &Tiling,
+) {
+    run_forward_body(bc, st, x, y, t, tl)
+}
+
+/// Body of [`run_forward`], inlined into each instruction-set variant.
+#[inline(always)]
+fn run_forward_body<F: Real>(
     bc: &BlockCoef<F>,
     st: &mut BlockState<F>,
     x: &[F],
