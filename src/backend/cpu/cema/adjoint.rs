@@ -94,6 +94,7 @@ fn run_local_adjoint_body<F: Real>(
 
 /// `λ = conj(γ̃)·dy + f`, `f ← c·λ` for one n across a block.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // one index across six parallel arrays
 fn local_adjoint_step<F: Real>(f: &mut StateLane<F>, c: &CoefLane<F>, dys: &Lanes<F>) {
     for j in 0..LANES {
         let lr = c.gr[j] * dys[j] + f.re[j];
@@ -261,8 +262,8 @@ fn flush<F: Real>(
         a.x_vr = [F::zero(); LANES];
         a.x_vi = [F::zero(); LANES];
     }
-    for j in 0..w {
-        s.domega[j] += to64(dy_x[j]);
+    for (acc, &v) in s.domega.iter_mut().zip(&dy_x[..w]) {
+        *acc += to64(v);
     }
     *dy_x = [F::zero(); LANES];
 }

@@ -149,6 +149,7 @@ fn recur<F: Real>(hr: F, hi: F, p: F, qr: F, qi: F, x: F) -> (F, F) {
 
 /// `h ← p·x + q·h` for one n across a block.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // one index across seven parallel arrays
 fn advance<F: Real>(s: &mut StateLane<F>, c: &CoefLane<F>, xs: &Lanes<F>) {
     for j in 0..LANES {
         let (nr, ni) = recur(s.re[j], s.im[j], c.p[j], c.qr[j], c.qi[j], xs[j]);
