@@ -8,6 +8,11 @@
 //! 3. every chunk reruns from its true start state and writes `y`.
 //!
 //! With a single chunk only pass 3 runs, from `h0`.
+//!
+//! Inner loops run across a block of [`LANES`] channels for one n at a time: channels are
+//! contiguous in `x` and `y`, every (channel, n) pair is an independent recurrence, so the
+//! loops vectorize with no shuffles and no cross-lane reductions (which would also tie the
+//! result to the vector width).
 
 use rayon::prelude::*;
 
