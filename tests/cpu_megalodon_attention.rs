@@ -141,6 +141,10 @@ fn odd_shapes() -> Vec<MegaAttnShape> {
             }
         }
     }
+    // Longer than one causal row block (64 rows): several blocks per chunk, a partial last
+    // chunk, and a sequence shorter than its chunk.
+    v.push(shape(2, 300, 2, 8, 6, 128));
+    v.push(shape(1, 150, 1, 16, 5, 256));
     v
 }
 
@@ -503,6 +507,24 @@ fn streaming_token_by_token_and_multi_chunk_calls_match_full_forward() {
         }
     }
     println!("streaming vs full forward: worst f32 {w32:.3e}, worst f64 {w64:.3e}");
+}
+
+/// Calls longer than one causal row block, from a boundary and from inside a chunk.
+#[test]
+fn streaming_long_calls_match_full_forward() {
+    let s = shape(2, 300, 2, 8, 6, 128);
+    let mut r = rng(11);
+    let x = Inputs::random(&mut r, &s);
+    let plan = [128usize, 10, 100, 18, 44];
+    let (full, _) = run_forward::<f64>(ma::forward, &x, &s);
+    let mut worst = 0.0f64;
+    for fast in [true, false] {
+        let mut cache = ChunkKvCache::<f64>::new(s.b, s.heads, s.dz, s.dv, s.chunk);
+        let got = stream(fast, &mut cache, &x, &s, s.l, 0, &plan);
+        assert_eq!(cache.count, vec![44; s.b]);
+        worst = worst.max(assert_close("long calls", &got, &full, TOL64));
+    }
+    println!("streaming long calls vs full forward: worst {worst:.3e}");
 }
 
 /// Rows start at chunk positions 0, 3 and 2 (each primed with its own prefix through a
