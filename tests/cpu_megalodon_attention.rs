@@ -65,15 +65,7 @@ fn wide<F: Real>(x: &[F]) -> Vec<f64> {
     x.iter().map(|v| v.to_f64().unwrap()).collect()
 }
 
-type ForwardFn<F> = fn(
-    &mut [F],
-    &mut ma::MegaAttnSaved<F>,
-    &[F],
-    &[F],
-    &[F],
-    &[F],
-    &MegaAttnShape,
-);
+type ForwardFn<F> = fn(&mut [F], &mut ma::MegaAttnSaved<F>, &[F], &[F], &[F], &[F], &MegaAttnShape);
 
 /// `(out, saved)` of a forward implementation in `F`.
 fn run_forward<F: Real>(
@@ -104,7 +96,12 @@ fn run_backward<F: Real>(
     acc0: &[f64],
     s: &MegaAttnShape,
 ) -> [Vec<f64>; 4] {
-    let (z, v, g, bt) = (cast::<F>(&x.z), cast::<F>(&x.v), cast(&x.gamma), cast(&x.beta));
+    let (z, v, g, bt) = (
+        cast::<F>(&x.z),
+        cast::<F>(&x.v),
+        cast(&x.gamma),
+        cast(&x.beta),
+    );
     let mut out = vec![F::zero(); s.b * s.l * s.vdim()];
     let mut saved = ma::saved_new::<F>(s);
     let mut dz = vec![F::from_f64(7.0).unwrap(); z.len()];
@@ -159,11 +156,36 @@ fn forward_fast_matches_reference() {
         let (got, gs) = run_forward::<f32>(ma::forward, &x, &s);
         let (want, ws) = run_forward::<f32>(reference::forward, &x, &s);
         let what = format!("{s:?}");
-        w32 = w32.max(assert_close32(&format!("out f32 {what}"), &got, &want, TOL32));
-        w32 = w32.max(assert_close32(&format!("q f32 {what}"), &gs.q, &ws.q, TOL32));
-        w32 = w32.max(assert_close32(&format!("k f32 {what}"), &gs.k, &ws.k, TOL32));
-        w32 = w32.max(assert_close32(&format!("rstd {what}"), &gs.rstd, &ws.rstd, TOL32));
-        w32 = w32.max(assert_close32(&format!("P f32 {what}"), &gs.probs, &ws.probs, TOL32));
+        w32 = w32.max(assert_close32(
+            &format!("out f32 {what}"),
+            &got,
+            &want,
+            TOL32,
+        ));
+        w32 = w32.max(assert_close32(
+            &format!("q f32 {what}"),
+            &gs.q,
+            &ws.q,
+            TOL32,
+        ));
+        w32 = w32.max(assert_close32(
+            &format!("k f32 {what}"),
+            &gs.k,
+            &ws.k,
+            TOL32,
+        ));
+        w32 = w32.max(assert_close32(
+            &format!("rstd {what}"),
+            &gs.rstd,
+            &ws.rstd,
+            TOL32,
+        ));
+        w32 = w32.max(assert_close32(
+            &format!("P f32 {what}"),
+            &gs.probs,
+            &ws.probs,
+            TOL32,
+        ));
         let (got, _) = run_forward::<f64>(ma::forward, &x, &s);
         let (want, _) = run_forward::<f64>(reference::forward, &x, &s);
         w64 = w64.max(assert_close(&format!("out f64 {what}"), &got, &want, TOL64));
@@ -316,7 +338,12 @@ fn hand_computed_rope_pairs_normalization_and_chunk_restart() {
             ("reference", reference::forward as ForwardFn<f64>),
         ] {
             let (got, _) = run_forward::<f64>(f, &x, &s);
-            assert_close(&format!("hand case {name} qscale={qscale}"), &got, &want, 1e-14);
+            assert_close(
+                &format!("hand case {name} qscale={qscale}"),
+                &got,
+                &want,
+                1e-14,
+            );
         }
     }
 }
@@ -476,11 +503,11 @@ fn stream<F: Real>(
     out
 }
 
-/// Rows `from..from+n` of each batch row of a `[b, total, d]` buffer.
-fn rows<F: Copy>(x: &[F], b: usize, total: usize, d: usize, from: &[usize], n: usize) -> Vec<F> {
+/// Rows `from[r]..from[r]+n` of each batch row `r` of a `[from.len(), total, d]` buffer.
+fn rows<F: Copy>(x: &[F], total: usize, d: usize, from: &[usize], n: usize) -> Vec<F> {
     let mut v = Vec::new();
-    for row in 0..b {
-        let t0 = row * total + from[row];
+    for (row, &f) in from.iter().enumerate() {
+        let t0 = row * total + f;
         v.extend_from_slice(&x[t0 * d..(t0 + n) * d]);
     }
     v
@@ -499,11 +526,25 @@ fn streaming_token_by_token_and_multi_chunk_calls_match_full_forward() {
         for plan in plans {
             let mut cache = ChunkKvCache::<f64>::new(s.b, s.heads, s.dz, s.dv, s.chunk);
             let got = stream(fast, &mut cache, &x, &s, s.l, 0, plan);
-            assert_eq!(cache.count, vec![0; s.b], "24 tokens end on a chunk boundary");
-            w64 = w64.max(assert_close(&format!("stream f64 {plan:?}"), &got, &full64, TOL64));
+            assert_eq!(
+                cache.count,
+                vec![0; s.b],
+                "24 tokens end on a chunk boundary"
+            );
+            w64 = w64.max(assert_close(
+                &format!("stream f64 {plan:?}"),
+                &got,
+                &full64,
+                TOL64,
+            ));
             let mut cache = ChunkKvCache::<f32>::new(s.b, s.heads, s.dz, s.dv, s.chunk);
             let got = stream(fast, &mut cache, &x, &s, s.l, 0, plan);
-            w32 = w32.max(assert_close32(&format!("stream f32 {plan:?}"), &got, &full32, TOL32));
+            w32 = w32.max(assert_close32(
+                &format!("stream f32 {plan:?}"),
+                &got,
+                &full32,
+                TOL32,
+            ));
         }
     }
     println!("streaming vs full forward: worst f32 {w32:.3e}, worst f64 {w64:.3e}");
@@ -563,15 +604,19 @@ fn streaming_rows_at_different_offsets_match_full_forward() {
         assert_eq!(cache.count, offsets.to_vec());
         // Each row streams from its own offset: gather per-row windows into one batch.
         let window = Inputs {
-            z: rows(&x.z, s.b, s.l, zd, &offsets, n),
-            v: rows(&x.v, s.b, s.l, vd, &offsets, n),
+            z: rows(&x.z, s.l, zd, &offsets, n),
+            v: rows(&x.v, s.l, vd, &offsets, n),
             gamma: x.gamma.clone(),
             beta: x.beta.clone(),
         };
         let got = stream(fast, &mut cache, &window, &s, n, 0, &plan);
-        let want = rows(&full, s.b, s.l, vd, &offsets, n);
+        let want = rows(&full, s.l, vd, &offsets, n);
         worst = worst.max(assert_close("offset rows", &got, &want, TOL64));
-        assert_eq!(cache.count, offsets.to_vec(), "16 tokens later, same chunk positions");
+        assert_eq!(
+            cache.count,
+            offsets.to_vec(),
+            "16 tokens later, same chunk positions"
+        );
     }
     println!("streaming at row offsets vs full forward: worst {worst:.3e}");
 }
@@ -592,7 +637,13 @@ fn streaming_rejects_calls_that_break_the_chunk_rules() {
         let before = cache.clone();
         let mut out = vec![0.0; 2 * 4 * 3];
         let err = call(
-            &mut out, &mut cache, &x.z[..2 * 4 * 4], &x.v[..2 * 4 * 3], &x.gamma, &x.beta, &s,
+            &mut out,
+            &mut cache,
+            &x.z[..2 * 4 * 4],
+            &x.v[..2 * 4 * 3],
+            &x.gamma,
+            &x.beta,
+            &s,
         );
         assert_eq!(
             err,
@@ -608,7 +659,13 @@ fn streaming_rejects_calls_that_break_the_chunk_rules() {
         let s12 = MegaAttnShape { l: 12, ..s };
         let mut out = vec![0.0; 2 * 12 * 3];
         let err = call(
-            &mut out, &mut cache, &x.z[..2 * 12 * 4], &x.v[..2 * 12 * 3], &x.gamma, &x.beta, &s12,
+            &mut out,
+            &mut cache,
+            &x.z[..2 * 12 * 4],
+            &x.v[..2 * 12 * 3],
+            &x.gamma,
+            &x.beta,
+            &s12,
         );
         assert_eq!(
             err,
@@ -621,13 +678,29 @@ fn streaming_rejects_calls_that_break_the_chunk_rules() {
         // A full chunk from a boundary, and a call that exactly fills a partial chunk, pass.
         let s8 = MegaAttnShape { l: 8, ..s };
         let mut out = vec![0.0; 2 * 8 * 3];
-        call(&mut out, &mut cache, &x.z[..2 * 8 * 4], &x.v[..2 * 8 * 3], &x.gamma, &x.beta, &s8)
-            .expect("one whole chunk");
+        call(
+            &mut out,
+            &mut cache,
+            &x.z[..2 * 8 * 4],
+            &x.v[..2 * 8 * 3],
+            &x.gamma,
+            &x.beta,
+            &s8,
+        )
+        .expect("one whole chunk");
         assert_eq!(cache.count, vec![0, 0]);
         cache.count = vec![4, 4];
         let mut out = vec![0.0; 2 * 4 * 3];
-        call(&mut out, &mut cache, &x.z[..2 * 4 * 4], &x.v[..2 * 4 * 3], &x.gamma, &x.beta, &s)
-            .expect("fills the chunk exactly");
+        call(
+            &mut out,
+            &mut cache,
+            &x.z[..2 * 4 * 4],
+            &x.v[..2 * 4 * 3],
+            &x.gamma,
+            &x.beta,
+            &s,
+        )
+        .expect("fills the chunk exactly");
         assert_eq!(cache.count, vec![0, 0]);
     }
 }

@@ -29,7 +29,7 @@ use super::{real, Real};
 
 /// Query rows per causal block: each block multiplies only against the keys it can see, so
 /// the masked upper triangle costs at most one block's width of wasted work per row.
-const ROW_BLOCK: usize = 64;
+const ROW_BLOCK: usize = 32;
 
 /// Sizes of one call.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -74,13 +74,19 @@ impl MegaAttnShape {
     }
 
     fn check(&self) {
-        assert!(self.heads > 0, "megalodon attention: heads must be positive");
+        assert!(
+            self.heads > 0,
+            "megalodon attention: heads must be positive"
+        );
         assert!(
             self.dz > 0 && self.dz % 2 == 0,
             "megalodon attention: dz = {} must be positive and even (RoPE pairs)",
             self.dz
         );
-        assert!(self.chunk > 0, "megalodon attention: chunk must be positive");
+        assert!(
+            self.chunk > 0,
+            "megalodon attention: chunk must be positive"
+        );
     }
 }
 
@@ -112,9 +118,21 @@ pub fn saved_new<F: Real>(s: &MegaAttnShape) -> MegaAttnSaved<F> {
 
 fn check_saved<F>(saved: &MegaAttnSaved<F>, s: &MegaAttnShape) {
     let span = s.span();
-    assert_eq!(saved.rstd.len(), s.b * s.heads * s.l, "saved.rstd must be [b, H, l]");
-    assert_eq!(saved.q.len(), s.b * s.l * s.zdim(), "saved.q must be [b, H, l, dz]");
-    assert_eq!(saved.k.len(), s.b * s.l * s.zdim(), "saved.k must be [b, H, l, dz]");
+    assert_eq!(
+        saved.rstd.len(),
+        s.b * s.heads * s.l,
+        "saved.rstd must be [b, H, l]"
+    );
+    assert_eq!(
+        saved.q.len(),
+        s.b * s.l * s.zdim(),
+        "saved.q must be [b, H, l, dz]"
+    );
+    assert_eq!(
+        saved.k.len(),
+        s.b * s.l * s.zdim(),
+        "saved.k must be [b, H, l, dz]"
+    );
     assert_eq!(
         saved.probs.len(),
         s.b * s.heads * s.n_chunks() * span * span,
@@ -158,8 +176,16 @@ impl<F: Real> ChunkKvCache<F> {
 
     fn check(&self, s: &MegaAttnShape) {
         assert_eq!(self.count.len(), s.b, "cache.count must be [b]");
-        assert_eq!(self.k.len(), s.b * s.heads * s.chunk * s.dz, "cache.k must be [b, H, C, dz]");
-        assert_eq!(self.v.len(), s.b * s.heads * s.chunk * s.dv, "cache.v must be [b, H, C, dv]");
+        assert_eq!(
+            self.k.len(),
+            s.b * s.heads * s.chunk * s.dz,
+            "cache.k must be [b, H, C, dz]"
+        );
+        assert_eq!(
+            self.v.len(),
+            s.b * s.heads * s.chunk * s.dv,
+            "cache.v must be [b, H, C, dv]"
+        );
     }
 }
 
@@ -244,7 +270,11 @@ struct QkAffine<F> {
 impl<F: Real> QkAffine<F> {
     fn new(gamma: &[F], beta: &[F], zdim: usize, dz: usize) -> Self {
         let inv_sqrt: F = F::one() / real::<F>(dz as f64).sqrt();
-        let scale = |g: &[F]| g.iter().map(|&x| (x + F::one()) * inv_sqrt).collect::<Vec<F>>();
+        let scale = |g: &[F]| {
+            g.iter()
+                .map(|&x| (x + F::one()) * inv_sqrt)
+                .collect::<Vec<F>>()
+        };
         Self {
             gq: scale(&gamma[..zdim]),
             bq: beta[..zdim].to_vec(),
@@ -304,7 +334,10 @@ fn mm<F: Real>(
         return;
     }
     assert!(m == 1 || n <= dst_rs, "mm: destination rows overlap");
-    assert!((m - 1) * dst_rs + n <= dst.len(), "mm: destination out of bounds");
+    assert!(
+        (m - 1) * dst_rs + n <= dst.len(),
+        "mm: destination out of bounds"
+    );
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -313,8 +346,14 @@ fn mm<F: Real>(
         }
         return;
     }
-    assert!((m - 1) * a_rs + (k - 1) * a_cs < a.len(), "mm: lhs out of bounds");
-    assert!((k - 1) * b_rs + (n - 1) * b_cs < b.len(), "mm: rhs out of bounds");
+    assert!(
+        (m - 1) * a_rs + (k - 1) * a_cs < a.len(),
+        "mm: lhs out of bounds"
+    );
+    assert!(
+        (k - 1) * b_rs + (n - 1) * b_cs < b.len(),
+        "mm: rhs out of bounds"
+    );
     let gemm_supports =
         TypeId::of::<F>() == TypeId::of::<f32>() || TypeId::of::<F>() == TypeId::of::<f64>();
     if !gemm_supports {
@@ -955,7 +994,9 @@ pub mod reference {
                     for d in 0..dv {
                         let mut acc = F::zero();
                         for j in 0..=i {
-                            acc = acc + saved.probs[prow + j] * v[(bi * l + start + j) * vdim + h * dv + d];
+                            acc = acc
+                                + saved.probs[prow + j]
+                                    * v[(bi * l + start + j) * vdim + h * dv + d];
                         }
                         out[(bi * l + t) * vdim + h * dv + d] = acc;
                     }
@@ -999,20 +1040,18 @@ pub mod reference {
                     let prow = (((bi * hn + h) * nch + t / c) * span + i) * span;
                     let orow = (bi * l + t) * vdim + h * hv;
                     let mut dp = vec![F::zero(); i + 1];
-                    for j in 0..=i {
+                    let mut dot = F::zero();
+                    for (j, dpj) in dp.iter_mut().enumerate() {
                         let vrow = (bi * l + start + j) * vdim + h * hv;
                         for d in 0..hv {
-                            dp[j] = dp[j] + dout[orow + d] * v[vrow + d];
+                            *dpj = *dpj + dout[orow + d] * v[vrow + d];
                             dv[vrow + d] = dv[vrow + d] + saved.probs[prow + j] * dout[orow + d];
                         }
-                    }
-                    let mut dot = F::zero();
-                    for j in 0..=i {
-                        dot = dot + saved.probs[prow + j] * dp[j];
+                        dot = dot + saved.probs[prow + j] * *dpj;
                     }
                     let qa = ((bi * hn + h) * l + t) * hd;
-                    for j in 0..=i {
-                        let dsc = saved.probs[prow + j] * (dp[j] - dot);
+                    for (j, &dpj) in dp.iter().enumerate() {
+                        let dsc = saved.probs[prow + j] * (dpj - dot);
                         let ka = ((bi * hn + h) * l + start + j) * hd;
                         for d in 0..hd {
                             dq[t * hd + d] = dq[t * hd + d] + dsc * saved.k[ka + d];
@@ -1092,8 +1131,8 @@ pub mod reference {
                     let mut scores = vec![F::zero(); pos + 1];
                     let mut max = F::neg_infinity();
                     for (j, sc) in scores.iter_mut().enumerate() {
-                        for d in 0..dz {
-                            *sc = *sc + q[d] * cache.k[(kbase + j) * dz + d];
+                        for (d, &qd) in q.iter().enumerate() {
+                            *sc = *sc + qd * cache.k[(kbase + j) * dz + d];
                         }
                         max = max.max(*sc);
                     }
