@@ -11,6 +11,7 @@ pub mod activation;
 pub mod adamw;
 pub mod attention;
 pub mod bias;
+pub mod cema;
 pub mod embedding;
 pub mod kv_cache;
 mod lanes;
