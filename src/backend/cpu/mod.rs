@@ -18,6 +18,7 @@ mod lanes;
 pub mod layernorm;
 pub mod loss;
 pub mod matmul;
+pub mod megalodon_attention;
 pub mod megabyte_embed;
 pub mod memory;
 pub mod parallel;
