@@ -122,9 +122,10 @@ fn full_forward_loss_and_gradients_match_megalodon_jax() {
     model.forward_inputs(&be, &params, &mut ws, &input);
     let logits = be.download(&ws.logits);
     let d_logits = max_abs_diff(&logits, fx.get("logits"));
-    println!("max |Δlogits| = {d_logits:.3e} (fixture max |logit| = {:.2})", {
-        fx.get("logits").iter().fold(0.0f32, |m, x| m.max(x.abs()))
-    });
+    println!(
+        "max |Δlogits| = {d_logits:.3e} (fixture max |logit| = {:.2})",
+        { fx.get("logits").iter().fold(0.0f32, |m, x| m.max(x.abs())) }
+    );
     assert!(d_logits <= 2e-5, "logits differ by {d_logits}");
 
     // Loss and gradients: the training path scores the t − 1 next-byte pairs of each row.
@@ -169,7 +170,9 @@ fn streaming_with_the_fixture_call_sizes_matches_megalodon_jax() {
     let mut got = vec![Vec::new(); b];
     let mut at = 0;
     for &len in &sizes {
-        let calls: Vec<&[u8]> = (0..b).map(|r| &input[r * t + at..r * t + at + len]).collect();
+        let calls: Vec<&[u8]> = (0..b)
+            .map(|r| &input[r * t + at..r * t + at + len])
+            .collect();
         for (r, l) in stream.feed(&calls, Logits::All).into_iter().enumerate() {
             got[r].extend(l);
         }
