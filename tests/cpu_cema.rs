@@ -10,8 +10,8 @@
 //! Error measure: normwise relative, `max|got − want| / max|want|`, always against the f64
 //! reference (or f64 kernel form), so the f32 numbers are the true error of the f32 path.
 //! Tolerances: f32 fast path 1e-5, f64 fast path 1e-12, finite differences 1e-6 (step 1e-5).
-//! The f32 error of a linear recurrence grows like ε/(1−|q|) (rounding q to f32 perturbs
-//! the filter), so the random parameters keep |q| ≤ 0.992 (memory ≈ 100 tokens) for the
+//! The f32 error of a linear recurrence can grow towards ε/(1−|q|) (rounding q to f32
+//! perturbs the filter), so the random parameters keep |q| ≤ 0.992 (memory ≈ 100 tokens) for the
 //! 1e-5 checks; a long-memory case (|q| up to 0.9999) checks f64 and reports f32.
 //! Run with `--nocapture` to see the worst errors.
 

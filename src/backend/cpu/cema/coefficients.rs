@@ -83,21 +83,24 @@ impl Coefficients {
         for di in 0..d {
             let st = sigmoid(f(p.theta[di]));
             c.sig_theta[di] = st;
+            // e^{iφ_k} = (e^{iφ_1})^k with φ_1 = σ(theta)·2π/N: one sin_cos per channel; the
+            // repeated products drift by ~k·1e-16, far below f32 and test tolerances.
+            let (s1, c1) = (st * 2.0 * PI / n as f64).sin_cos();
+            let (mut co, mut si) = (c1, s1);
             for k in 0..n {
                 let i = di * n + k;
                 let a = sigmoid(f(p.alpha[i]));
                 let dl = sigmoid(f(p.delta[i]));
-                let phi = st * (2.0 * PI / n as f64) * (k + 1) as f64;
-                let (s, co) = phi.sin_cos();
                 let r = 1.0 - a * dl;
                 c.a[i] = a;
                 c.delta[i] = dl;
                 c.cos_phi[i] = co;
-                c.sin_phi[i] = s;
+                c.sin_phi[i] = si;
                 c.qr[i] = r * co;
-                c.qi[i] = r * s;
+                c.qi[i] = r * si;
                 c.gr[i] = f(p.gamma[2 * i]) * scale;
                 c.gi[i] = f(p.gamma[2 * i + 1]) * scale;
+                (co, si) = (co * c1 - si * s1, co * s1 + si * c1);
             }
         }
         c

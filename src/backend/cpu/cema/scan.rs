@@ -8,6 +8,11 @@
 //! 3. every chunk reruns from its true start state and writes `y`.
 //!
 //! With a single chunk only pass 3 runs, from `h0`.
+//!
+//! Inner loops run across a block of [`LANES`] channels for one n at a time: channels are
+//! contiguous in `x` and `y`, every (channel, n) pair is an independent recurrence, so the
+//! loops vectorize with no shuffles and no cross-lane reductions (which would also tie the
+//! result to the vector width).
 
 use rayon::prelude::*;
 
@@ -361,25 +366,26 @@ pub(super) fn step<F: Real>(y: &mut [F], h: &mut [F], x: &[F], coef: &Coefficien
         .zip(x.par_chunks(d))
         .with_min_len(rows)
         .for_each(|((yr, hr), xr)| {
-            for di in 0..d {
-                let xv = xr[di];
-                let mut acc = F::zero();
-                for k in 0..n {
-                    let i = di * n + k;
-                    let s = &mut hr[2 * i..2 * i + 2];
-                    let (nr, ni) = recur(
-                        s[0],
-                        s[1],
-                        real(coef.a[i]),
-                        real(coef.qr[i]),
-                        real(coef.qi[i]),
-                        xv,
-                    );
+            // Per channel: the n updates are independent (and vectorize); their projections
+            // are then summed in n order, as the forward does.
+            let mut terms = vec![F::zero(); n];
+            for (di, ((yv, &xv), hc)) in yr
+                .iter_mut()
+                .zip(xr)
+                .zip(hr.chunks_exact_mut(2 * n))
+                .enumerate()
+            {
+                let at = di * n;
+                let (a, qr, qi) = (&coef.a[at..][..n], &coef.qr[at..][..n], &coef.qi[at..][..n]);
+                let (gr, gi) = (&coef.gr[at..][..n], &coef.gi[at..][..n]);
+                for (k, (s, t)) in hc.chunks_exact_mut(2).zip(terms.iter_mut()).enumerate() {
+                    let (nr, ni) = recur(s[0], s[1], real(a[k]), real(qr[k]), real(qi[k]), xv);
                     s[0] = nr;
                     s[1] = ni;
-                    acc = acc + (real::<F>(coef.gr[i]) * nr - real::<F>(coef.gi[i]) * ni);
+                    *t = real::<F>(gr[k]) * nr - real::<F>(gi[k]) * ni;
                 }
-                yr[di] = acc + real::<F>(coef.omega[di]) * xv;
+                let acc = terms.iter().fold(F::zero(), |acc, &t| acc + t);
+                *yv = acc + real::<F>(coef.omega[di]) * xv;
             }
         });
 }
