@@ -101,7 +101,8 @@ pub struct MegaAttnSaved<F> {
     /// Post-RoPE keys `[b, H, l, dz]`.
     pub k: Vec<F>,
     /// Attention probabilities `[b, H, n_chunks, span, span]` (see [`MegaAttnShape::span`]):
-    /// row `i` of a block holds the weights of keys `0..=i`, zeros after.
+    /// row `i` of a block holds the weights of keys `0..=i`, zeros after; rows past the end
+    /// of a partial last chunk are zero.
     pub probs: Vec<F>,
 }
 
