@@ -419,7 +419,7 @@ impl Megalodon {
         out: &mut B::Buf,
         b: usize,
         l: usize,
-        carry: Carry<B>,
+        mut carry: Carry<B>,
     ) {
         let c = &self.cfg;
         let (d, z, v, f, g, nn) = (
@@ -435,8 +435,9 @@ impl Megalodon {
         let cw = self.cema_weights::<B>(p, lp);
         let (tn_w, tn_b) = (&p[lp.tn_w], &p[lp.tn_b]);
 
-        // (a) TimestepNorm and CEMA, from a fresh or the carried state.
-        match &carry {
+        // (a) TimestepNorm and CEMA, from a fresh or the carried state. A one-token call
+        // takes the step forms; a longer one the call forms, whose new state replaces the old.
+        match &mut carry {
             Carry::Fresh(_) => {
                 be.timestep_norm_forward(
                     &mut a.xn,
@@ -455,14 +456,11 @@ impl Megalodon {
                 );
                 be.cema_forward(&mut a.xc, None, &a.xn, &cw, None, b, l, d, nn);
             }
-            Carry::Stream(_) => {}
-        }
-        let mut carry = carry;
-        if let Carry::Stream(st) = &mut carry {
-            if l == 1 {
+            Carry::Stream(st) if l == 1 => {
                 be.timestep_norm_step(&mut a.xn, &mut st.tsn, x, tn_w, tn_b, b, d, g, eps);
                 be.cema_step(&mut a.xc, &mut st.h, &a.xn, &cw, b, d, nn);
-            } else {
+            }
+            Carry::Stream(st) => {
                 let mut tsn_next = TsnStats::fresh(be, b, g);
                 be.timestep_norm_forward(
                     &mut a.xn,
