@@ -65,6 +65,11 @@ pub struct MegabyteConfig {
     pub activation: FeedForward,
     /// Std of the truncated-normal initialization (cut at ±2σ).
     pub init_std: f32,
+    /// A learned bias on the tied output head (not in the paper). It absorbs the byte
+    /// unigram distribution, which otherwise has to be carved into the shared byte table and
+    /// stalls small models on a unigram plateau.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub head_bias: bool,
 }
 
 /// MEGALODON hyper-parameters (docs/megalodon-model.md; field names as the official code's
@@ -198,12 +203,16 @@ impl MegabyteConfig {
             ffn_mult: 4,
             activation: FeedForward::Relu,
             init_std: 0.006,
+            head_bias: false,
         };
         let cfg = match name {
             "tiny" => base(4, 16, 8, 32, 2, 2, 16, 2, 2),
             // ~13M parameters, most of them in the global model that runs once per patch,
             // so that two CPU cores see many bytes per second (the quickstart).
-            "small" => base(8, 512, 64, 512, 4, 8, 128, 2, 2),
+            "small" => MegabyteConfig {
+                head_bias: true,
+                ..base(8, 512, 64, 512, 4, 8, 128, 2, 2)
+            },
             // The configuration of the peer benchmark (tools/bench_megabyte_peers.py).
             "bench" => base(8, 2048, 64, 512, 6, 8, 256, 2, 4),
             // Paper v1 Table 15 text models (arXiv/PG-19): 758M global + 262M local.

@@ -145,6 +145,7 @@ fn projected_gelu_and_swiglu_variants_have_correct_gradients() {
     cfg.activation = FeedForward::Gelu;
     check_gradients(&cfg);
     cfg.activation = FeedForward::Swiglu;
+    cfg.head_bias = true;
     check_gradients(&cfg);
 }
 
@@ -302,4 +303,71 @@ fn overfits_one_batch() {
         "initial loss {first} should be ≈ ln 256"
     );
     assert!(last < 0.2, "one batch not memorised: loss {first} → {last}");
+}
+
+/// The f32 fast paths (SIMD attention tiles, threaded GEMMs) agree with the f64 computation on
+/// a model large enough to take them (global sequence > 24 patches, wide matmuls).
+#[test]
+fn f32_fast_paths_match_f64_on_a_mid_sized_model() {
+    let mut cfg = tiny();
+    cfg.patch_size = 8;
+    cfg.max_seq_len = 512;
+    cfg.global_byte_dim = 16;
+    cfg.global_dim = 128;
+    cfg.global_heads = 2;
+    cfg.local_dim = 64;
+    cfg.local_heads = 2;
+    let model = Megabyte::new(&cfg);
+    let host = random_params(&model, 17, 0.1);
+    let (b, t) = (3, cfg.max_seq_len);
+    let bytes = random_bytes(b * t, 5);
+    let run32 = {
+        let be = Cpu::<f32>::new();
+        let p = model.layout.upload(&be, &host);
+        let mut g = model.layout.zeros(&be);
+        let mut ws = model.workspace(&be, b, t, true);
+        let loss = model.forward(&be, &p, &mut ws, &bytes);
+        model.backward(&be, &p, &mut g, &mut ws);
+        (
+            loss,
+            be.download(&ws.logits),
+            g.iter().map(|x| be.download(x)).collect::<Vec<_>>(),
+        )
+    };
+    let run64 = {
+        let be = Cpu::<f64>::new();
+        let p = model.layout.upload(&be, &host);
+        let mut g = model.layout.zeros(&be);
+        let mut ws = model.workspace(&be, b, t, true);
+        let loss = model.forward(&be, &p, &mut ws, &bytes);
+        model.backward(&be, &p, &mut g, &mut ws);
+        (
+            loss,
+            be.download(&ws.logits),
+            g.iter().map(|x| be.download(x)).collect::<Vec<_>>(),
+        )
+    };
+    assert!(
+        (run32.0 - run64.0).abs() < 1e-4,
+        "loss {} vs {}",
+        run32.0,
+        run64.0
+    );
+    assert!(
+        max_abs_diff(&run32.1, &run64.1) < 1e-3,
+        "logits differ by {}",
+        max_abs_diff(&run32.1, &run64.1)
+    );
+    for (i, s) in model.layout.specs.iter().enumerate() {
+        let scale = run64.2[i]
+            .iter()
+            .fold(0.0f32, |m, x| m.max(x.abs()))
+            .max(1e-6);
+        let d = max_abs_diff(&run32.2[i], &run64.2[i]) / scale;
+        assert!(
+            d < 1e-3,
+            "{}: f32 gradient differs from f64 by {d} (relative to its max)",
+            s.name
+        );
+    }
 }

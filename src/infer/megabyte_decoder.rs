@@ -180,6 +180,10 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
             true,
             false,
         );
+        if let Some(hb) = e.head_bias {
+            self.be
+                .add_bias(&mut logits, &self.p[hb], rows, c.vocab_size);
+        }
         self.be.download(&logits)
     }
 

@@ -20,6 +20,7 @@ struct Embeds {
     l_tok: usize,
     l_pos: usize,
     l_pad: usize,
+    head_bias: Option<usize>,
 }
 
 /// A MEGABYTE model's structure: config, parameter layout and the two stacks.
@@ -82,7 +83,11 @@ impl Megabyte {
             "local",
             shape(dl, cfg.local_layers, cfg.local_heads),
         );
+        let head_bias = cfg
+            .head_bias
+            .then(|| layout.add("local.head_bias", &[v], Init::Zeros));
         let e = Embeds {
+            head_bias,
             g_tok,
             g_pos,
             g_pad,
@@ -299,6 +304,9 @@ impl Megabyte {
             true,
             false,
         );
+        if let Some(hb) = e.head_bias {
+            be.add_bias(&mut ws.logits, &p[hb], n, c.vocab_size);
+        }
         be.cross_entropy_forward(&mut ws.losses, &ws.logits, &ws.targets, c.vocab_size);
         be.sum(&ws.losses) / n as f64
     }
@@ -329,6 +337,9 @@ impl Megabyte {
             .expect("workspace was built for inference only");
 
         be.cross_entropy_backward(&mut wg.d_logits, &ws.logits, &ws.targets, v, 1.0 / n as f32);
+        if let Some(hb) = e.head_bias {
+            be.bias_backward(&mut g[hb], &wg.d_logits, n, v);
+        }
         // Tied head: logits = l_out · E_lembᵀ.
         be.matmul(
             &mut g[e.l_tok],
@@ -452,6 +463,7 @@ impl Megabyte {
             l_tok: e.l_tok,
             l_pos: e.l_pos,
             l_pad: e.l_pad,
+            head_bias: e.head_bias,
         }
     }
 }
@@ -468,6 +480,7 @@ pub(crate) struct EmbedIdx {
     pub l_tok: usize,
     pub l_pos: usize,
     pub l_pad: usize,
+    pub head_bias: Option<usize>,
 }
 
 /// Activations of one MEGABYTE forward (and the buffers of its backward), sized for a

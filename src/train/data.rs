@@ -239,15 +239,18 @@ impl ByteCorpus {
     /// Entropy of the byte histogram in bits per byte: the loss, in bpb, of the best model that
     /// ignores context. A trained model should beat it.
     pub fn unigram_entropy_bits(&self) -> f64 {
-        let counts = self
-            .files
+        entropy_bits(&self.byte_counts())
+    }
+
+    /// How often each byte value occurs in the corpus.
+    pub fn byte_counts(&self) -> [u64; 256] {
+        self.files
             .iter()
             .flat_map(|f| f.map.chunks(1 << 20))
             .collect::<Vec<_>>()
             .into_par_iter()
             .map(byte_histogram)
-            .reduce(|| [0u64; 256], add_histograms);
-        entropy_bits(&counts)
+            .reduce(|| [0u64; 256], add_histograms)
     }
 
     /// Splits into training and validation data. With an explicit `valid` corpus, all of `self`

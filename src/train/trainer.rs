@@ -121,6 +121,27 @@ pub fn optimizer_step<B: Backend, M: LanguageModel<B>>(
     norm
 }
 
+/// Data-dependent start for an output-head bias (`local.head_bias`, when the model has one):
+/// the log unigram frequencies of the corpus (add-one smoothed, mean zero), so the model
+/// predicts the unigram distribution from step 0 instead of spending its first hundreds of
+/// steps building it into the shared byte table.
+fn init_head_bias(
+    layout: &crate::model::params::ParamLayout,
+    host: &mut [Vec<f32>],
+    counts: &[u64; 256],
+) {
+    let Some(i) = layout.index("local.head_bias") else {
+        return;
+    };
+    let total: f64 = counts.iter().map(|&c| c as f64 + 1.0).sum();
+    let logp: Vec<f64> = counts
+        .iter()
+        .map(|&c| ((c as f64 + 1.0) / total).ln())
+        .collect();
+    let mean = logp.iter().sum::<f64>() / logp.len() as f64;
+    host[i] = logp.iter().map(|&l| (l - mean) as f32).collect();
+}
+
 /// Mean validation bits per byte over `windows` (each `window_len(t)` bytes), in batches of
 /// the workspace's `b`.
 pub fn evaluate_bpb<B: Backend, M: LanguageModel<B>>(
@@ -204,12 +225,9 @@ pub fn train_model<B: Backend, M: LanguageModel<B>>(
             history: Vec::new(),
             extra: serde_json::Value::Null,
         };
-        (
-            opts.hp.clone(),
-            ts,
-            model.layout().init_host(opts.hp.seed),
-            None,
-        )
+        let mut host = model.layout().init_host(opts.hp.seed);
+        init_head_bias(model.layout(), &mut host, &corpus.byte_counts());
+        (opts.hp.clone(), ts, host, None)
     };
     model
         .check_seq_len(hp.seq_len)
