@@ -104,7 +104,17 @@ fn bench_layernorm(c: &mut Criterion) {
                 |bench| {
                     pool.install(|| {
                         bench.iter(|| {
-                            cpu.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &w, &b, n, d);
+                            cpu.layernorm_forward(
+                                &mut out,
+                                &mut mean,
+                                &mut rstd,
+                                &x,
+                                &w,
+                                &b,
+                                n,
+                                d,
+                                mega::backend::cpu::layernorm::EPS as f32,
+                            );
                             black_box(&out);
                         })
                     })

@@ -72,11 +72,48 @@ pub struct MegabyteConfig {
     pub head_bias: bool,
 }
 
+/// MEGALODON hyper-parameters (docs/megalodon-model.md; field names as the official code's
+/// `ModelConf`). Dropouts are always 0 and `rescale_nffn` is off, as in every official preset.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MegalodonConfig {
+    /// Vocabulary V: 256 for raw bytes.
+    pub vocab_size: usize,
+    /// Model width D.
+    pub model_dim: usize,
+    pub num_layers: usize,
+    /// Attention heads H.
+    pub num_heads: usize,
+    /// Shared query/key width z (per head `z/H`, even for RoPE).
+    pub z_dim: usize,
+    /// Value width v (per head `v/H`).
+    pub value_dim: usize,
+    /// CEMA expansion N (the paper's h).
+    pub cema_ndim: usize,
+    /// TimestepNorm groups G (D divisible by G).
+    pub norm_num_groups: usize,
+    /// Attention chunk size C.
+    pub chunk_size: usize,
+    /// FFN hidden width F.
+    pub ffn_hidden_dim: usize,
+    /// SwiGLU FFN (`W2·(SiLU(W1 u) ⊙ W3 u)`) instead of `W2·SiLU(W1 u)`.
+    pub swiglu: bool,
+    /// RoPE base (1e4 in the official presets, 1e5 in the paper's 7B).
+    pub rope_base: f64,
+    /// Epsilon of every norm.
+    pub norm_eps: f64,
+    /// Tie the output head to the embedding.
+    pub share_emb: bool,
+    /// Multiply the embedding by √D.
+    pub scale_emb: bool,
+}
+
 /// Every model family behind one JSON shape, selected by its `"model"` field.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "model", rename_all = "lowercase")]
 pub enum ModelConfig {
     Megabyte(MegabyteConfig),
+    Megalodon(MegalodonConfig),
 }
 
 impl MegabyteConfig {
@@ -198,6 +235,146 @@ impl MegabyteConfig {
         &["tiny", "small", "bench", "paper-758m", "paper-1.3b"];
 }
 
+impl MegalodonConfig {
+    /// Query/key width per head, `z/H`.
+    pub fn head_z(&self) -> usize {
+        self.z_dim / self.num_heads
+    }
+
+    /// Value width per head, `v/H`.
+    pub fn head_v(&self) -> usize {
+        self.value_dim / self.num_heads
+    }
+
+    /// Check every invariant the model relies on, naming the offending field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("model_dim", self.model_dim),
+            ("num_layers", self.num_layers),
+            ("num_heads", self.num_heads),
+            ("z_dim", self.z_dim),
+            ("value_dim", self.value_dim),
+            ("cema_ndim", self.cema_ndim),
+            ("norm_num_groups", self.norm_num_groups),
+            ("chunk_size", self.chunk_size),
+            ("ffn_hidden_dim", self.ffn_hidden_dim),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return bad(format!("{name} must be positive"));
+            }
+        }
+        if self.vocab_size != 256 {
+            return bad(format!(
+                "vocab_size must be 256 for a byte-level MEGALODON (got {})",
+                self.vocab_size
+            ));
+        }
+        if self.model_dim % self.norm_num_groups != 0 {
+            return bad(format!(
+                "model_dim ({}) must be divisible by norm_num_groups ({})",
+                self.model_dim, self.norm_num_groups
+            ));
+        }
+        if self.z_dim % self.num_heads != 0 || self.head_z() % 2 != 0 {
+            return bad(format!(
+                "z_dim ({}) must split into num_heads ({}) heads of even width (RoPE rotates pairs)",
+                self.z_dim, self.num_heads
+            ));
+        }
+        if self.value_dim % self.num_heads != 0 {
+            return bad(format!(
+                "value_dim ({}) must be divisible by num_heads ({})",
+                self.value_dim, self.num_heads
+            ));
+        }
+        if !(self.rope_base.is_finite() && self.rope_base > 1.0) {
+            return bad(format!(
+                "rope_base must be finite and above 1 (got {})",
+                self.rope_base
+            ));
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return bad(format!(
+                "norm_eps must be positive and finite (got {})",
+                self.norm_eps
+            ));
+        }
+        Ok(())
+    }
+
+    /// The named presets: `tiny` (the golden fixtures' model), `small` (CPU quickstart),
+    /// `bench` (the peer benchmark's configuration), the official code's presets (spec
+    /// §11, with the byte vocabulary) and `paper-7b` (`mega7.3B` with the paper's chunk
+    /// size 4096 and RoPE base 1e5).
+    pub fn preset(name: &str) -> Result<Self, ConfigError> {
+        #[allow(clippy::too_many_arguments)]
+        let base = |layers, d, h, z, v, f, swiglu, c, g| MegalodonConfig {
+            vocab_size: 256,
+            model_dim: d,
+            num_layers: layers,
+            num_heads: h,
+            z_dim: z,
+            value_dim: v,
+            cema_ndim: 16,
+            norm_num_groups: g,
+            chunk_size: c,
+            ffn_hidden_dim: f,
+            swiglu,
+            rope_base: 10_000.0,
+            norm_eps: 1e-5,
+            share_emb: false,
+            scale_emb: false,
+        };
+        let cfg = match name {
+            "tiny" => MegalodonConfig {
+                cema_ndim: 4,
+                ..base(2, 32, 2, 16, 24, 48, true, 8, 4)
+            },
+            // ~14M parameters: a few thousand bytes per second of training on two cores.
+            "small" => base(6, 384, 2, 128, 768, 1024, true, 256, 32),
+            // The configuration of the peer benchmark (tools/bench_megalodon_peers.py).
+            "bench" => base(6, 512, 2, 128, 1024, 1024, true, 256, 32),
+            "mega200M" => base(12, 1024, 1, 256, 2048, 2560, false, 2048, 32),
+            "mega1.3B" => base(24, 2048, 2, 512, 4096, 4864, false, 2048, 64),
+            "mega1.3B_pg19" => MegalodonConfig {
+                share_emb: true,
+                scale_emb: true,
+                ..base(24, 2048, 2, 512, 4096, 3584, true, 2048, 64)
+            },
+            "mega7.1B" => base(32, 4096, 4, 1024, 8192, 11264, false, 2048, 64),
+            "mega7.3B" => base(32, 4096, 4, 1024, 8192, 8192, true, 2048, 64),
+            "paper-7b" => MegalodonConfig {
+                rope_base: 100_000.0,
+                ..base(32, 4096, 4, 1024, 8192, 8192, true, 4096, 64)
+            },
+            _ => {
+                return Err(ConfigError::UnknownPreset {
+                    model: "megalodon".into(),
+                    name: name.into(),
+                    available: Self::PRESETS.join(", "),
+                })
+            }
+        };
+        Ok(cfg)
+    }
+
+    /// Names accepted by [`MegalodonConfig::preset`].
+    pub const PRESETS: &'static [&'static str] = &[
+        "tiny",
+        "small",
+        "bench",
+        "mega200M",
+        "mega1.3B",
+        "mega1.3B_pg19",
+        "mega7.1B",
+        "mega7.3B",
+        "paper-7b",
+    ];
+}
+
 impl ModelConfig {
     /// Parse and validate a config JSON text; `origin` names it in errors.
     pub fn from_json(text: &str, origin: &str) -> Result<Self, ConfigError> {
@@ -222,6 +399,7 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         match self {
             ModelConfig::Megabyte(c) => c.validate(),
+            ModelConfig::Megalodon(c) => c.validate(),
         }
     }
 

@@ -364,7 +364,17 @@ fn layernorm_fast_matches_reference() {
         let w = to_f32(&uniform(&mut r, d, 0.5, 1.5));
         let b = to_f32(&uniform(&mut r, d, -0.5, 0.5));
         let (mut out, mut mean, mut rstd) = (vec![0.0f32; n * d], vec![0.0f32; n], vec![0.0f32; n]);
-        cpu.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &w, &b, n, d);
+        cpu.layernorm_forward(
+            &mut out,
+            &mut mean,
+            &mut rstd,
+            &x,
+            &w,
+            &b,
+            n,
+            d,
+            layernorm::EPS as f32,
+        );
         let (mut out_r, mut mean_r, mut rstd_r) =
             (vec![0.0f32; n * d], vec![0.0f32; n], vec![0.0f32; n]);
         layernorm::reference::forward(&mut out_r, &mut mean_r, &mut rstd_r, &x, &w, &b, n, d);
@@ -406,6 +416,7 @@ fn layernorm_hand_computed() {
         &vec![0.0; 3],
         1,
         3,
+        layernorm::EPS as f32,
     );
     // mean 2, variance (1 + 0 + 1)/3 = 2/3.
     let rs = 1.0 / (2.0f64 / 3.0 + 1e-5).sqrt();
@@ -425,6 +436,7 @@ fn layernorm_hand_computed() {
         &vec![1.0, 1.0, 1.0],
         1,
         3,
+        layernorm::EPS as f32,
     );
     let want = [1.0 - 2.0 * rs, 1.0, 1.0 + 4.0 * rs];
     for (o, w) in out.iter().zip(want) {
@@ -440,6 +452,7 @@ fn layernorm_hand_computed() {
         &vec![0.5, -0.5, 0.0],
         1,
         3,
+        layernorm::EPS as f32,
     );
     assert_eq!(out, vec![0.5, -0.5, 0.0]);
 }
@@ -499,7 +512,7 @@ fn rmsnorm_fast_matches_reference() {
         let x = to_f32(&uniform(&mut r, n * d, -2.0, 3.0));
         let w = to_f32(&uniform(&mut r, d, 0.5, 1.5));
         let (mut out, mut rstd) = (vec![0.0f32; n * d], vec![0.0f32; n]);
-        cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, d);
+        cpu.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, d, rmsnorm::EPS as f32);
         let (mut out_r, mut rstd_r) = (vec![0.0f32; n * d], vec![0.0f32; n]);
         rmsnorm::reference::forward(&mut out_r, &mut rstd_r, &x, &w, n, d);
         let tag = format!("rmsnorm n={n} d={d}");
@@ -523,7 +536,15 @@ fn rmsnorm_fast_matches_reference() {
 fn rmsnorm_hand_computed() {
     let cpu = Cpu::<f32>::new();
     let (mut out, mut rstd) = (vec![0.0f32; 2], vec![0.0f32]);
-    cpu.rmsnorm_forward(&mut out, &mut rstd, &vec![3.0, 4.0], &vec![1.0, 2.0], 1, 2);
+    cpu.rmsnorm_forward(
+        &mut out,
+        &mut rstd,
+        &vec![3.0, 4.0],
+        &vec![1.0, 2.0],
+        1,
+        2,
+        rmsnorm::EPS as f32,
+    );
     // mean(x²) = (9 + 16)/2 = 12.5.
     let rs = 1.0 / (12.5f64 + 1e-6).sqrt();
     assert!((rstd[0] as f64 - rs).abs() < 1e-6 * rs);
@@ -1051,7 +1072,17 @@ fn reductions_do_not_depend_on_thread_count() {
     let x = to_f32(&uniform(&mut r, n * d, -1.0, 1.0));
     let w = to_f32(&uniform(&mut r, d, 0.5, 1.5));
     let (mut mean, mut rstd, mut y) = (vec![0.0f32; n], vec![0.0f32; n], vec![0.0f32; n * d]);
-    layernorm::forward(&mut y, &mut mean, &mut rstd, &x, &w, &w, n, d);
+    layernorm::forward(
+        &mut y,
+        &mut mean,
+        &mut rstd,
+        &x,
+        &w,
+        &w,
+        n,
+        d,
+        layernorm::EPS as f32,
+    );
     let run = || {
         let cpu = Cpu::<f32>::new();
         let mut dt = table0.clone();

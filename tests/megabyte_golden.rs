@@ -53,7 +53,9 @@ fn load(name: &str) -> Fixture {
 fn check(name: &str) {
     let fx = load(name);
     let _ = &fx.bytes;
-    let ModelConfig::Megabyte(cfg) = &fx.config;
+    let ModelConfig::Megabyte(cfg) = &fx.config else {
+        panic!("{name} is not a MEGABYTE fixture");
+    };
     let model = Megabyte::new(cfg);
     let (input_shape, input) = &fx.tensors["input"];
     let (b, t) = (input_shape[0], input_shape[1]);

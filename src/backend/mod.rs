@@ -8,14 +8,20 @@
 //!
 //! Conventions shared by every op:
 //! - Buffers are flat, row-major and contiguous; shapes are passed explicitly.
-//! - A linear layer's weight is stored `[in, out]` so `y = x · W + b`.
+//! - MEGABYTE stores a linear layer's weight `[in, out]` so `y = x · W + b`; MEGALODON keeps
+//!   the official `(out, in)` layout and multiplies with `trans_b`. [`Backend::matmul`] serves
+//!   both.
 //! - Backward ops *accumulate* into gradient buffers (`+=`), so a parameter used twice
 //!   (the tied MEGABYTE byte table) simply receives both contributions. Callers zero
-//!   gradients once per step.
+//!   gradients once per step. The MEGALODON sequence ops (TimestepNorm, CEMA, chunked
+//!   attention) overwrite their *input* gradients (`dx =`) and accumulate only into
+//!   parameter gradients; each op says which.
 //! - Index arrays (byte ids, positions, row lists) are host slices: they are tiny, and a
 //!   device backend uploads them as part of the launch.
 
 pub mod cpu;
+
+pub use cpu::megalodon_attention::{ChunkCallError, MegaAttnShape};
 
 /// Sentinel in an id array meaning "use the learned pad vector instead of a table row".
 pub const PAD_ID: u32 = u32::MAX;
@@ -46,6 +52,53 @@ pub struct AdamW {
     pub step: u64,
 }
 
+/// The five CEMA parameters of one MEGALODON layer (spec `megalodon.md` §4.1), official
+/// layouts: `alpha`, `delta` `[d, n]`, `theta` `[d]`, `gamma` `[d, n, 2]` (re, im), `omega` `[d]`.
+#[derive(Debug)]
+pub struct CemaWeights<'a, T> {
+    /// Input rate logits: `a = σ(alpha)`.
+    pub alpha: &'a T,
+    /// Damping logits: `|q| = 1 − σ(alpha)·σ(delta)`.
+    pub delta: &'a T,
+    /// Base-angle logits: the n-th angle is `σ(theta)·2π·n/N`, n = 1..N.
+    pub theta: &'a T,
+    /// Complex output projection, applied as `/√N`.
+    pub gamma: &'a T,
+    /// Real skip weight on the input.
+    pub omega: &'a T,
+}
+
+/// Gradient buffers of [`CemaWeights`], same shapes.
+#[derive(Debug)]
+pub struct CemaWeightGrads<'a, T> {
+    pub alpha: &'a mut T,
+    pub delta: &'a mut T,
+    pub theta: &'a mut T,
+    pub gamma: &'a mut T,
+    pub omega: &'a mut T,
+}
+
+/// The streaming statistics a TimestepNorm carries (spec §5.3): `count` `[b]` timesteps seen
+/// (an integer held in the element type), `mean` and `var` `[b, g]` (population variance).
+/// All zero is a fresh sequence: with count 0 the mean and variance have no effect.
+#[derive(Debug)]
+pub struct TsnStats<T> {
+    pub count: T,
+    pub mean: T,
+    pub var: T,
+}
+
+impl<T> TsnStats<T> {
+    /// Fresh statistics for `b` rows and `g` groups.
+    pub fn fresh<B: Backend<Buf = T>>(be: &B, b: usize, g: usize) -> Self {
+        TsnStats {
+            count: be.zeros(b),
+            mean: be.zeros(b * g),
+            var: be.zeros(b * g),
+        }
+    }
+}
+
 /// Operations every backend provides. `Buf` is a device buffer of the backend's element type.
 ///
 /// Shapes use these letters: `n` rows, `d`/`c` channels, `b` batch, `t` time, `h` heads,
@@ -54,6 +107,11 @@ pub struct AdamW {
 pub trait Backend: Send + Sync {
     /// A buffer on this backend's device.
     type Buf: Send + Sync;
+    /// What [`Backend::mega_attention_forward`] keeps for its backward.
+    type MegaAttnSaved: Send + Sync;
+    /// The post-RoPE keys and values of each row's current, partially filled attention
+    /// chunk (MEGALODON streaming, spec §16.1).
+    type ChunkCache: Send + Sync;
 
     /// Short name for logs (`cpu`, `cuda:0`).
     fn name(&self) -> String;
@@ -106,7 +164,8 @@ pub trait Backend: Send + Sync {
     fn bias_backward(&self, dbias: &mut Self::Buf, dout: &Self::Buf, n: usize, d: usize);
 
     // ---- normalization --------------------------------------------------------------------
-    /// LayerNorm over the last dim (eps 1e-5): `out = (x-μ)·rstd·w + b`; saves `mean`, `rstd` `[n]`.
+    /// LayerNorm over the last dim: `out = (x-μ)·rstd·w + b`, `rstd = 1/√(var + eps)`; saves
+    /// `mean`, `rstd` `[n]`.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_forward(
         &self,
@@ -118,6 +177,7 @@ pub trait Backend: Send + Sync {
         b: &Self::Buf,
         n: usize,
         d: usize,
+        eps: f32,
     );
     /// `dx += …`, `dw += …`, `db += …`.
     #[allow(clippy::too_many_arguments)]
@@ -134,7 +194,7 @@ pub trait Backend: Send + Sync {
         n: usize,
         d: usize,
     );
-    /// RMSNorm over the last dim (eps 1e-6): `out = x·rstd·w`, `rstd = 1/√(mean(x²)+eps)`; saves `rstd` `[n]`.
+    /// RMSNorm over the last dim: `out = x·rstd·w`, `rstd = 1/√(mean(x²)+eps)`; saves `rstd` `[n]`.
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_forward(
         &self,
@@ -144,6 +204,7 @@ pub trait Backend: Send + Sync {
         w: &Self::Buf,
         n: usize,
         d: usize,
+        eps: f32,
     );
     /// `dx += …`, `dw += …`.
     #[allow(clippy::too_many_arguments)]
@@ -170,6 +231,10 @@ pub trait Backend: Send + Sync {
         x: &Self::Buf,
         dout: &Self::Buf,
     );
+    /// `out = a ⊙ b` elementwise (equal lengths).
+    fn mul(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf);
+    /// `out = x + s` elementwise (MEGALODON's plus-one norm scales: stored `w`, applied `w + 1`).
+    fn add_scalar(&self, out: &mut Self::Buf, x: &Self::Buf, s: f32);
     /// SwiGLU: `x` is `[n, 2h]` holding `[a | g]` per row; `out[n,h] = silu(a) ⊙ g`.
     fn swiglu_forward(&self, out: &mut Self::Buf, x: &Self::Buf, n: usize, h: usize);
     /// `dx += …` for the `[n, 2h]` input.
@@ -240,6 +305,185 @@ pub trait Backend: Send + Sync {
         entries: &[u32],
         c: usize,
     );
+
+    // ---- MEGALODON (spec megalodon.md) ------------------------------------------------------
+    /// TimestepNorm (§5) over a call of `l` tokens: `x`, `y` `[b, l, d]`, `d` channels in `g`
+    /// groups; statistics cover every timestep so far, including those behind `state_in`
+    /// (`None`: a fresh sequence). Plus-one scale: `y = x̂·(w + 1) + bias`. Writes `y` and, for
+    /// the backward, the cumulative `saved_mean`, `saved_rstd` `[b, l, g]`; `state_out`, when
+    /// given, receives the statistics after the last token (it must not be `state_in`).
+    #[allow(clippy::too_many_arguments)]
+    fn timestep_norm_forward(
+        &self,
+        y: &mut Self::Buf,
+        saved_mean: &mut Self::Buf,
+        saved_rstd: &mut Self::Buf,
+        state_out: Option<&mut TsnStats<Self::Buf>>,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        bias: &Self::Buf,
+        state_in: Option<&TsnStats<Self::Buf>>,
+        b: usize,
+        l: usize,
+        d: usize,
+        g: usize,
+        eps: f32,
+    );
+    /// Backward of [`Backend::timestep_norm_forward`]: `dx =` (overwritten), `dw +=`, `db +=`.
+    /// `dstate_out` is the gradient arriving at the returned `(mean, var)` (zero when `None`);
+    /// `dstate_in`, when given, is overwritten with the gradient of the carried-in
+    /// `(mean, var)`. `state_in` must be the state the forward started from.
+    #[allow(clippy::too_many_arguments)]
+    fn timestep_norm_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        db: &mut Self::Buf,
+        dstate_in: Option<(&mut Self::Buf, &mut Self::Buf)>,
+        dy: &Self::Buf,
+        dstate_out: Option<(&Self::Buf, &Self::Buf)>,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        saved_mean: &Self::Buf,
+        saved_rstd: &Self::Buf,
+        state_in: Option<&TsnStats<Self::Buf>>,
+        b: usize,
+        l: usize,
+        d: usize,
+        g: usize,
+    );
+    /// One token per row (`x`, `y` `[b, d]`), merged into `state` in place: the decoding form
+    /// of [`Backend::timestep_norm_forward`].
+    #[allow(clippy::too_many_arguments)]
+    fn timestep_norm_step(
+        &self,
+        y: &mut Self::Buf,
+        state: &mut TsnStats<Self::Buf>,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        bias: &Self::Buf,
+        b: usize,
+        d: usize,
+        g: usize,
+        eps: f32,
+    );
+    /// CEMA (§4) over a call of `l` tokens: `y = CEMA(x)`, `x`, `y` `[b, l, d]`, expansion `n`,
+    /// starting from the complex state `h0` `[b, d, n, 2]` (zero when `None`); `h_out`, when
+    /// given, receives the state after the last token (it must not be `h0`).
+    #[allow(clippy::too_many_arguments)]
+    fn cema_forward(
+        &self,
+        y: &mut Self::Buf,
+        h_out: Option<&mut Self::Buf>,
+        x: &Self::Buf,
+        p: &CemaWeights<Self::Buf>,
+        h0: Option<&Self::Buf>,
+        b: usize,
+        l: usize,
+        d: usize,
+        n: usize,
+    );
+    /// Backward of [`Backend::cema_forward`]: `dx =` (overwritten), parameter gradients `+=`;
+    /// `dh0`, when given, is overwritten with the gradient of the carried-in state; `dh_out`
+    /// is the gradient arriving at `h_out` (zero when `None`).
+    #[allow(clippy::too_many_arguments)]
+    fn cema_backward(
+        &self,
+        dx: &mut Self::Buf,
+        g: &mut CemaWeightGrads<Self::Buf>,
+        dh0: Option<&mut Self::Buf>,
+        dy: &Self::Buf,
+        dh_out: Option<&Self::Buf>,
+        x: &Self::Buf,
+        p: &CemaWeights<Self::Buf>,
+        h0: Option<&Self::Buf>,
+        b: usize,
+        l: usize,
+        d: usize,
+        n: usize,
+    );
+    /// One token per row (`x`, `y` `[b, d]`), advancing `h` `[b, d, n, 2]` in place.
+    #[allow(clippy::too_many_arguments)]
+    fn cema_step(
+        &self,
+        y: &mut Self::Buf,
+        h: &mut Self::Buf,
+        x: &Self::Buf,
+        p: &CemaWeights<Self::Buf>,
+        b: usize,
+        d: usize,
+        n: usize,
+    );
+    /// Buffers for what [`Backend::mega_attention_forward`] saves at shape `s`.
+    fn mega_attention_saved(&self, s: &MegaAttnShape) -> Self::MegaAttnSaved;
+    /// MEGALODON's normalized chunk-local attention (§6) over whole sequences from chunk
+    /// position 0: per-head RMSNorm of `z` `[b, l, H·dz]`, `Q, K = Ẑ·(γ[0|1]+1)/√dz + β[0|1]`
+    /// (`gamma`, `beta` `[2, H·dz]`), RoPE at positions inside each chunk of `s.chunk` tokens,
+    /// causal softmax within chunks without temperature, times `v` `[b, l, H·dv]`.
+    /// Writes `out` `[b, l, H·dv]` and `saved`. The last chunk may be partial.
+    #[allow(clippy::too_many_arguments)]
+    fn mega_attention_forward(
+        &self,
+        out: &mut Self::Buf,
+        saved: &mut Self::MegaAttnSaved,
+        z: &Self::Buf,
+        v: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        s: &MegaAttnShape,
+    );
+    /// Backward of [`Backend::mega_attention_forward`]: `dz =`, `dv =` (overwritten),
+    /// `dgamma +=`, `dbeta +=`.
+    #[allow(clippy::too_many_arguments)]
+    fn mega_attention_backward(
+        &self,
+        dz: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dgamma: &mut Self::Buf,
+        dbeta: &mut Self::Buf,
+        dout: &Self::Buf,
+        z: &Self::Buf,
+        v: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        saved: &Self::MegaAttnSaved,
+        s: &MegaAttnShape,
+    );
+    /// An empty chunk cache for `b` rows (every row at chunk position 0).
+    fn chunk_cache(
+        &self,
+        b: usize,
+        heads: usize,
+        dz: usize,
+        dv: usize,
+        chunk: usize,
+    ) -> Self::ChunkCache;
+    /// Copy row `src_row` of `src` (its keys, values and chunk position) into row `dst_row`
+    /// of `dst`; both caches have the same heads, widths and chunk size.
+    fn chunk_cache_copy_row(
+        &self,
+        dst: &mut Self::ChunkCache,
+        dst_row: usize,
+        src: &Self::ChunkCache,
+        src_row: usize,
+    );
+    /// Streaming form of [`Backend::mega_attention_forward`]: `s.l` new tokens per row
+    /// continue each row's partial chunk in `cache` (RoPE positions and causal keys follow
+    /// on from the cached ones); a row's cache empties when its chunk fills. Writes `out`
+    /// `[b, s.l, H·dv]`. Errors, before writing anything, when a row's call breaks the chunk
+    /// rules of spec §16.2 (it straddles a chunk boundary, or starts at one with a length
+    /// that is neither below the chunk size nor a multiple of it).
+    #[allow(clippy::too_many_arguments)]
+    fn mega_attention_forward_cached(
+        &self,
+        out: &mut Self::Buf,
+        cache: &mut Self::ChunkCache,
+        z: &Self::Buf,
+        v: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        s: &MegaAttnShape,
+    ) -> Result<(), ChunkCallError>;
 
     // ---- embeddings -----------------------------------------------------------------------
     /// `out[i] (= or +=) table[ids[i]]` for rows of width `d`.

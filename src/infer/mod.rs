@@ -1,5 +1,5 @@
-//! Inference: next-byte sampling, stop sequences, the KV-cached MEGABYTE decoder and the
-//! generation loop.
+//! Inference: next-byte sampling, stop sequences, the KV-cached MEGABYTE decoder, the
+//! streaming MEGALODON decoder and the generation loop.
 
 pub mod sampler;
 pub mod stop;
@@ -9,3 +9,4 @@ pub use stop::{StopError, StopFilter, StopMatcher, StopState};
 
 pub mod generate;
 pub mod megabyte_decoder;
+pub mod megalodon_stream;

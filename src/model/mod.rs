@@ -2,6 +2,7 @@
 
 pub mod language_model;
 pub mod megabyte;
+pub mod megalodon;
 pub mod params;
 pub mod transformer;
 
@@ -15,6 +16,10 @@ macro_rules! with_model {
         match $cfg {
             $crate::config::ModelConfig::Megabyte(c) => {
                 let $m = $crate::model::megabyte::Megabyte::new(c);
+                $body
+            }
+            $crate::config::ModelConfig::Megalodon(c) => {
+                let $m = $crate::model::megalodon::Megalodon::new(c);
                 $body
             }
         }

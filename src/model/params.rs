@@ -12,6 +12,19 @@ pub enum Init {
     TruncNormal(f32),
     Zeros,
     Ones,
+    /// Normal(0, std) (MEGALODON's linear layers: std = 1/√(3·fan_in)).
+    Normal(f32),
+    /// Normal(0, std) redrawn outside ±`cut`·std (MEGALODON's embedding: cut 3; CEMA
+    /// `omega`: std 0.25 clipped to ±1, cut 4).
+    TruncNormalCut {
+        std: f32,
+        cut: f32,
+    },
+    /// `(re, im)` pairs with re ~ Normal(0, std) and im = 0 (CEMA `gamma`).
+    RealPartNormal(f32),
+    /// CEMA `theta` of one layer (spec §4.1): `logit(f)` for a random permutation of
+    /// `f_i = exp(−i·ln(D)/D)`, i = 1..D, D = the tensor's size.
+    CemaTheta,
 }
 
 /// Name, shape and initialization of one parameter tensor.
@@ -64,17 +77,27 @@ impl ParamLayout {
             .map(|s| match s.init {
                 Init::Zeros => vec![0.0; s.numel()],
                 Init::Ones => vec![1.0; s.numel()],
-                Init::TruncNormal(std) => {
-                    let normal = Normal::new(0.0f32, 1.0).expect("unit normal");
+                Init::TruncNormal(std) => truncated_normal(&mut rng, s.numel(), std, 2.0),
+                Init::TruncNormalCut { std, cut } => {
+                    truncated_normal(&mut rng, s.numel(), std, cut)
+                }
+                Init::Normal(std) => {
+                    let normal = Normal::new(0.0f32, std).expect("finite std");
+                    (0..s.numel()).map(|_| normal.sample(&mut rng)).collect()
+                }
+                Init::RealPartNormal(std) => {
+                    let normal = Normal::new(0.0f32, std).expect("finite std");
                     (0..s.numel())
-                        .map(|_| loop {
-                            let z = normal.sample(&mut rng);
-                            if z.abs() <= 2.0 {
-                                break z * std;
+                        .map(|i| {
+                            if i % 2 == 0 {
+                                normal.sample(&mut rng)
+                            } else {
+                                0.0
                             }
                         })
                         .collect()
                 }
+                Init::CemaTheta => cema_theta(&mut rng, s.numel()),
             })
             .collect()
     }
@@ -135,6 +158,37 @@ impl ParamLayout {
         }
         Ok(out)
     }
+}
+
+/// `n` draws of Normal(0, std), each redrawn until it lies within ±`cut`·std.
+fn truncated_normal(rng: &mut impl rand::Rng, n: usize, std: f32, cut: f32) -> Vec<f32> {
+    let normal = Normal::new(0.0f32, 1.0).expect("unit normal");
+    (0..n)
+        .map(|_| loop {
+            let z = normal.sample(rng);
+            if z.abs() <= cut {
+                break z * std;
+            }
+        })
+        .collect()
+}
+
+/// CEMA base-angle logits: the frequencies `exp(−i·ln(d)/d)`, i = 1..d, which run from
+/// about 1 down to 1/d, shuffled across channels and stored as logits so σ(theta) = f.
+fn cema_theta(rng: &mut impl rand::Rng, d: usize) -> Vec<f32> {
+    use rand::seq::SliceRandom;
+    let ln_d = (d as f64).ln();
+    let mut f: Vec<f64> = (1..=d)
+        .map(|i| (-(i as f64) * ln_d / d as f64).exp())
+        .collect();
+    f.shuffle(rng);
+    // A one-channel layer would get f = 1 exactly; keep its logit finite.
+    f.iter()
+        .map(|&f| {
+            let f = f.min(1.0 - 1e-7);
+            (f / (1.0 - f)).ln() as f32
+        })
+        .collect()
 }
 
 /// Distinct mutable elements of a slice (e.g. a norm's weight and bias gradients).

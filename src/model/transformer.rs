@@ -9,6 +9,9 @@ use super::params::{many_mut, Init, ParamLayout};
 use crate::backend::{Activation, Backend};
 use crate::config::FeedForward;
 
+/// Variance floor of every LayerNorm in a MEGABYTE stack (GPT-2 / PyTorch's default).
+const LN_EPS: f32 = 1e-5;
+
 /// The hyper-parameters of one stack.
 #[derive(Clone, Copy, Debug)]
 pub struct StackShape {
@@ -224,6 +227,7 @@ impl Stack {
                 &p[blk.ln1_b],
                 n,
                 d,
+                LN_EPS,
             );
             be.matmul(
                 &mut acts.qkv[l],
@@ -270,6 +274,7 @@ impl Stack {
                 &p[blk.ln2_b],
                 n,
                 d,
+                LN_EPS,
             );
             let f = self.fc_out();
             be.matmul(
@@ -310,6 +315,7 @@ impl Stack {
             &p[self.lnf_b],
             n,
             d,
+            LN_EPS,
         );
     }
 
@@ -576,6 +582,7 @@ impl Stack {
                 &p[blk.ln1_b],
                 s,
                 d,
+                LN_EPS,
             );
             be.matmul(
                 &mut qkv,
@@ -652,6 +659,7 @@ impl Stack {
                 &p[blk.ln2_b],
                 s,
                 d,
+                LN_EPS,
             );
             be.matmul(&mut fc, &ln, &p[blk.fc_w], s, d, f, false, false, false);
             be.add_bias(&mut fc, &p[blk.fc_b], s, f);
@@ -679,6 +687,7 @@ impl Stack {
             &p[self.lnf_b],
             s,
             d,
+            LN_EPS,
         );
         out
     }

@@ -7,7 +7,6 @@ use super::plot::write_loss_plot;
 use super::schedule::LrSchedule;
 use crate::backend::{AdamW, Backend};
 use crate::config::ModelConfig;
-use crate::model::megabyte::Megabyte;
 use crate::model::LanguageModel;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -175,9 +174,7 @@ pub fn evaluate_bpb<B: Backend, M: LanguageModel<B>>(
 /// Train the model `cfg` describes on backend `be`; writes checkpoints and the plot under
 /// `opts.out`.
 pub fn train<B: Backend>(be: &B, cfg: &ModelConfig, opts: &TrainOptions) -> Result<TrainSummary> {
-    match cfg {
-        ModelConfig::Megabyte(c) => train_model(be, &Megabyte::new(c), cfg, opts),
-    }
+    crate::with_model!(cfg, |model| train_model(be, &model, cfg, opts))
 }
 
 /// [`train`] for a constructed model.

@@ -6,7 +6,7 @@ use super::lanes::sum_by;
 use super::parallel::{min_rows, rows_with_column_sums};
 use super::Real;
 
-/// Variance floor, as in GPT-2 / PyTorch's default.
+/// Variance floor of MEGABYTE's LayerNorms, as in GPT-2 / PyTorch's default.
 pub const EPS: f64 = 1e-5;
 
 fn check_shapes<F>(x: &[F], w: &[F], mean: &[F], rstd: &[F], n: usize, d: usize) {
@@ -16,7 +16,8 @@ fn check_shapes<F>(x: &[F], w: &[F], mean: &[F], rstd: &[F], n: usize, d: usize)
     assert_eq!(rstd.len(), n, "layernorm: rstd must be [n]");
 }
 
-/// Forward: writes `out` `[n, d]` and the saved statistics `mean`, `rstd` `[n]`.
+/// Forward with variance floor `eps` ([`EPS`] for MEGABYTE): writes `out` `[n, d]` and the
+/// saved statistics `mean`, `rstd` `[n]`.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<F: Real>(
     out: &mut [F],
@@ -27,6 +28,7 @@ pub fn forward<F: Real>(
     b: &[F],
     n: usize,
     d: usize,
+    eps: F,
 ) {
     check_shapes(x, w, mean, rstd, n, d);
     assert_eq!(out.len(), n * d, "layernorm: out must be [n, d]");
@@ -34,7 +36,6 @@ pub fn forward<F: Real>(
     if d == 0 {
         return;
     }
-    let eps: F = super::real(EPS);
     let inv_d = F::one() / super::real(d as f64);
     out.par_chunks_mut(d)
         .zip(x.par_chunks(d))

@@ -12,6 +12,8 @@ pub mod adamw;
 pub mod attention;
 pub mod bias;
 pub mod cema;
+pub mod chunk_cache;
+pub mod elementwise;
 pub mod embedding;
 pub mod kv_cache;
 mod lanes;
@@ -29,7 +31,10 @@ pub mod timestep_norm;
 
 use num_traits::Float;
 
-use super::{Activation, AdamW, Backend};
+use super::{
+    Activation, AdamW, Backend, CemaWeightGrads, CemaWeights, ChunkCallError, MegaAttnShape,
+    TsnStats,
+};
 
 /// Element types the CPU backend computes in (`f32`, `f64`).
 pub trait Real:
@@ -68,8 +73,37 @@ impl<F: Real> Cpu<F> {
     }
 }
 
+/// Borrow CEMA weight buffers as the op's slices.
+fn cema_params<'a, F>(p: &'a CemaWeights<Vec<F>>) -> cema::CemaParams<'a, F> {
+    cema::CemaParams {
+        alpha: p.alpha,
+        delta: p.delta,
+        theta: p.theta,
+        gamma: p.gamma,
+        omega: p.omega,
+    }
+}
+
+fn tsn_state<F>(s: &TsnStats<Vec<F>>) -> timestep_norm::TsnState<'_, F> {
+    timestep_norm::TsnState {
+        count: &s.count,
+        mean: &s.mean,
+        var: &s.var,
+    }
+}
+
+fn tsn_state_mut<F>(s: &mut TsnStats<Vec<F>>) -> timestep_norm::TsnStateMut<'_, F> {
+    timestep_norm::TsnStateMut {
+        count: &mut s.count,
+        mean: &mut s.mean,
+        var: &mut s.var,
+    }
+}
+
 impl<F: Real> Backend for Cpu<F> {
     type Buf = Vec<F>;
+    type MegaAttnSaved = megalodon_attention::MegaAttnSaved<F>;
+    type ChunkCache = megalodon_attention::ChunkKvCache<F>;
 
     fn name(&self) -> String {
         "cpu".to_string()
@@ -157,8 +191,9 @@ impl<F: Real> Backend for Cpu<F> {
         b: &Vec<F>,
         n: usize,
         d: usize,
+        eps: f32,
     ) {
-        layernorm::forward(out, mean, rstd, x, w, b, n, d);
+        layernorm::forward(out, mean, rstd, x, w, b, n, d, real(eps as f64));
     }
 
     fn layernorm_backward(
@@ -185,8 +220,9 @@ impl<F: Real> Backend for Cpu<F> {
         w: &Vec<F>,
         n: usize,
         d: usize,
+        eps: f32,
     ) {
-        rmsnorm::forward(out, rstd, x, w, n, d);
+        rmsnorm::forward(out, rstd, x, w, n, d, real(eps as f64));
     }
 
     fn rmsnorm_backward(
@@ -209,6 +245,14 @@ impl<F: Real> Backend for Cpu<F> {
 
     fn activation_backward(&self, act: Activation, dx: &mut Vec<F>, x: &Vec<F>, dout: &Vec<F>) {
         activation::backward(act, dx, x, dout);
+    }
+
+    fn mul(&self, out: &mut Vec<F>, a: &Vec<F>, b: &Vec<F>) {
+        elementwise::mul(out, a, b);
+    }
+
+    fn add_scalar(&self, out: &mut Vec<F>, x: &Vec<F>, s: f32) {
+        elementwise::add_scalar(out, x, real(s as f64));
     }
 
     fn swiglu_forward(&self, out: &mut Vec<F>, x: &Vec<F>, n: usize, h: usize) {
@@ -282,6 +326,245 @@ impl<F: Real> Backend for Cpu<F> {
         c: usize,
     ) {
         kv_cache::append(k_cache, v_cache, qkv, entries, c);
+    }
+
+    fn timestep_norm_forward(
+        &self,
+        y: &mut Vec<F>,
+        saved_mean: &mut Vec<F>,
+        saved_rstd: &mut Vec<F>,
+        state_out: Option<&mut TsnStats<Vec<F>>>,
+        x: &Vec<F>,
+        w: &Vec<F>,
+        bias: &Vec<F>,
+        state_in: Option<&TsnStats<Vec<F>>>,
+        b: usize,
+        l: usize,
+        d: usize,
+        g: usize,
+        eps: f32,
+    ) {
+        timestep_norm::forward(
+            y,
+            saved_mean,
+            saved_rstd,
+            state_out.map(tsn_state_mut),
+            x,
+            w,
+            bias,
+            state_in.map(tsn_state),
+            b,
+            l,
+            d,
+            g,
+            real(eps as f64),
+        );
+    }
+
+    fn timestep_norm_backward(
+        &self,
+        dx: &mut Vec<F>,
+        dw: &mut Vec<F>,
+        db: &mut Vec<F>,
+        dstate_in: Option<(&mut Vec<F>, &mut Vec<F>)>,
+        dy: &Vec<F>,
+        dstate_out: Option<(&Vec<F>, &Vec<F>)>,
+        x: &Vec<F>,
+        w: &Vec<F>,
+        saved_mean: &Vec<F>,
+        saved_rstd: &Vec<F>,
+        state_in: Option<&TsnStats<Vec<F>>>,
+        b: usize,
+        l: usize,
+        d: usize,
+        g: usize,
+    ) {
+        timestep_norm::backward(
+            dx,
+            dw,
+            db,
+            dstate_in.map(|(m, v)| (m.as_mut_slice(), v.as_mut_slice())),
+            dy,
+            dstate_out.map(|(m, v)| (m.as_slice(), v.as_slice())),
+            x,
+            w,
+            saved_mean,
+            saved_rstd,
+            state_in.map(tsn_state),
+            b,
+            l,
+            d,
+            g,
+        );
+    }
+
+    fn timestep_norm_step(
+        &self,
+        y: &mut Vec<F>,
+        state: &mut TsnStats<Vec<F>>,
+        x: &Vec<F>,
+        w: &Vec<F>,
+        bias: &Vec<F>,
+        b: usize,
+        d: usize,
+        g: usize,
+        eps: f32,
+    ) {
+        timestep_norm::step(
+            y,
+            tsn_state_mut(state),
+            x,
+            w,
+            bias,
+            b,
+            d,
+            g,
+            real(eps as f64),
+        );
+    }
+
+    fn cema_forward(
+        &self,
+        y: &mut Vec<F>,
+        h_out: Option<&mut Vec<F>>,
+        x: &Vec<F>,
+        p: &CemaWeights<Vec<F>>,
+        h0: Option<&Vec<F>>,
+        b: usize,
+        l: usize,
+        d: usize,
+        n: usize,
+    ) {
+        cema::forward(
+            y,
+            h_out.map(|h| h.as_mut_slice()),
+            x,
+            &cema_params(p),
+            h0.map(|h| h.as_slice()),
+            b,
+            l,
+            d,
+            n,
+        );
+    }
+
+    fn cema_backward(
+        &self,
+        dx: &mut Vec<F>,
+        g: &mut CemaWeightGrads<Vec<F>>,
+        dh0: Option<&mut Vec<F>>,
+        dy: &Vec<F>,
+        dh_out: Option<&Vec<F>>,
+        x: &Vec<F>,
+        p: &CemaWeights<Vec<F>>,
+        h0: Option<&Vec<F>>,
+        b: usize,
+        l: usize,
+        d: usize,
+        n: usize,
+    ) {
+        let mut grads = cema::CemaGrads {
+            alpha: g.alpha,
+            delta: g.delta,
+            theta: g.theta,
+            gamma: g.gamma,
+            omega: g.omega,
+        };
+        cema::backward(
+            dx,
+            &mut grads,
+            dh0.map(|h| h.as_mut_slice()),
+            dy,
+            dh_out.map(|h| h.as_slice()),
+            x,
+            &cema_params(p),
+            h0.map(|h| h.as_slice()),
+            b,
+            l,
+            d,
+            n,
+        );
+    }
+
+    fn cema_step(
+        &self,
+        y: &mut Vec<F>,
+        h: &mut Vec<F>,
+        x: &Vec<F>,
+        p: &CemaWeights<Vec<F>>,
+        b: usize,
+        d: usize,
+        n: usize,
+    ) {
+        cema::step(y, h, x, &cema_params(p), b, d, n);
+    }
+
+    fn mega_attention_saved(&self, s: &MegaAttnShape) -> Self::MegaAttnSaved {
+        megalodon_attention::saved_new(s)
+    }
+
+    fn mega_attention_forward(
+        &self,
+        out: &mut Vec<F>,
+        saved: &mut Self::MegaAttnSaved,
+        z: &Vec<F>,
+        v: &Vec<F>,
+        gamma: &Vec<F>,
+        beta: &Vec<F>,
+        s: &MegaAttnShape,
+    ) {
+        megalodon_attention::forward(out, saved, z, v, gamma, beta, s);
+    }
+
+    fn mega_attention_backward(
+        &self,
+        dz: &mut Vec<F>,
+        dv: &mut Vec<F>,
+        dgamma: &mut Vec<F>,
+        dbeta: &mut Vec<F>,
+        dout: &Vec<F>,
+        z: &Vec<F>,
+        v: &Vec<F>,
+        gamma: &Vec<F>,
+        beta: &Vec<F>,
+        saved: &Self::MegaAttnSaved,
+        s: &MegaAttnShape,
+    ) {
+        megalodon_attention::backward(dz, dv, dgamma, dbeta, dout, z, v, gamma, beta, saved, s);
+    }
+
+    fn chunk_cache(
+        &self,
+        b: usize,
+        heads: usize,
+        dz: usize,
+        dv: usize,
+        chunk: usize,
+    ) -> Self::ChunkCache {
+        megalodon_attention::ChunkKvCache::new(b, heads, dz, dv, chunk)
+    }
+
+    fn chunk_cache_copy_row(
+        &self,
+        dst: &mut Self::ChunkCache,
+        dst_row: usize,
+        src: &Self::ChunkCache,
+        src_row: usize,
+    ) {
+        chunk_cache::copy_row(dst, dst_row, src, src_row);
+    }
+
+    fn mega_attention_forward_cached(
+        &self,
+        out: &mut Vec<F>,
+        cache: &mut Self::ChunkCache,
+        z: &Vec<F>,
+        v: &Vec<F>,
+        gamma: &Vec<F>,
+        beta: &Vec<F>,
+        s: &MegaAttnShape,
+    ) -> Result<(), ChunkCallError> {
+        megalodon_attention::forward_cached(out, cache, z, v, gamma, beta, s)
     }
 
     fn embedding_forward(

@@ -6,7 +6,7 @@ use super::lanes::sum_by;
 use super::parallel::{min_rows, rows_with_column_sums};
 use super::Real;
 
-/// Mean-square floor.
+/// Default mean-square floor (the reference implementation's).
 pub const EPS: f64 = 1e-6;
 
 fn check_shapes<F>(x: &[F], w: &[F], rstd: &[F], n: usize, d: usize) {
@@ -15,14 +15,21 @@ fn check_shapes<F>(x: &[F], w: &[F], rstd: &[F], n: usize, d: usize) {
     assert_eq!(rstd.len(), n, "rmsnorm: rstd must be [n]");
 }
 
-/// Forward: writes `out` `[n, d]` and the saved `rstd` `[n]`.
-pub fn forward<F: Real>(out: &mut [F], rstd: &mut [F], x: &[F], w: &[F], n: usize, d: usize) {
+/// Forward with mean-square floor `eps`: writes `out` `[n, d]` and the saved `rstd` `[n]`.
+pub fn forward<F: Real>(
+    out: &mut [F],
+    rstd: &mut [F],
+    x: &[F],
+    w: &[F],
+    n: usize,
+    d: usize,
+    eps: F,
+) {
     check_shapes(x, w, rstd, n, d);
     assert_eq!(out.len(), n * d, "rmsnorm: out must be [n, d]");
     if d == 0 {
         return;
     }
-    let eps: F = super::real(EPS);
     let inv_d = F::one() / super::real(d as f64);
     out.par_chunks_mut(d)
         .zip(x.par_chunks(d))

@@ -1,0 +1,326 @@
+//! Streaming MEGALODON inference (spec `megalodon.md` §16): a batch of rows, each at its own
+//! offset, fed calls of any size. Per layer a row carries its TimestepNorm statistics, its
+//! CEMA state and the keys and values of its current partial attention chunk; the final
+//! TimestepNorm carries statistics too. That is all the state there is, so memory does not
+//! grow with the number of bytes processed.
+//!
+//! A row's call is split into pieces that obey the official call rules (§16.2): a piece never
+//! straddles a chunk boundary, and a piece starting at a boundary is shorter than a chunk or
+//! a whole number of chunks (capped near [`MAX_CALL_TOKENS`] so long prompts keep bounded
+//! activations). With these rules streaming reproduces the full-sequence forward. Rows whose
+//! next pieces have the same length run together; when that is not the whole batch, their
+//! state is moved into a smaller batch and back.
+
+use crate::backend::{Backend, TsnStats};
+use crate::model::megalodon::{Carry, LayerActs, Megalodon};
+use crate::model::Decoder;
+
+/// Whole chunks per call from a chunk boundary are capped so a call holds about this many
+/// tokens (at least one chunk).
+pub const MAX_CALL_TOKENS: usize = 4096;
+
+/// One layer's carried state for every row of a batch.
+pub struct LayerState<B: Backend> {
+    /// TimestepNorm statistics: count `[b]`, mean and var `[b, G]`.
+    pub(crate) tsn: TsnStats<B::Buf>,
+    /// CEMA state `[b, D, N, 2]`.
+    pub(crate) h: B::Buf,
+    /// Post-RoPE keys and values of each row's partial chunk.
+    pub(crate) kv: B::ChunkCache,
+}
+
+/// The carried state of every layer and of the final norm, for `rows` rows.
+struct StreamState<B: Backend> {
+    layers: Vec<LayerState<B>>,
+    final_norm: TsnStats<B::Buf>,
+}
+
+/// Which logits [`MegalodonStream::feed`] returns per row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// One `[256]` row per fed byte.
+    All,
+    /// Only the prediction after the row's last fed byte (nothing for a row fed no bytes).
+    Last,
+}
+
+/// Length of the next piece of a call for a row at chunk position `at` (< `chunk`) with
+/// `remaining` > 0 bytes to go (spec §16.2).
+pub fn piece_len(at: usize, remaining: usize, chunk: usize) -> usize {
+    if at > 0 {
+        remaining.min(chunk - at)
+    } else if remaining < chunk {
+        remaining
+    } else {
+        let max_chunks = (MAX_CALL_TOKENS / chunk).max(1);
+        (remaining / chunk).min(max_chunks) * chunk
+    }
+}
+
+/// A batch of MEGALODON sequences consumed incrementally.
+pub struct MegalodonStream<'a, B: Backend> {
+    model: &'a Megalodon,
+    be: &'a B,
+    p: &'a [B::Buf],
+    state: StreamState<B>,
+    /// Bytes consumed so far, per row.
+    consumed: Vec<usize>,
+    /// `[rows, V]`: the prediction after each row's latest byte (zeros before its first).
+    next_logits: Vec<f32>,
+}
+
+impl<B: Backend> StreamState<B> {
+    fn fresh(model: &Megalodon, be: &B, rows: usize) -> Self {
+        let c = &model.cfg;
+        let (d, n, g) = (c.model_dim, c.cema_ndim, c.norm_num_groups);
+        StreamState {
+            layers: (0..c.num_layers)
+                .map(|_| LayerState {
+                    tsn: TsnStats::fresh(be, rows, g),
+                    h: be.zeros(rows * d * n * 2),
+                    kv: be.chunk_cache(rows, c.num_heads, c.head_z(), c.head_v(), c.chunk_size),
+                })
+                .collect(),
+            final_norm: TsnStats::fresh(be, rows, g),
+        }
+    }
+}
+
+fn gather_stats<B: Backend>(
+    be: &B,
+    src: &TsnStats<B::Buf>,
+    idx: &[u32],
+    g: usize,
+) -> TsnStats<B::Buf> {
+    let mut out = TsnStats::fresh(be, idx.len(), g);
+    be.gather_rows(&mut out.count, &src.count, idx, 1);
+    be.gather_rows(&mut out.mean, &src.mean, idx, g);
+    be.gather_rows(&mut out.var, &src.var, idx, g);
+    out
+}
+
+fn scatter_stats<B: Backend>(
+    be: &B,
+    dst: &mut TsnStats<B::Buf>,
+    src: &TsnStats<B::Buf>,
+    idx: &[u32],
+    g: usize,
+) {
+    be.scatter_rows(&mut dst.count, &src.count, idx, 1);
+    be.scatter_rows(&mut dst.mean, &src.mean, idx, g);
+    be.scatter_rows(&mut dst.var, &src.var, idx, g);
+}
+
+impl<'a, B: Backend> MegalodonStream<'a, B> {
+    /// `rows` fresh sequences.
+    pub fn new(model: &'a Megalodon, be: &'a B, p: &'a [B::Buf], rows: usize) -> Self {
+        MegalodonStream {
+            model,
+            be,
+            p,
+            state: StreamState::fresh(model, be, rows),
+            consumed: vec![0; rows],
+            next_logits: vec![0.0; rows * model.cfg.vocab_size],
+        }
+    }
+
+    /// One fresh sequence per prompt, each prefilled with its prompt.
+    pub fn with_prompts(
+        model: &'a Megalodon,
+        be: &'a B,
+        p: &'a [B::Buf],
+        prompts: &[&[u8]],
+    ) -> Self {
+        let mut s = Self::new(model, be, p, prompts.len());
+        s.feed(prompts, Logits::Last);
+        s
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.consumed.len()
+    }
+
+    /// Bytes consumed so far by each row.
+    pub fn consumed(&self) -> &[usize] {
+        &self.consumed
+    }
+
+    /// `[rows, 256]`: the next-byte logits after each row's latest byte (all zero, i.e.
+    /// uniform, for a row that has consumed nothing).
+    pub fn next_logits(&self) -> &[f32] {
+        &self.next_logits
+    }
+
+    /// Append `tokens[r]` to row `r` (any lengths, empty included) and return, per row, the
+    /// logits `which` asks for, `[k, 256]` flattened.
+    pub fn feed(&mut self, tokens: &[&[u8]], which: Logits) -> Vec<Vec<f32>> {
+        let rows = self.rows();
+        assert_eq!(tokens.len(), rows, "one token slice per row");
+        let (v, chunk) = (self.model.cfg.vocab_size, self.model.cfg.chunk_size);
+        let mut out = vec![Vec::new(); rows];
+        let mut done = vec![0usize; rows];
+        loop {
+            let lens: Vec<usize> = (0..rows)
+                .map(|r| match tokens[r].len() - done[r] {
+                    0 => 0,
+                    rem => piece_len(self.consumed[r] % chunk, rem, chunk),
+                })
+                .collect();
+            let mut distinct: Vec<usize> = lens.iter().copied().filter(|&l| l > 0).collect();
+            distinct.sort_unstable();
+            distinct.dedup();
+            if distinct.is_empty() {
+                break;
+            }
+            for len in distinct {
+                let sel: Vec<usize> = (0..rows).filter(|&r| lens[r] == len).collect();
+                let flat: Vec<u8> = sel
+                    .iter()
+                    .flat_map(|&r| tokens[r][done[r]..done[r] + len].iter().copied())
+                    .collect();
+                let logits = self.run_rows(&sel, &flat, len, which);
+                let per = if which == Logits::All { len } else { 1 };
+                for (k, &r) in sel.iter().enumerate() {
+                    let mine = &logits[k * per * v..(k + 1) * per * v];
+                    if which == Logits::Last {
+                        out[r].clear();
+                    }
+                    out[r].extend_from_slice(mine);
+                    self.next_logits[r * v..(r + 1) * v].copy_from_slice(&mine[(per - 1) * v..]);
+                    done[r] += len;
+                    self.consumed[r] += len;
+                }
+            }
+        }
+        out
+    }
+
+    /// Run `len` bytes for each row in `sel` (ascending), `flat` `[sel.len(), len]`.
+    fn run_rows(&mut self, sel: &[usize], flat: &[u8], len: usize, which: Logits) -> Vec<f32> {
+        let (model, be, p) = (self.model, self.be, self.p);
+        if sel.len() == self.rows() {
+            return run_call(model, be, p, &mut self.state, flat, sel.len(), len, which);
+        }
+        let c = &model.cfg;
+        let g = c.norm_num_groups;
+        let h_width = c.model_dim * c.cema_ndim * 2;
+        let idx: Vec<u32> = sel.iter().map(|&r| r as u32).collect();
+        let mut sub = StreamState {
+            layers: self
+                .state
+                .layers
+                .iter()
+                .map(|st| {
+                    let mut h = be.zeros(sel.len() * h_width);
+                    be.gather_rows(&mut h, &st.h, &idx, h_width);
+                    let mut kv = be.chunk_cache(
+                        sel.len(),
+                        c.num_heads,
+                        c.head_z(),
+                        c.head_v(),
+                        c.chunk_size,
+                    );
+                    for (k, &r) in sel.iter().enumerate() {
+                        be.chunk_cache_copy_row(&mut kv, k, &st.kv, r);
+                    }
+                    LayerState {
+                        tsn: gather_stats(be, &st.tsn, &idx, g),
+                        h,
+                        kv,
+                    }
+                })
+                .collect(),
+            final_norm: gather_stats(be, &self.state.final_norm, &idx, g),
+        };
+        let logits = run_call(model, be, p, &mut sub, flat, sel.len(), len, which);
+        for (st, part) in self.state.layers.iter_mut().zip(&sub.layers) {
+            scatter_stats(be, &mut st.tsn, &part.tsn, &idx, g);
+            be.scatter_rows(&mut st.h, &part.h, &idx, h_width);
+            for (k, &r) in sel.iter().enumerate() {
+                be.chunk_cache_copy_row(&mut st.kv, r, &part.kv, k);
+            }
+        }
+        scatter_stats(be, &mut self.state.final_norm, &sub.final_norm, &idx, g);
+        logits
+    }
+}
+
+/// One legal call of `l` bytes for each of the `b` rows of `state`; returns the host logits
+/// `which` asks for (`[b·l, V]` or `[b, V]`).
+#[allow(clippy::too_many_arguments)]
+fn run_call<B: Backend>(
+    model: &Megalodon,
+    be: &B,
+    p: &[B::Buf],
+    state: &mut StreamState<B>,
+    tokens: &[u8],
+    b: usize,
+    l: usize,
+    which: Logits,
+) -> Vec<f32> {
+    let c = &model.cfg;
+    let (d, g, v) = (c.model_dim, c.norm_num_groups, c.vocab_size);
+    let n = b * l;
+    let eps = c.norm_eps as f32;
+    let ids: Vec<u32> = tokens.iter().map(|&x| x as u32).collect();
+    let mut x = be.zeros(n * d);
+    model.embed(be, p, &mut x, &ids);
+    let mut y = be.zeros(n * d);
+    let mut acts = LayerActs::new(be, c, b, l);
+    for (lp, st) in model.layer_params().iter().zip(state.layers.iter_mut()) {
+        model.layer_forward(be, p, lp, &mut acts, &x, &mut y, b, l, Carry::Stream(st));
+        std::mem::swap(&mut x, &mut y);
+    }
+    let (fw, fb) = model.final_norm::<B>(p);
+    let mut hn = be.zeros(n * d);
+    if l == 1 {
+        be.timestep_norm_step(&mut hn, &mut state.final_norm, &x, fw, fb, b, d, g, eps);
+    } else {
+        let mut next = TsnStats::fresh(be, b, g);
+        let (mut sm, mut sr) = (be.zeros(n * g), be.zeros(n * g));
+        be.timestep_norm_forward(
+            &mut hn,
+            &mut sm,
+            &mut sr,
+            Some(&mut next),
+            &x,
+            fw,
+            fb,
+            Some(&state.final_norm),
+            b,
+            l,
+            d,
+            g,
+            eps,
+        );
+        state.final_norm = next;
+    }
+    let (rows, src) = match which {
+        Logits::Last if l > 1 => {
+            let idx: Vec<u32> = (0..b).map(|i| (i * l + l - 1) as u32).collect();
+            let mut last = be.zeros(b * d);
+            be.gather_rows(&mut last, &hn, &idx, d);
+            (b, last)
+        }
+        _ => (if which == Logits::All { n } else { b }, hn),
+    };
+    let mut logits = be.zeros(rows * v);
+    model.head(be, p, &mut logits, &src, rows);
+    be.download(&logits)
+}
+
+impl<B: Backend> Decoder for MegalodonStream<'_, B> {
+    fn rows(&self) -> usize {
+        MegalodonStream::rows(self)
+    }
+
+    fn logits(&self) -> &[f32] {
+        self.next_logits()
+    }
+
+    fn step(&mut self, next: &[u8]) {
+        let tokens: Vec<&[u8]> = next.iter().map(std::slice::from_ref).collect();
+        self.feed(&tokens, Logits::Last);
+    }
+}
