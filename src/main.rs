@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use mega::backend::cpu::Cpu;
-use mega::config::{MegabyteConfig, ModelConfig};
+use mega::config::{MegabyteConfig, MegalodonConfig, ModelConfig};
 use mega::infer::generate::{generate, GenerateRequest};
 use mega::infer::sampler::SamplingParams;
 use mega::model::ModelShape;
@@ -40,7 +40,8 @@ struct ModelArgs {
     /// Model family.
     #[arg(long, value_enum, default_value = "megabyte")]
     model: ModelKind,
-    /// Named preset (tiny, small, bench, paper-758m, paper-1.3b).
+    /// Named preset: megabyte tiny, small, bench, paper-758m, paper-1.3b; megalodon tiny,
+    /// small, bench, mega200M, mega1.3B, mega7.3B, paper-7b (see `mega info`).
     #[arg(long, conflicts_with = "config")]
     preset: Option<String>,
     /// Model config JSON file (see docs/megabyte-model.md).
@@ -50,18 +51,27 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn resolve(&self, default_preset: &str) -> Result<ModelConfig> {
-        if self.model != ModelKind::Megabyte {
+        let preset = self.preset.as_deref().unwrap_or(default_preset);
+        let cfg = match (&self.config, self.model) {
+            (Some(path), _) => ModelConfig::from_file(path)?,
+            (None, ModelKind::Megabyte) => ModelConfig::Megabyte(MegabyteConfig::preset(preset)?),
+            (None, ModelKind::Megalodon) => {
+                ModelConfig::Megalodon(MegalodonConfig::preset(preset)?)
+            }
+            (None, ModelKind::Hybrid) => {
+                bail!("--model hybrid is not available in this version; use megabyte or megalodon")
+            }
+        };
+        let family = match &cfg {
+            ModelConfig::Megabyte(_) => ModelKind::Megabyte,
+            ModelConfig::Megalodon(_) => ModelKind::Megalodon,
+        };
+        if self.config.is_some() && family != self.model && self.model != ModelKind::Megabyte {
             bail!(
-                "--model {:?} is not available in this version; use --model megabyte",
+                "--model {:?} does not match the config file's model",
                 self.model
             );
         }
-        let cfg = match (&self.config, &self.preset) {
-            (Some(path), _) => ModelConfig::from_file(path)?,
-            (None, preset) => ModelConfig::Megabyte(MegabyteConfig::preset(
-                preset.as_deref().unwrap_or(default_preset),
-            )?),
-        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -503,6 +513,18 @@ fn run(cmd: Command) -> Result<()> {
                     model.layout.numel(),
                     cfg.patch_size,
                     cfg.max_seq_len,
+                    model.forward_flops_per_byte() / 1e6
+                );
+            }
+            println!("presets (megalodon):");
+            for name in MegalodonConfig::PRESETS {
+                let cfg = MegalodonConfig::preset(name)?;
+                let model = mega::model::megalodon::Megalodon::new(&cfg);
+                println!(
+                    "  {:<14} {:>14} parameters, chunk {}, {:.2} MFLOP/byte forward",
+                    name,
+                    model.layout().numel(),
+                    cfg.chunk_size,
                     model.forward_flops_per_byte() / 1e6
                 );
             }
