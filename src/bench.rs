@@ -5,7 +5,7 @@
 use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
 use crate::infer::sampler::{Sampler, SamplingParams};
-use crate::model::LanguageModel;
+use crate::model::{LanguageModel, ModelShape};
 use crate::train::trainer::{optimizer_step, TrainHparams, TrainState};
 use serde::Serialize;
 use std::time::Instant;
@@ -243,6 +243,104 @@ pub fn bench_generate<M: LanguageModel<Cpu>>(
         threads: rayon::current_num_threads(),
         bytes_per_s_median: median(&rates),
         runs: rates,
+        machine: Machine::detect(),
+    }
+}
+
+/// Peak resident memory of this process so far (`VmHWM`), in bytes; 0 where /proc is absent.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// One point of a streaming run: bytes consumed so far, wall time, and peak RSS.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamPoint {
+    pub bytes: usize,
+    pub elapsed_s: f64,
+    pub peak_rss_bytes: u64,
+}
+
+/// Result of `mega bench stream`.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamBench {
+    pub bench: &'static str,
+    pub config: serde_json::Value,
+    pub params: usize,
+    pub call_len: usize,
+    pub points: Vec<StreamPoint>,
+    /// Wall time to stream 65,536 bytes over the time for 8,192 (linear cost ⇒ ≈ 8).
+    pub time_ratio_65536_over_8192: Option<f64>,
+    /// Largest peak RSS over smallest, across the points at 10K, 100K and 1M bytes.
+    pub rss_ratio_10k_100k_1m: Option<f64>,
+    pub bytes_per_s: f64,
+    pub machine: Machine,
+}
+
+/// Stream `total` pseudo-text bytes through a MEGALODON model in calls of `call_len` bytes
+/// (one row), recording time and peak memory at fixed byte counts.
+pub fn bench_stream(
+    cfg: &crate::config::MegalodonConfig,
+    config: serde_json::Value,
+    total: usize,
+    call_len: usize,
+) -> StreamBench {
+    use crate::infer::megalodon_stream::{Logits, MegalodonStream};
+    let be = Cpu::<f32>::new();
+    let model = crate::model::megalodon::Megalodon::new(cfg);
+    let params = model.layout().upload(&be, &model.layout().init_host(0));
+    let marks = [8_192usize, 10_000, 65_536, 100_000, 1_000_000];
+    let text = b"It was the best of times, it was the worst of times, it was the age of wisdom. ";
+    let mut stream = MegalodonStream::new(&model, &be, &params, 1);
+    let mut points = Vec::new();
+    let t0 = Instant::now();
+    let mut done = 0usize;
+    while done < total {
+        let next_mark = marks
+            .iter()
+            .copied()
+            .find(|&m| m > done)
+            .unwrap_or(usize::MAX);
+        let n = call_len.min(total - done).min(next_mark - done);
+        let bytes: Vec<u8> = (done..done + n).map(|i| text[i % text.len()]).collect();
+        stream.feed(&[&bytes], Logits::Last);
+        done += n;
+        if marks.contains(&done) {
+            points.push(StreamPoint {
+                bytes: done,
+                elapsed_s: t0.elapsed().as_secs_f64(),
+                peak_rss_bytes: peak_rss_bytes(),
+            });
+        }
+    }
+    let at = |b: usize| points.iter().find(|p| p.bytes == b);
+    let time_ratio = match (at(8_192), at(65_536)) {
+        (Some(a), Some(b)) => Some(b.elapsed_s / a.elapsed_s),
+        _ => None,
+    };
+    let rss: Vec<u64> = [10_000, 100_000, 1_000_000]
+        .iter()
+        .filter_map(|&b| at(b))
+        .map(|p| p.peak_rss_bytes)
+        .collect();
+    let rss_ratio = (rss.len() == 3)
+        .then(|| *rss.iter().max().unwrap() as f64 / *rss.iter().min().unwrap() as f64);
+    StreamBench {
+        bench: "stream",
+        config,
+        params: model.layout().numel(),
+        call_len,
+        points,
+        time_ratio_65536_over_8192: time_ratio,
+        rss_ratio_10k_100k_1m: rss_ratio,
+        bytes_per_s: total as f64 / t0.elapsed().as_secs_f64(),
         machine: Machine::detect(),
     }
 }

@@ -210,6 +210,9 @@ enum Command {
         prompt_len: usize,
         #[arg(long, default_value_t = 512)]
         gen_len: usize,
+        /// Bytes to stream (`bench stream`).
+        #[arg(long, default_value_t = 1_000_000)]
+        bytes: usize,
         /// Print JSON only (always JSON; kept for scripts that pass it).
         #[arg(long)]
         json: bool,
@@ -222,6 +225,9 @@ enum Command {
 enum BenchKind {
     Train,
     Generate,
+    /// MEGALODON only: stream bytes through the model, reporting time and peak memory at
+    /// 8,192 / 10K / 65,536 / 100K / 1M bytes (constant memory, linear cost).
+    Stream,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -459,9 +465,18 @@ fn run(cmd: Command) -> Result<()> {
             runs,
             prompt_len,
             gen_len,
+            bytes,
             json: _,
         } => {
             let cfg = model.resolve("bench")?;
+            if let BenchKind::Stream = what {
+                let ModelConfig::Megalodon(m) = &cfg else {
+                    bail!("bench stream needs --model megalodon");
+                };
+                let r = mega::bench::bench_stream(m, cfg.to_json(), bytes, m.chunk_size);
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
             if runs == 0 {
                 bail!("--runs must be positive");
             }
@@ -476,6 +491,7 @@ fn run(cmd: Command) -> Result<()> {
                         &m, config, b, t, warmup, runs,
                     ))?
                 }
+                BenchKind::Stream => unreachable!("handled above"),
                 BenchKind::Generate => {
                     if prompt_len + gen_len >= m.max_seq_len() {
                         eprintln!(
