@@ -92,6 +92,15 @@ QUICK = BenchConfig(global_dim=128, local_dim=64, global_layers=2, local_layers=
                     batch=2, heads=2, dim_head=32, prompt_len=32, gen_len=32, gen_batches=(1, 2))
 
 
+def mega_config_json(c: BenchConfig) -> dict:
+    """The same configuration in mega's config-file format (docs/megabyte-model.md)."""
+    return {"model": "megabyte", "vocab_size": c.vocab, "patch_size": c.patch, "max_seq_len": c.seq_len,
+            "global_byte_dim": c.global_dim // c.patch, "global_dim": c.global_dim,
+            "global_layers": c.global_layers, "global_heads": max(1, c.global_dim // 64),
+            "local_dim": c.local_dim, "local_layers": c.local_layers, "local_heads": max(1, c.local_dim // 64),
+            "ffn_mult": c.ffn_mult, "activation": "relu", "init_std": 0.006}
+
+
 def mega_param_count(c: BenchConfig) -> int:
     """Parameters of mega's MEGABYTE (docs/megabyte-model.md table), paper-strict widths."""
     d_g = c.global_dim // c.patch  # per-byte global embedding width D_G
@@ -272,15 +281,18 @@ class Timing:
         }
 
 
-def measure(run_once, warmup: int, runs: int, budget_s: float, note: str = "", warm_once=None) -> Timing:
+def measure(run_once, warmup: int, runs: int, budget_s: float, note: str = "", warm_once=None,
+            quiet: bool = True) -> Timing:
     """Warm up, then time up to `runs` runs, stopping early when the next run would overrun
     `budget_s` (at least one run is always timed).
 
     `run_once` returns the seconds to count for that run (it times itself, so a run may
     report an estimate, see megabyte-pytorch generation). `warm_once` (default `run_once`)
-    is the warm-up; warm-ups stop early once they have used half the budget.
+    is the warm-up; warm-ups stop early once they have used half the budget. With `quiet`,
+    it first waits for the other tenants to calm down (wait_for_quiet); either way it records
+    how busy they were.
     """
-    busy = wait_for_quiet()
+    busy = wait_for_quiet() if quiet else cpu_busy_fraction(0.5)
     load_before = load_average()
     start = time.perf_counter()
     for _ in range(warmup):
@@ -464,6 +476,25 @@ def make_plain_model(torch, shape: PlainShape, c: BenchConfig):
     return PlainByteTransformer()
 
 
+def check_plain_cache(torch, c: BenchConfig) -> float:
+    """The cached decode must give the logits of an uncached causal forward over the whole
+    prefix; returns the largest difference seen (tiny model, a few steps)."""
+    shape = PlainShape(dim=64, layers=2, heads=2, max_len=32)
+    torch.manual_seed(1)
+    model = make_plain_model(torch, shape, c).eval()
+    ids = torch.randint(0, c.vocab, (2, 12))
+    worst = 0.0
+    with torch.inference_mode():
+        cache = model.new_cache(2, 12)
+        logits = model(ids[:, :5], cache, 0)
+        for n in range(5, 12):
+            reference = model(ids[:, :n], model.new_cache(2, 12), 0)
+            worst = max(worst, float((logits - reference).abs().max()))
+            logits = model(ids[:, n:n + 1], cache, n)
+    assert worst < 1e-4, f"KV-cached decode disagrees with the full forward by {worst}"
+    return worst
+
+
 def bench_plain_generate(c: BenchConfig, args, torch, shape: PlainShape, batch: int) -> dict:
     from MEGABYTE_pytorch.megabyte import gumbel_sample, top_k
 
@@ -501,6 +532,7 @@ def bench_plain_generate(c: BenchConfig, args, torch, shape: PlainShape, batch: 
 
 def bench_gemm(torch, shapes, thread_counts, budget_s: float) -> list:
     rows = []
+    wait_for_quiet()  # once for the whole block: these measurements take seconds
     for threads in thread_counts:
         torch.set_num_threads(threads)
         for m, k, n in shapes:
@@ -517,7 +549,7 @@ def bench_gemm(torch, shapes, thread_counts, budget_s: float) -> list:
                     torch.mm(a, b, out=out)
                 return (time.perf_counter() - t1) / reps
 
-            s = measure(run, 1, 7, budget_s / 4).summary(flops / 1e9)
+            s = measure(run, 1, 7, budget_s / 4, quiet=False).summary(flops / 1e9)
             rows.append({"m": m, "k": k, "n": n, "threads": threads, "gflops": s})
             log(f"gemm {m}x{k}x{n} threads={threads}: {s['median']:.1f} GFLOP/s")
     return rows
@@ -557,6 +589,13 @@ def run_mega(args, extra: list, threads: int) -> dict:
                 "command": cmd, "stdout_tail": p.stdout[-500:]}
     parsed.update(available=True, command=cmd, load_before=load_before, load_after=load_average(),
                   others_busy_before=busy)
+    rates = [r for r in parsed.get("runs", []) if isinstance(r, (int, float))] if isinstance(
+        parsed.get("runs"), list) else []
+    if rates:  # mega reports one rate per timed run
+        med = parsed["bytes_per_s_median"]
+        parsed["summary"] = {"median": med, "min": min(rates), "max": max(rates), "runs": len(rates),
+                             "spread": (max(rates) - min(rates)) / med, "noisy": (max(rates) - min(rates)) / med > 0.10,
+                             "others_busy_before": busy}
     return parsed
 
 
@@ -580,6 +619,12 @@ def cell(s) -> str:
     busy = s.get("others_busy_before")
     others = "" if busy is None or busy != busy else f", others {busy:.0%}"
     return f"**{fmt_rate(s['median'])}** [{fmt_rate(s['min'])}–{fmt_rate(s['max'])}, n={s['runs']}{others}]{flag}"
+
+
+def mega_cell(m: dict) -> str:
+    if not m.get("available"):
+        return "not available"
+    return cell(m.get("summary")) if m.get("summary") else f"**{fmt_rate(m['bytes_per_s_median'])}**"
 
 
 def ratio(a, b) -> str:
@@ -614,7 +659,7 @@ def markdown(res: dict) -> str:
     mega_train = mega.get("train", {})
     mt = mega_train.get("bytes_per_s_median") if mega_train.get("available") else None
     mp_train = mp.get("train")
-    lines.append(f"| train step (fwd+bwd+Adam), B·T/s | {fmt_rate(mt) if mt else 'not available'} | {cell(mp_train)} "
+    lines.append(f"| train step (fwd+bwd+Adam), B·T/s | {mega_cell(mega_train)} | {cell(mp_train)} "
                  f"| — | {ratio(mt, mp_train and mp_train['median'])} | — |")
     for b in c["gen_batches"]:
         key = f"batch{b}"
@@ -622,10 +667,10 @@ def markdown(res: dict) -> str:
         mgv = mg.get("bytes_per_s_median") if mg.get("available") else None
         mpg = mp.get("generate", {}).get(key, {})
         pp = plain.get("generate", {}).get(key)
-        mp_cells = cell(mpg.get("per_patch")) + " per-patch est."
+        mp_cells = cell(mpg.get("per_patch")) + (" per-patch est." if mpg.get("per_patch") else "")
         if "full" in mpg:
             mp_cells += f"; generate(): {cell(mpg['full'])}"
-        lines.append(f"| generate b={b}, bytes/s | {fmt_rate(mgv) if mgv else 'not available'} | {mp_cells} | {cell(pp)} "
+        lines.append(f"| generate b={b}, bytes/s | {mega_cell(mg)} | {mp_cells} | {cell(pp)} "
                      f"| {ratio(mgv, mpg.get('per_patch', {}).get('median'))} | {ratio(mgv, pp and pp['median'])} |")
     g0 = res["gemm"][0] if res["gemm"] else {"m": "?", "k": "?", "n": "?"}
     lines += ["", f"Training compute against the measured torch GEMM rate ({g0['m']}×{g0['k']}×{g0['n']} f32, "
@@ -645,7 +690,8 @@ def markdown(res: dict) -> str:
         flag = " (noisy)" if s["noisy"] else ""
         lines.append(f"| {g['m']}×{g['k']}×{g['n']} | {g['threads']} | **{s['median']:.1f}** "
                      f"[{s['min']:.1f}–{s['max']:.1f}, n={s['runs']}, others {s['others_busy_before']:.0%}]{flag} |")
-    notes = [m.get("error") for m in mega.values() if isinstance(m, dict) and m.get("error")]
+    notes = [m.get("error") or m.get("config_mismatch") for m in mega.values()
+             if isinstance(m, dict) and (m.get("error") or m.get("config_mismatch"))]
     if notes:
         lines += ["", "; ".join(sorted(set(notes)))]
     noisy = [k for k, v in iter_summaries(res) if v.get("noisy")]
@@ -766,6 +812,7 @@ def main() -> None:
             res["megabyte_pytorch"]["generate"][f"batch{b}"] = r
             log("  " + ", ".join(f"{k}: {v['median']:.1f} bytes/s" for k, v in r.items()))
     if "plain" not in skip:
+        res["plain_transformer"]["cache_check_max_abs_diff"] = check_plain_cache(torch, c)
         for b in c.gen_batches:
             log(f"plain transformer generate batch {b}")
             r = bench_plain_generate(c, args, torch, shape, b)
@@ -773,14 +820,24 @@ def main() -> None:
             log(f"  {r['median']:.1f} bytes/s")
 
     if "mega" not in skip:
-        preset = ["--model", "megabyte", "--preset", args.mega_preset]
-        res["mega"]["train"] = run_mega(args, ["train", *preset], args.threads)
+        if args.quick:  # no preset has the smoke config: hand mega the same config as a file
+            cfg_path = out_path.with_suffix(".mega-config.json")
+            cfg_path.write_text(json.dumps(mega_config_json(c), indent=2) + "\n")
+            model = ["--model", "megabyte", "--config", str(cfg_path)]
+        else:
+            model = ["--model", "megabyte", "--preset", args.mega_preset]
+        timing = ["--runs", str(args.runs), "--warmup", str(args.warmup)]
+        res["mega"]["train"] = run_mega(args, ["train", *model, "--batch-size", str(c.batch), "--seq-len",
+                                               str(c.seq_len), *timing], args.threads)
         for b in c.gen_batches:
             res["mega"][f"generate_batch{b}"] = run_mega(
-                args, ["generate", *preset, "--prompt-len", str(c.prompt_len), "--gen-len",
-                                   str(c.gen_len), "--batch-size", str(b)], args.threads)
+                args, ["generate", *model, "--prompt-len", str(c.prompt_len), "--gen-len", str(c.gen_len),
+                       "--batch-size", str(b), *timing], args.threads)
         for k, v in res["mega"].items():
             log(f"mega {k}: {v.get('bytes_per_s_median', v.get('error'))}")
+            if v.get("available") and v.get("params") != mega_param_count(c):
+                v["config_mismatch"] = f"mega reports {v.get('params')} parameters, expected {mega_param_count(c)}"
+                log("  WARNING: " + v["config_mismatch"])
 
     torch_gemm = next((g["gflops"]["median"] for g in res["gemm"]
                        if (g["m"], g["k"], g["n"]) == gemm_shapes[0] and g["threads"] == args.threads), None)
