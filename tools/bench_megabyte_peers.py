@@ -49,8 +49,12 @@ PEERS_VENV_PYTHON = REPO / "tools" / ".venv-peers" / "bin" / "python"
 
 
 def reexec_if_needed() -> None:
-    """Restart under the peers venv and with the malloc settings, when either is missing."""
+    """Restart under the peers venv and with the malloc and OpenMP settings, when missing."""
     python = sys.executable
+    wanted = dict(MALLOC_ENV)
+    policy = omp_wait_policy_from_argv(sys.argv[1:])
+    if policy != "default":
+        wanted["OMP_WAIT_POLICY"] = policy
     try:
         import torch  # noqa: F401
     except ImportError:
@@ -59,9 +63,19 @@ def reexec_if_needed() -> None:
         if Path(sys.prefix).resolve() == PEERS_VENV_PYTHON.parent.parent.resolve():
             sys.exit("torch does not import from tools/.venv-peers; re-run tools/peers-env.sh")
         python = str(PEERS_VENV_PYTHON)
-    if python != sys.executable or any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        env = dict(os.environ, **MALLOC_ENV)
+    if python != sys.executable or any(os.environ.get(k) != v for k, v in wanted.items()):
+        env = dict(os.environ, **wanted)
         os.execve(python, [python, os.path.abspath(__file__), *sys.argv[1:]], env)
+
+
+def omp_wait_policy_from_argv(argv: list) -> str:
+    """--omp-wait-policy has to be known before argparse runs (it goes into the re-exec env)."""
+    for i, a in enumerate(argv):
+        if a.startswith("--omp-wait-policy="):
+            return a.split("=", 1)[1]
+        if a == "--omp-wait-policy" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "PASSIVE"
 
 
 # ----------------------------------------------------------------------------------------
@@ -263,6 +277,11 @@ class Timing:
 
     def summary(self, work: float) -> dict:
         """Rates for `work` units per run (bytes or FLOPs): median, min and max rate."""
+        if not self.seconds:
+            return {"median": None, "min": None, "max": None, "spread": None, "noisy": False, "runs": 0,
+                    "warmup": self.warmup, "seconds": [], "load_before": self.load_before,
+                    "others_busy_before": self.others_busy_before, "load_after": self.load_after,
+                    "note": self.note}
         rates = sorted(work / s for s in self.seconds)
         spread = (rates[-1] - rates[0]) / statistics.median(rates)
         return {
@@ -281,6 +300,19 @@ class Timing:
         }
 
 
+class OverBudget(Exception):
+    """A single run passed the measurement's hard deadline."""
+
+
+DEADLINE = {"t": float("inf")}
+
+
+def check_deadline() -> None:
+    """Called inside long runs (generation loops), so one run cannot run away."""
+    if time.perf_counter() > DEADLINE["t"]:
+        raise OverBudget
+
+
 def measure(run_once, warmup: int, runs: int, budget_s: float, note: str = "", warm_once=None,
             quiet: bool = True) -> Timing:
     """Warm up, then time up to `runs` runs, stopping early when the next run would overrun
@@ -295,18 +327,25 @@ def measure(run_once, warmup: int, runs: int, budget_s: float, note: str = "", w
     busy = wait_for_quiet() if quiet else cpu_busy_fraction(0.5)
     load_before = load_average()
     start = time.perf_counter()
-    for _ in range(warmup):
-        (warm_once or run_once)()
-        if time.perf_counter() - start > budget_s / 2:
-            break
+    DEADLINE["t"] = start + 2 * budget_s  # hard stop, even inside a run
     seconds = []
-    last = 0.0
-    for _ in range(runs):
-        if seconds and time.perf_counter() - start + last > budget_s:
-            break
-        t0 = time.perf_counter()
-        seconds.append(run_once())
-        last = time.perf_counter() - t0
+    try:
+        for _ in range(warmup):
+            (warm_once or run_once)()
+            if time.perf_counter() - start > budget_s / 2:
+                break
+        last = 0.0
+        for _ in range(runs):
+            if seconds and time.perf_counter() - start + last > budget_s:
+                break
+            t0 = time.perf_counter()
+            seconds.append(run_once())
+            last = time.perf_counter() - t0
+    except OverBudget:
+        note = (note + "; " if note else "") + f"stopped at the hard deadline ({2 * budget_s:g} s)"
+        log("  " + note)
+    finally:
+        DEADLINE["t"] = float("inf")
     return Timing(seconds, warmup, load_before, load_average(), busy, note)
 
 
@@ -399,6 +438,7 @@ def bench_mp_generate(c: BenchConfig, args, torch, state, batch: int) -> dict:
                 sampled = gumbel_sample(top_k(logits, thres=0.9), dim=-1, temperature=1.0)
                 seq = torch.cat((seq, sampled[:, None]), dim=-1)
                 estimate += (time.perf_counter() - t0) * len(lengths)
+                check_deadline()
         return estimate
 
     def warm_step() -> None:
@@ -411,7 +451,8 @@ def bench_mp_generate(c: BenchConfig, args, torch, state, batch: int) -> dict:
     note = f"per-patch estimate ({len(groups)} timed steps of {c.gen_len})"
     result["per_patch"] = measure(per_patch, args.gen_warmup + 1, args.runs, args.budget_s, note,
                                   warm_once=warm_step).summary(work)
-    predicted = batch * c.gen_len / result["per_patch"]["median"]
+    est = result["per_patch"]["median"]
+    predicted = batch * c.gen_len / est if est else float("inf")
     if batch == 1 or args.mp_full_all:
         if predicted <= args.budget_s:
             result["full"] = measure(full, 0, args.mp_full_runs, args.budget_s,
@@ -518,6 +559,8 @@ def bench_plain_generate(c: BenchConfig, args, torch, shape: PlainShape, batch: 
                 out[:, i] = nxt
                 if i + 1 < c.gen_len:
                     logits = model(nxt[:, None], cache, c.prompt_len + i)
+                if i % 32 == 0:
+                    check_deadline()
             return time.perf_counter() - t0
 
     t = measure(generate, args.gen_warmup, args.runs, args.budget_s, "KV cache, includes prefill")
@@ -565,7 +608,7 @@ def run_mega(args, extra: list, threads: int) -> dict:
     if not Path(args.mega).exists() and shutil.which(args.mega) is None:
         return {"available": False, "error": f"mega: not available ({args.mega} not found)", "command": cmd}
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    for k in MALLOC_ENV:  # mega is measured without the peers' malloc settings
+    for k in [*MALLOC_ENV, "OMP_WAIT_POLICY"]:  # mega runs without the peers' settings
         env.pop(k, None)
     busy = wait_for_quiet()
     log(f"mega: {' '.join(cmd)}")
@@ -615,6 +658,8 @@ def fmt_rate(x) -> str:
 def cell(s) -> str:
     if not s:
         return "n/a"
+    if s.get("median") is None:
+        return "over budget"
     flag = " (noisy)" if s.get("noisy") else ""
     busy = s.get("others_busy_before")
     others = "" if busy is None or busy != busy else f", others {busy:.0%}"
@@ -745,6 +790,9 @@ def parse_args(argv=None):
                    help="before each measurement, wait until other processes use at most this fraction "
                         "of all CPUs (sampled over 2 s) ...")
     p.add_argument("--quiet-wait-s", type=float, default=180.0, help="... but wait at most this long")
+    p.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE", "default"], default="PASSIVE",
+                   help="OMP_WAIT_POLICY for torch (default PASSIVE: on a shared machine, spinning OpenMP "
+                        "threads stall each other at every barrier; 'default' leaves libgomp's spin-then-sleep)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: mp-train,mp-gen,plain,gemm,mega")
     p.add_argument("--out", default=None, help="JSON output path (default runs/peers-t{threads}.json); "
                                                "the markdown table goes next to it (.md)")
@@ -777,7 +825,7 @@ def main() -> None:
         "torch": {"version": torch.__version__, "blas": blas, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "threads": args.threads,
         "quick": args.quick,
-        "env": {k: os.environ.get(k) for k in MALLOC_ENV},
+        "env": {k: os.environ.get(k) for k in [*MALLOC_ENV, "OMP_WAIT_POLICY"]},
         "config": asdict(c),
         "plain_shape": asdict(shape),
         "params": {"mega": mega_param_count(c), "megabyte_pytorch": mp_param_count(c), "plain": shape.params},
@@ -801,7 +849,7 @@ def main() -> None:
         mp_train, state = bench_mp_train(c, args, torch) if "mp-train" not in skip else (None, None)
         if mp_train:
             res["megabyte_pytorch"]["train"] = mp_train
-            log(f"  {mp_train['median']:.0f} bytes/s")
+            log(f"  {fmt_rate(mp_train['median'])} bytes/s")
     if "mp-gen" not in skip:
         if state is None:
             torch.manual_seed(0)
@@ -810,14 +858,14 @@ def main() -> None:
             log(f"megabyte-pytorch generate batch {b}")
             r = bench_mp_generate(c, args, torch, state, b)
             res["megabyte_pytorch"]["generate"][f"batch{b}"] = r
-            log("  " + ", ".join(f"{k}: {v['median']:.1f} bytes/s" for k, v in r.items()))
+            log("  " + ", ".join(f"{k}: {fmt_rate(v['median'])} bytes/s" for k, v in r.items()))
     if "plain" not in skip:
         res["plain_transformer"]["cache_check_max_abs_diff"] = check_plain_cache(torch, c)
         for b in c.gen_batches:
             log(f"plain transformer generate batch {b}")
             r = bench_plain_generate(c, args, torch, shape, b)
             res["plain_transformer"]["generate"][f"batch{b}"] = r
-            log(f"  {r['median']:.1f} bytes/s")
+            log(f"  {fmt_rate(r['median'])} bytes/s")
 
     if "mega" not in skip:
         if args.quick:  # no preset has the smoke config: hand mega the same config as a file
@@ -843,7 +891,7 @@ def main() -> None:
                        if (g["m"], g["k"], g["n"]) == gemm_shapes[0] and g["threads"] == args.threads), None)
     eff = {}
     mp_train = res["megabyte_pytorch"].get("train")
-    if mp_train:
+    if mp_train and mp_train["median"]:
         achieved = mp_train["median"] * mp_train["train_flops_per_byte"] / 1e9
         eff["megabyte-pytorch"] = {"flops_per_byte": mp_train["train_flops_per_byte"], "achieved_gflops": achieved,
                                    "torch_gemm_gflops": torch_gemm,
