@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # glibc reads these once, when the process starts, so they must be in the environment before
@@ -102,17 +102,39 @@ class BenchConfig:
     gen_batches: tuple = (1, 8)
 
 
-QUICK = BenchConfig(global_dim=128, local_dim=64, global_layers=2, local_layers=1, seq_len=256,
-                    batch=2, heads=2, dim_head=32, prompt_len=32, gen_len=32, gen_batches=(1, 2))
+QUICK = BenchConfig(
+    global_dim=128,
+    local_dim=64,
+    global_layers=2,
+    local_layers=1,
+    seq_len=256,
+    batch=2,
+    heads=2,
+    dim_head=32,
+    prompt_len=32,
+    gen_len=32,
+    gen_batches=(1, 2),
+)
 
 
 def mega_config_json(c: BenchConfig) -> dict:
     """The same configuration in mega's config-file format (docs/megabyte-model.md)."""
-    return {"model": "megabyte", "vocab_size": c.vocab, "patch_size": c.patch, "max_seq_len": c.seq_len,
-            "global_byte_dim": c.global_dim // c.patch, "global_dim": c.global_dim,
-            "global_layers": c.global_layers, "global_heads": max(1, c.global_dim // 64),
-            "local_dim": c.local_dim, "local_layers": c.local_layers, "local_heads": max(1, c.local_dim // 64),
-            "ffn_mult": c.ffn_mult, "activation": "relu", "init_std": 0.006}
+    return {
+        "model": "megabyte",
+        "vocab_size": c.vocab,
+        "patch_size": c.patch,
+        "max_seq_len": c.seq_len,
+        "global_byte_dim": c.global_dim // c.patch,
+        "global_dim": c.global_dim,
+        "global_layers": c.global_layers,
+        "global_heads": max(1, c.global_dim // 64),
+        "local_dim": c.local_dim,
+        "local_layers": c.local_layers,
+        "local_heads": max(1, c.local_dim // 64),
+        "ffn_mult": c.ffn_mult,
+        "activation": "relu",
+        "init_std": 0.006,
+    }
 
 
 def mega_param_count(c: BenchConfig) -> int:
@@ -139,10 +161,12 @@ def mega_train_flops_per_byte(c: BenchConfig) -> float:
     dg, dl, p, k = c.global_dim, c.local_dim, c.patch, c.seq_len // c.patch
     g_layer = 2 * (4 * dg * dg + 2 * dg * c.ffn_mult * dg)
     l_layer = 2 * (4 * dl * dl + 2 * dl * c.ffn_mult * dl)
-    fwd = (c.global_layers * (g_layer + 4 * dg * (k + 1) / 2) / p
-           + 2 * (dg // p) * dl  # W_GL
-           + c.local_layers * (l_layer + 4 * dl * (p + 1) / 2)
-           + 2 * dl * c.vocab)
+    fwd = (
+        c.global_layers * (g_layer + 4 * dg * (k + 1) / 2) / p
+        + 2 * (dg // p) * dl  # W_GL
+        + c.local_layers * (l_layer + 4 * dl * (p + 1) / 2)
+        + 2 * dl * c.vocab
+    )
     return 3 * fwd
 
 
@@ -176,11 +200,13 @@ def mp_train_flops_per_byte(c: BenchConfig) -> float:
     def layer(d: int, n: int) -> float:
         return 2 * (4 * d * inner + 2 * d * c.ffn_mult * d) + 4 * inner * (n + 1) / 2
 
-    fwd = (2 * p * dl * dg / p
-           + c.global_layers * layer(dg, k + 1) * (k + 1) / k / p
-           + 2 * dg * p * dl / p
-           + c.local_layers * layer(dl, p + 1) * (p + 1) / p
-           + 2 * dl * c.vocab * (p + 1) / p)
+    fwd = (
+        2 * p * dl * dg / p
+        + c.global_layers * layer(dg, k + 1) * (k + 1) / k / p
+        + 2 * dg * p * dl / p
+        + c.local_layers * layer(dl, p + 1) * (p + 1) / p
+        + 2 * dl * c.vocab * (p + 1) / p
+    )
     return 3 * fwd
 
 
@@ -214,8 +240,9 @@ def choose_plain_shape(c: BenchConfig) -> PlainShape:
             if best is None or key < best[0]:
                 best = (key, dim, layers, n)
     _, dim, layers, n = best
-    return PlainShape(dim=dim, layers=layers, heads=max(1, dim // 64), max_len=c.seq_len,
-                      params=n, target_params=target)
+    return PlainShape(
+        dim=dim, layers=layers, heads=max(1, dim // 64), max_len=c.seq_len, params=n, target_params=target
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -278,10 +305,20 @@ class Timing:
     def summary(self, work: float) -> dict:
         """Rates for `work` units per run (bytes or FLOPs): median, min and max rate."""
         if not self.seconds:
-            return {"median": None, "min": None, "max": None, "spread": None, "noisy": False, "runs": 0,
-                    "warmup": self.warmup, "seconds": [], "load_before": self.load_before,
-                    "others_busy_before": self.others_busy_before, "load_after": self.load_after,
-                    "note": self.note}
+            return {
+                "median": None,
+                "min": None,
+                "max": None,
+                "spread": None,
+                "noisy": False,
+                "runs": 0,
+                "warmup": self.warmup,
+                "seconds": [],
+                "load_before": self.load_before,
+                "others_busy_before": self.others_busy_before,
+                "load_after": self.load_after,
+                "note": self.note,
+            }
         rates = sorted(work / s for s in self.seconds)
         spread = (rates[-1] - rates[0]) / statistics.median(rates)
         return {
@@ -313,8 +350,9 @@ def check_deadline() -> None:
         raise OverBudget
 
 
-def measure(run_once, warmup: int, runs: int, budget_s: float, note: str = "", warm_once=None,
-            quiet: bool = True) -> Timing:
+def measure(
+    run_once, warmup: int, runs: int, budget_s: float, note: str = "", warm_once=None, quiet: bool = True
+) -> Timing:
     """Warm up, then time up to `runs` runs, stopping early when the next run would overrun
     `budget_s` (at least one run is always timed).
 
@@ -360,9 +398,16 @@ def log(msg: str) -> None:
 def build_mp(c: BenchConfig, max_patches: int, flash: bool):
     from MEGABYTE_pytorch import MEGABYTE
 
-    return MEGABYTE(num_tokens=c.vocab, dim=(c.global_dim, c.local_dim),
-                    depth=(c.global_layers, c.local_layers), max_seq_len=(max_patches, c.patch),
-                    dim_head=c.dim_head, heads=c.heads, ff_mult=c.ffn_mult, flash_attn=flash)
+    return MEGABYTE(
+        num_tokens=c.vocab,
+        dim=(c.global_dim, c.local_dim),
+        depth=(c.global_layers, c.local_layers),
+        max_seq_len=(max_patches, c.patch),
+        dim_head=c.dim_head,
+        heads=c.heads,
+        ff_mult=c.ffn_mult,
+        flash_attn=flash,
+    )
 
 
 def bench_mp_train(c: BenchConfig, args, torch) -> dict:
@@ -449,14 +494,14 @@ def bench_mp_generate(c: BenchConfig, args, torch, state, batch: int) -> dict:
     result = {}
     work = batch * c.gen_len
     note = f"per-patch estimate ({len(groups)} timed steps of {c.gen_len})"
-    result["per_patch"] = measure(per_patch, args.gen_warmup + 1, args.runs, args.budget_s, note,
-                                  warm_once=warm_step).summary(work)
+    result["per_patch"] = measure(
+        per_patch, args.gen_warmup + 1, args.runs, args.budget_s, note, warm_once=warm_step
+    ).summary(work)
     est = result["per_patch"]["median"]
     predicted = batch * c.gen_len / est if est else float("inf")
     if batch == 1 or args.mp_full_all:
         if predicted <= args.budget_s:
-            result["full"] = measure(full, 0, args.mp_full_runs, args.budget_s,
-                                     "generate() as shipped").summary(work)
+            result["full"] = measure(full, 0, args.mp_full_runs, args.budget_s, "generate() as shipped").summary(work)
         else:
             log(f"  skipping generate() as shipped: about {predicted:.0f} s per call, over --budget-s")
     return result
@@ -483,8 +528,8 @@ def make_plain_model(torch, shape: PlainShape, c: BenchConfig):
             """x [B, n, D] at positions pos..pos+n-1; writes K/V there and attends causally."""
             b, n, d = x.shape
             q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.heads, self.head_dim).unbind(2)
-            k_cache[:, :, pos:pos + n] = k.transpose(1, 2)
-            v_cache[:, :, pos:pos + n] = v.transpose(1, 2)
+            k_cache[:, :, pos : pos + n] = k.transpose(1, 2)
+            v_cache[:, :, pos : pos + n] = v.transpose(1, 2)
             keys, values = k_cache[:, :, : pos + n], v_cache[:, :, : pos + n]
             # one new query sees every cached key; a prefill block needs the causal mask
             y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=n > 1 and pos == 0)
@@ -503,13 +548,15 @@ def make_plain_model(torch, shape: PlainShape, c: BenchConfig):
 
         def new_cache(self, batch: int, length: int):
             hd = shape.dim // shape.heads
-            return [(torch.empty(batch, shape.heads, length, hd), torch.empty(batch, shape.heads, length, hd))
-                    for _ in self.blocks]
+            return [
+                (torch.empty(batch, shape.heads, length, hd), torch.empty(batch, shape.heads, length, hd))
+                for _ in self.blocks
+            ]
 
         def forward(self, ids, cache, pos: int):
             """Logits of the last position of `ids` [B, n], placed at positions pos.."""
             n = ids.shape[1]
-            x = self.tok(ids) + self.pos.weight[pos:pos + n]
+            x = self.tok(ids) + self.pos.weight[pos : pos + n]
             for block, (k_cache, v_cache) in zip(self.blocks, cache):
                 x = block(x, k_cache, v_cache, pos)
             return self.ln_f(x[:, -1]) @ self.tok.weight.t()
@@ -531,7 +578,7 @@ def check_plain_cache(torch, c: BenchConfig) -> float:
         for n in range(5, 12):
             reference = model(ids[:, :n], model.new_cache(2, 12), 0)
             worst = max(worst, float((logits - reference).abs().max()))
-            logits = model(ids[:, n:n + 1], cache, n)
+            logits = model(ids[:, n : n + 1], cache, n)
     assert worst < 1e-4, f"KV-cached decode disagrees with the full forward by {worst}"
     return worst
 
@@ -586,7 +633,7 @@ def bench_gemm(torch, shapes, thread_counts, budget_s: float) -> list:
             torch.mm(a, b, out=out)
             reps = max(1, int(0.3 / max(time.perf_counter() - t0, 1e-6)))
 
-            def run() -> float:
+            def run(a=a, b=b, out=out, reps=reps) -> float:
                 t1 = time.perf_counter()
                 for _ in range(reps):
                     torch.mm(a, b, out=out)
@@ -614,12 +661,15 @@ def run_mega(args, extra: list, threads: int) -> dict:
     log(f"mega: {' '.join(cmd)}")
     load_before = load_average()
     try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.mega_timeout_s)
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.mega_timeout_s, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"available": False, "error": f"mega: not available ({e})", "command": cmd}
     if p.returncode != 0:
-        return {"available": False, "error": f"mega: not available (exit {p.returncode}: {p.stderr.strip()[-500:]})",
-                "command": cmd}
+        return {
+            "available": False,
+            "error": f"mega: not available (exit {p.returncode}: {p.stderr.strip()[-500:]})",
+            "command": cmd,
+        }
     parsed = None
     for text in [p.stdout] + [line for line in reversed(p.stdout.splitlines()) if line.lstrip().startswith("{")]:
         try:
@@ -628,17 +678,31 @@ def run_mega(args, extra: list, threads: int) -> dict:
         except ValueError:
             continue
     if not isinstance(parsed, dict) or "bytes_per_s_median" not in parsed:
-        return {"available": False, "error": "mega: not available (no JSON with bytes_per_s_median on stdout)",
-                "command": cmd, "stdout_tail": p.stdout[-500:]}
-    parsed.update(available=True, command=cmd, load_before=load_before, load_after=load_average(),
-                  others_busy_before=busy)
-    rates = [r for r in parsed.get("runs", []) if isinstance(r, (int, float))] if isinstance(
-        parsed.get("runs"), list) else []
+        return {
+            "available": False,
+            "error": "mega: not available (no JSON with bytes_per_s_median on stdout)",
+            "command": cmd,
+            "stdout_tail": p.stdout[-500:],
+        }
+    parsed.update(
+        available=True, command=cmd, load_before=load_before, load_after=load_average(), others_busy_before=busy
+    )
+    rates = (
+        [r for r in parsed.get("runs", []) if isinstance(r, (int, float))]
+        if isinstance(parsed.get("runs"), list)
+        else []
+    )
     if rates:  # mega reports one rate per timed run
         med = parsed["bytes_per_s_median"]
-        parsed["summary"] = {"median": med, "min": min(rates), "max": max(rates), "runs": len(rates),
-                             "spread": (max(rates) - min(rates)) / med, "noisy": (max(rates) - min(rates)) / med > 0.10,
-                             "others_busy_before": busy}
+        parsed["summary"] = {
+            "median": med,
+            "min": min(rates),
+            "max": max(rates),
+            "runs": len(rates),
+            "spread": (max(rates) - min(rates)) / med,
+            "noisy": (max(rates) - min(rates)) / med > 0.10,
+            "others_busy_before": busy,
+        }
     return parsed
 
 
@@ -662,7 +726,7 @@ def cell(s) -> str:
         return "over budget"
     flag = " (noisy)" if s.get("noisy") else ""
     busy = s.get("others_busy_before")
-    others = "" if busy is None or busy != busy else f", others {busy:.0%}"
+    others = "" if busy is None or math.isnan(busy) else f", others {busy:.0%}"
     return f"**{fmt_rate(s['median'])}** [{fmt_rate(s['min'])}–{fmt_rate(s['max'])}, n={s['runs']}{others}]{flag}"
 
 
@@ -685,18 +749,25 @@ def markdown(res: dict) -> str:
     lines = [
         f"### Peers benchmark — {res['date']} — threads = {t}",
         "",
-        f"Machine: {res['machine']['cpu']} ({res['machine']['cores']} cores); torch {res['torch']['version']} "
-        f"({res['torch']['blas']}); load average at start {res['load_start']}, at end {res['load_end']}.",
+        (
+            f"Machine: {res['machine']['cpu']} ({res['machine']['cores']} cores); torch {res['torch']['version']} "
+            f"({res['torch']['blas']}, OMP_WAIT_POLICY={res['env'].get('OMP_WAIT_POLICY') or 'unset'}); "
+            f"load average at start {res['load_start']}, at end {res['load_end']}."
+        ),
         f"Command: `{res['command']}`",
         "",
-        f"Config: global width {c['global_dim']} x {c['global_layers']} layers, local width {c['local_dim']} x "
-        f"{c['local_layers']} layers, P = {c['patch']}, T = {c['seq_len']}, batch {c['batch']}; generation "
-        f"{c['gen_len']} bytes after {c['prompt_len']}. Parameters: mega {res['params']['mega']:,} (analytic), "
-        f"megabyte-pytorch {res['params']['megabyte_pytorch']:,}, plain transformer {res['params']['plain']:,} "
-        f"(d={res['plain_shape']['dim']}, L={res['plain_shape']['layers']}).",
+        (
+            f"Config: global width {c['global_dim']} x {c['global_layers']} layers, local width {c['local_dim']} x "
+            f"{c['local_layers']} layers, P = {c['patch']}, T = {c['seq_len']}, batch {c['batch']}; generation "
+            f"{c['gen_len']} bytes after {c['prompt_len']}. Parameters: mega {res['params']['mega']:,} (analytic), "
+            f"megabyte-pytorch {res['params']['megabyte_pytorch']:,}, plain transformer {res['params']['plain']:,} "
+            f"(d={res['plain_shape']['dim']}, L={res['plain_shape']['layers']})."
+        ),
         "",
-        "Bytes/s, **median** [min–max, timed runs after warm-up, share of all CPUs other processes used "
-        "just before]:",
+        (
+            "Bytes/s, **median** [min–max, timed runs after warm-up, share of all CPUs other processes used "
+            "just before]:"
+        ),
         "",
         "| measurement | mega | megabyte-pytorch | plain KV-cached (torch) | mega / megabyte-pytorch | mega / plain |",
         "|---|---|---|---|---|---|",
@@ -704,8 +775,10 @@ def markdown(res: dict) -> str:
     mega_train = mega.get("train", {})
     mt = mega_train.get("bytes_per_s_median") if mega_train.get("available") else None
     mp_train = mp.get("train")
-    lines.append(f"| train step (fwd+bwd+Adam), B·T/s | {mega_cell(mega_train)} | {cell(mp_train)} "
-                 f"| — | {ratio(mt, mp_train and mp_train['median'])} | — |")
+    lines.append(
+        f"| train step (fwd+bwd+Adam), B·T/s | {mega_cell(mega_train)} | {cell(mp_train)} "
+        f"| — | {ratio(mt, mp_train and mp_train['median'])} | — |"
+    )
     for b in c["gen_batches"]:
         key = f"batch{b}"
         mg = mega.get(f"generate_{key}", {})
@@ -715,28 +788,50 @@ def markdown(res: dict) -> str:
         mp_cells = cell(mpg.get("per_patch")) + (" per-patch est." if mpg.get("per_patch") else "")
         if "full" in mpg:
             mp_cells += f"; generate(): {cell(mpg['full'])}"
-        lines.append(f"| generate b={b}, bytes/s | {mega_cell(mg)} | {mp_cells} | {cell(pp)} "
-                     f"| {ratio(mgv, mpg.get('per_patch', {}).get('median'))} | {ratio(mgv, pp and pp['median'])} |")
+        lines.append(
+            f"| generate b={b}, bytes/s | {mega_cell(mg)} | {mp_cells} | {cell(pp)} "
+            f"| {ratio(mgv, mpg.get('per_patch', {}).get('median'))} | {ratio(mgv, pp and pp['median'])} |"
+        )
     g0 = res["gemm"][0] if res["gemm"] else {"m": "?", "k": "?", "n": "?"}
-    lines += ["", f"Training compute against the measured torch GEMM rate ({g0['m']}×{g0['k']}×{g0['n']} f32, "
-              f"same thread count); FLOPs/byte are analytic matmul counts (3 × forward):", "",
-              "| engine | train FLOPs/byte | achieved GFLOP/s | torch GEMM GFLOP/s | fraction | own GEMM GFLOP/s | fraction of own |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        (
+            f"Training compute against the measured torch GEMM rate ({g0['m']}×{g0['k']}×{g0['n']} f32, "
+            "same thread count); FLOPs/byte are analytic matmul counts (3 × forward):"
+        ),
+        "",
+        "| engine | train FLOPs/byte | achieved GFLOP/s | torch GEMM GFLOP/s | fraction | own GEMM GFLOP/s | fraction of own |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, row in res["train_efficiency"].items():
+
         def f(x, fmt):
             return "n/a" if x is None else format(x, fmt)
-        lines.append(f"| {name} | {f(row['flops_per_byte'] / 1e6, '.2f')} M | {f(row['achieved_gflops'], '.1f')} | "
-                     f"{f(row['torch_gemm_gflops'], '.1f')} | {f(row['fraction_of_torch_gemm'], '.0%')} | "
-                     f"{f(row.get('own_gemm_gflops'), '.1f')} | {f(row.get('fraction_of_own_gemm'), '.0%')} |")
-    lines += ["", "torch f32 GEMM (M×K·K×N), GFLOP/s median [min–max]:", "",
-              "| M×K×N | threads | GFLOP/s |", "|---|---|---|"]
+
+        lines.append(
+            f"| {name} | {f(row['flops_per_byte'] / 1e6, '.2f')} M | {f(row['achieved_gflops'], '.1f')} | "
+            f"{f(row['torch_gemm_gflops'], '.1f')} | {f(row['fraction_of_torch_gemm'], '.0%')} | "
+            f"{f(row.get('own_gemm_gflops'), '.1f')} | {f(row.get('fraction_of_own_gemm'), '.0%')} |"
+        )
+    lines += [
+        "",
+        "torch f32 GEMM (M×K·K×N), GFLOP/s median [min–max]:",
+        "",
+        "| M×K×N | threads | GFLOP/s |",
+        "|---|---|---|",
+    ]
     for g in res["gemm"]:
         s = g["gflops"]
         flag = " (noisy)" if s["noisy"] else ""
-        lines.append(f"| {g['m']}×{g['k']}×{g['n']} | {g['threads']} | **{s['median']:.1f}** "
-                     f"[{s['min']:.1f}–{s['max']:.1f}, n={s['runs']}, others {s['others_busy_before']:.0%}]{flag} |")
-    notes = [m.get("error") or m.get("config_mismatch") for m in mega.values()
-             if isinstance(m, dict) and (m.get("error") or m.get("config_mismatch"))]
+        lines.append(
+            f"| {g['m']}×{g['k']}×{g['n']} | {g['threads']} | **{s['median']:.1f}** "
+            f"[{s['min']:.1f}–{s['max']:.1f}, n={s['runs']}, others {s['others_busy_before']:.0%}]{flag} |"
+        )
+    notes = [
+        m.get("error") or m.get("config_mismatch")
+        for m in mega.values()
+        if isinstance(m, dict) and (m.get("error") or m.get("config_mismatch"))
+    ]
     if notes:
         lines += ["", "; ".join(sorted(set(notes)))]
     noisy = [k for k, v in iter_summaries(res) if v.get("noisy")]
@@ -757,7 +852,7 @@ def iter_summaries(res: dict, prefix: str = ""):
 def machine_info() -> dict:
     cpu = platform.processor() or "?"
     try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
             if line.startswith("Model name:"):
                 cpu = line.split(":", 1)[1].strip()
     except OSError:
@@ -769,10 +864,12 @@ def machine_info() -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example: tools/.venv-peers/bin/python tools/bench_megabyte_peers.py "
-                                       "--threads 2 --out runs/peers-t2.json")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: tools/.venv-peers/bin/python tools/bench_megabyte_peers.py "
+        "--threads 2 --out runs/peers-t2.json",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every engine (default: all)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per measurement (cut short by --budget-s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs for training steps")
@@ -784,18 +881,33 @@ def parse_args(argv=None):
     p.add_argument("--mega-timeout-s", type=float, default=900.0)
     p.add_argument("--mp-full-runs", type=int, default=2, help="runs of megabyte-pytorch's real generate()")
     p.add_argument("--mp-full-all", action="store_true", help="also run the real generate() at batch > 1")
-    p.add_argument("--mp-no-flash", dest="mp_flash", action="store_false",
-                   help="megabyte-pytorch einsum attention instead of SDPA (flash_attn=False)")
-    p.add_argument("--quiet-max-busy", type=float, default=0.25,
-                   help="before each measurement, wait until other processes use at most this fraction "
-                        "of all CPUs (sampled over 2 s) ...")
+    p.add_argument(
+        "--mp-no-flash",
+        dest="mp_flash",
+        action="store_false",
+        help="megabyte-pytorch einsum attention instead of SDPA (flash_attn=False)",
+    )
+    p.add_argument(
+        "--quiet-max-busy",
+        type=float,
+        default=0.25,
+        help="before each measurement, wait until other processes use at most this fraction "
+        "of all CPUs (sampled over 2 s) ...",
+    )
     p.add_argument("--quiet-wait-s", type=float, default=180.0, help="... but wait at most this long")
-    p.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE", "default"], default="PASSIVE",
-                   help="OMP_WAIT_POLICY for torch (default PASSIVE: on a shared machine, spinning OpenMP "
-                        "threads stall each other at every barrier; 'default' leaves libgomp's spin-then-sleep)")
+    p.add_argument(
+        "--omp-wait-policy",
+        choices=["PASSIVE", "ACTIVE", "default"],
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY for torch (default PASSIVE: on a shared machine, spinning OpenMP "
+        "threads stall each other at every barrier; 'default' leaves libgomp's spin-then-sleep)",
+    )
     p.add_argument("--skip", default="", help="comma list of parts to skip: mp-train,mp-gen,plain,gemm,mega")
-    p.add_argument("--out", default=None, help="JSON output path (default runs/peers-t{threads}.json); "
-                                               "the markdown table goes next to it (.md)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON output path (default runs/peers-t{threads}.json); the markdown table goes next to it (.md)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.runs, args.warmup, args.gen_warmup, args.mp_full_runs, args.quiet_wait_s = 2, 1, 1, 1, 0.0
@@ -822,7 +934,11 @@ def main() -> None:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine_info(),
-        "torch": {"version": torch.__version__, "blas": blas, "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "torch": {
+            "version": torch.__version__,
+            "blas": blas,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        },
         "threads": args.threads,
         "quick": args.quick,
         "env": {k: os.environ.get(k) for k in [*MALLOC_ENV, "OMP_WAIT_POLICY"]},
@@ -839,8 +955,7 @@ def main() -> None:
     gemm_shapes = [(2048, 2048, 2048), (8192, 512, 2048), (8192, 256, 1024)]
     if args.quick:
         gemm_shapes = [(512, 512, 512)]
-    res["gemm"] = [] if "gemm" in skip else bench_gemm(
-        torch, gemm_shapes, sorted({1, args.threads}), args.budget_s)
+    res["gemm"] = [] if "gemm" in skip else bench_gemm(torch, gemm_shapes, sorted({1, args.threads}), args.budget_s)
     torch.set_num_threads(args.threads)
 
     state = None
@@ -875,35 +990,62 @@ def main() -> None:
         else:
             model = ["--model", "megabyte", "--preset", args.mega_preset]
         timing = ["--runs", str(args.runs), "--warmup", str(args.warmup)]
-        res["mega"]["train"] = run_mega(args, ["train", *model, "--batch-size", str(c.batch), "--seq-len",
-                                               str(c.seq_len), *timing], args.threads)
+        res["mega"]["train"] = run_mega(
+            args, ["train", *model, "--batch-size", str(c.batch), "--seq-len", str(c.seq_len), *timing], args.threads
+        )
         for b in c.gen_batches:
             res["mega"][f"generate_batch{b}"] = run_mega(
-                args, ["generate", *model, "--prompt-len", str(c.prompt_len), "--gen-len", str(c.gen_len),
-                       "--batch-size", str(b), *timing], args.threads)
+                args,
+                [
+                    "generate",
+                    *model,
+                    "--prompt-len",
+                    str(c.prompt_len),
+                    "--gen-len",
+                    str(c.gen_len),
+                    "--batch-size",
+                    str(b),
+                    *timing,
+                ],
+                args.threads,
+            )
         for k, v in res["mega"].items():
             log(f"mega {k}: {v.get('bytes_per_s_median', v.get('error'))}")
             if v.get("available") and v.get("params") != mega_param_count(c):
                 v["config_mismatch"] = f"mega reports {v.get('params')} parameters, expected {mega_param_count(c)}"
                 log("  WARNING: " + v["config_mismatch"])
 
-    torch_gemm = next((g["gflops"]["median"] for g in res["gemm"]
-                       if (g["m"], g["k"], g["n"]) == gemm_shapes[0] and g["threads"] == args.threads), None)
+    torch_gemm = next(
+        (
+            g["gflops"]["median"]
+            for g in res["gemm"]
+            if (g["m"], g["k"], g["n"]) == gemm_shapes[0] and g["threads"] == args.threads
+        ),
+        None,
+    )
     eff = {}
     mp_train = res["megabyte_pytorch"].get("train")
     if mp_train and mp_train["median"]:
         achieved = mp_train["median"] * mp_train["train_flops_per_byte"] / 1e9
-        eff["megabyte-pytorch"] = {"flops_per_byte": mp_train["train_flops_per_byte"], "achieved_gflops": achieved,
-                                   "torch_gemm_gflops": torch_gemm,
-                                   "fraction_of_torch_gemm": achieved / torch_gemm if torch_gemm else None}
+        eff["megabyte-pytorch"] = {
+            "flops_per_byte": mp_train["train_flops_per_byte"],
+            "achieved_gflops": achieved,
+            "torch_gemm_gflops": torch_gemm,
+            "fraction_of_torch_gemm": achieved / torch_gemm if torch_gemm else None,
+        }
     mt = res["mega"].get("train", {})
     fpb = mt.get("train_flops_per_byte") or mega_train_flops_per_byte(c)
     achieved = mt["bytes_per_s_median"] * fpb / 1e9 if mt.get("available") else None
     own = mt.get("gemm_gflops") if mt.get("available") else None
-    eff["mega"] = {"flops_per_byte": fpb, "flops_per_byte_source": "mega JSON" if mt.get("train_flops_per_byte")
-                   else "analytic (this script)", "achieved_gflops": achieved, "torch_gemm_gflops": torch_gemm,
-                   "fraction_of_torch_gemm": achieved / torch_gemm if achieved and torch_gemm else None,
-                   "own_gemm_gflops": own, "fraction_of_own_gemm": achieved / own if achieved and own else None}
+    eff["mega"] = {
+        "flops_per_byte": fpb,
+        "flops_per_byte_source": "mega JSON" if mt.get("train_flops_per_byte") else "analytic (this script)",
+        "achieved_gflops": achieved,
+        "torch_gemm_gflops": torch_gemm,
+        "fraction_of_torch_gemm": achieved / torch_gemm if achieved and torch_gemm else None,
+        "own_gemm_gflops": own,
+        "fraction_of_own_gemm": achieved / own if achieved and own else None,
+    }
     res["train_efficiency"] = eff
     res["load_end"] = load_average()
 
