@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod bench;
 pub mod config;
+pub mod convert;
 pub mod device;
 pub mod infer;
 pub mod kernels;

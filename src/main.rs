@@ -217,6 +217,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make a checkpoint from a safetensors file of weights (MEGALODON: the official
+    /// state-dict names and shapes) and its hyper-parameters (config JSON).
+    ///
+    /// Example: mega convert --weights model.safetensors --config config.json --out runs/imported
+    Convert {
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Devices, kernel build and presets.
     Info,
 }
@@ -505,6 +517,15 @@ fn run(cmd: Command) -> Result<()> {
                 }
             });
             println!("{out}");
+            Ok(())
+        }
+        Command::Convert {
+            weights,
+            config,
+            out,
+        } => {
+            let n = mega::convert::convert(&weights, &config, &out)?;
+            println!("wrote {n} tensors to {}", out.display());
             Ok(())
         }
         Command::Info => {
