@@ -1014,6 +1014,9 @@ def main() -> None:
             if v.get("available") and v.get("params") != mega_param_count(c):
                 v["config_mismatch"] = f"mega reports {v.get('params')} parameters, expected {mega_param_count(c)}"
                 log("  WARNING: " + v["config_mismatch"])
+            if v.get("available") and v.get("threads") not in (None, args.threads):
+                v["config_mismatch"] = f"mega reports {v.get('threads')} threads, asked for {args.threads}"
+                log("  WARNING: " + v["config_mismatch"])
 
     torch_gemm = next(
         (
