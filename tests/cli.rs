@@ -268,3 +268,92 @@ fn find_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
     }
     None
 }
+
+#[test]
+fn megalodon_trains_resumes_generates_and_evaluates_through_the_same_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let data = data.to_str().unwrap();
+    let out = dir.path().join("m");
+    let ck = out.to_str().unwrap();
+    let args = |steps: &'static str| {
+        vec![
+            "train",
+            "--model",
+            "megalodon",
+            "--preset",
+            "tiny",
+            "--data",
+            data,
+            "--out",
+            ck,
+            "--steps",
+            steps,
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--eval-every",
+            "2",
+            "--warmup",
+            "1",
+            "--quiet",
+            "--sample-bytes",
+            "0",
+            "--threads",
+            "1",
+        ]
+    };
+    let mut first = args("4");
+    first.extend(["--stop-at-step", "2"]);
+    let o = mega(&first);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut resume = args("4");
+    resume.push("--resume");
+    let o = mega(&resume);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        mega::train::checkpoint::load(&out)
+            .unwrap()
+            .trainer
+            .unwrap()
+            .step,
+        4
+    );
+    let o = mega(&[
+        "generate",
+        "--checkpoint",
+        ck,
+        "--prompt",
+        "It was",
+        "--max-bytes",
+        "20",
+        "--top-k",
+        "5",
+        "--seed",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(o.stdout.len(), "It was".len() + 20 + 1);
+    let o = mega(&[
+        "eval",
+        "--checkpoint",
+        ck,
+        "--data",
+        data,
+        "--seq-len",
+        "16",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = mega(&[
+        "eval",
+        "--checkpoint",
+        ck,
+        "--data",
+        data,
+        "--seq-len",
+        "16",
+        "--strided",
+    ]);
+    assert_clean_error(&o, "strided");
+}
