@@ -132,7 +132,9 @@ pub fn bench_train<M: LanguageModel<Cpu>>(
         valid_fraction: 0.0,
     };
     let mut ws = model.workspace(&be, batch, seq_len, true);
-    let bytes: Vec<u8> = (0..batch * seq_len)
+    // A model may read more bytes per window than it scores (MEGALODON reads t + 1).
+    let window = model.window_len(seq_len);
+    let bytes: Vec<u8> = (0..batch * window)
         .map(|i| (i * 7919 % 251) as u8)
         .collect();
     let mut rates = Vec::new();

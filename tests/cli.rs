@@ -357,3 +357,34 @@ fn megalodon_trains_resumes_generates_and_evaluates_through_the_same_cli() {
     ]);
     assert_clean_error(&o, "strided");
 }
+
+#[test]
+fn bench_reports_json_for_both_model_families() {
+    for model in ["megabyte", "megalodon"] {
+        let o = mega(&[
+            "bench",
+            "train",
+            "--model",
+            model,
+            "--preset",
+            "tiny",
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "16",
+            "--warmup",
+            "0",
+            "--runs",
+            "1",
+            "--threads",
+            "1",
+        ]);
+        assert!(o.status.success(), "{model}: {}", stderr(&o));
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(
+            r["bytes_per_s_median"].as_f64().unwrap() > 0.0,
+            "{model}: {r}"
+        );
+        assert_eq!(r["config"]["model"], model);
+    }
+}
