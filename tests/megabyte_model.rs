@@ -9,6 +9,9 @@ use mega::infer::megabyte_decoder::MegabyteDecoder;
 use mega::model::megabyte::Megabyte;
 use rand::{Rng, SeedableRng};
 
+#[path = "support/gradcheck.rs"]
+mod gradcheck;
+
 fn tiny() -> MegabyteConfig {
     MegabyteConfig::preset("tiny").unwrap()
 }
@@ -64,72 +67,23 @@ fn input_construction_matches_the_papers_worked_example() {
     assert_eq!(slots, vec![0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3]);
 }
 
-fn loss_f64(
-    model: &Megabyte,
-    host: &[Vec<f32>],
-    overrides: &[(usize, usize, f64)],
-    bytes: &[u8],
-    b: usize,
-    t: usize,
-) -> f64 {
-    let be = Cpu::<f64>::new();
-    let mut params = model.layout.upload(&be, host);
-    for &(i, j, v) in overrides {
-        params[i][j] = v;
-    }
-    let mut ws = model.workspace(&be, b, t, false);
-    model.forward(&be, &params, &mut ws, bytes)
-}
-
 fn check_gradients(cfg: &MegabyteConfig) {
     let model = Megabyte::new(cfg);
     let host = random_params(&model, 7, 0.3);
     let (b, t) = (2, cfg.max_seq_len);
     let bytes = random_bytes(b * t, 11);
-    let be = Cpu::<f64>::new();
-    let params = model.layout.upload(&be, &host);
-    let mut grads = model.layout.zeros(&be);
-    let mut ws = model.workspace(&be, b, t, true);
-    model.forward(&be, &params, &mut ws, &bytes);
-    model.backward(&be, &params, &mut grads, &mut ws);
-
+    let params = model.layout.upload(&Cpu::<f64>::new(), &host);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-    let eps = 1e-5;
-    let mut worst: (f64, String) = (0.0, String::new());
-    for (i, spec) in model.layout.specs.iter().enumerate() {
-        // Embedding tables only receive gradient at rows that occur, so probe those too.
+    gradcheck::check_model_gradients(&model, &params, &bytes, (b, t), 1e-4, |i, _| {
+        let spec = &model.layout.specs[i];
         let mut probes: Vec<usize> = (0..4).map(|_| rng.random_range(0..spec.numel())).collect();
+        // Embedding tables only receive gradient at rows that occur, so probe one of those.
         if spec.name.ends_with("tok_emb") {
             let d = spec.shape[1];
             probes.push(bytes[0] as usize * d + rng.random_range(0..d));
         }
-        for j in probes {
-            let base = params[i][j];
-            let lp = loss_f64(&model, &host, &[(i, j, base + eps)], &bytes, b, t);
-            let lm = loss_f64(&model, &host, &[(i, j, base - eps)], &bytes, b, t);
-            let fd = (lp - lm) / (2.0 * eps);
-            let an = grads[i][j];
-            // Relative error, with a floor of 1e-4 on the scale: a central difference of a
-            // loss ≈ 6 with step 1e-5 carries ≈ 1e-10 of rounding noise, which must not
-            // count against gradients that are exactly zero (e.g. the key bias).
-            let err = (fd - an).abs() / (fd.abs() + an.abs()).max(1e-4);
-            if err > worst.0 {
-                worst = (
-                    err,
-                    format!("{}[{j}]: analytic {an:e} fd {fd:e}", spec.name),
-                );
-            }
-            assert!(
-                err < 1e-5,
-                "{}[{j}]: analytic {an:e} vs finite difference {fd:e} (rel {err:e})",
-                spec.name
-            );
-        }
-    }
-    println!(
-        "worst relative gradient error: {:e} at {}",
-        worst.0, worst.1
-    );
+        probes
+    });
 }
 
 #[test]

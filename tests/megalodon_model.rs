@@ -11,6 +11,9 @@ use mega::model::{Decoder, ModelShape};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+#[path = "support/gradcheck.rs"]
+mod gradcheck;
+
 fn tiny() -> MegalodonConfig {
     MegalodonConfig::preset("tiny").unwrap()
 }
@@ -93,12 +96,6 @@ fn full_logits<F: mega::backend::cpu::Real>(
     ws.logits.clone()
 }
 
-fn loss_f64(model: &Megalodon, params: &[Vec<f64>], windows: &[u8], b: usize, t: usize) -> f64 {
-    let be = Cpu::<f64>::new();
-    let mut ws = model.workspace(&be, b, t, false);
-    model.forward(&be, params, &mut ws, windows)
-}
-
 fn check_gradients(cfg: &MegalodonConfig) {
     let model = Megalodon::new(cfg);
     let host = random_params(&model, 7);
@@ -106,57 +103,19 @@ fn check_gradients(cfg: &MegalodonConfig) {
     // TimestepNorm/CEMA run across them.
     let (b, t) = (2, 2 * cfg.chunk_size + 3);
     let windows = random_bytes(b * (t + 1), 11);
-    let be = Cpu::<f64>::new();
-    let mut params = model.layout.upload(&be, &host);
-    let mut grads = model.layout.zeros(&be);
-    let mut ws = model.workspace(&be, b, t, true);
-    model.forward(&be, &params, &mut ws, &windows);
-    model.backward(&be, &params, &mut grads, &mut ws);
-
+    let params = model.layout.upload(&Cpu::<f64>::new(), &host);
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let h = 1e-5;
-    let mut worst: (f64, String) = (0.0, String::new());
-    for (i, spec) in model.layout.specs.iter().enumerate() {
+    gradcheck::check_model_gradients(&model, &params, &windows, (b, t), 1e-3, |i, g| {
+        let spec = &model.layout.specs[i];
         // Three random entries and the tensor's largest gradient.
-        let largest = (0..spec.numel())
-            .max_by(|&x, &y| grads[i][x].abs().total_cmp(&grads[i][y].abs()))
+        let largest = (0..g.len())
+            .max_by(|&x, &y| g[x].abs().total_cmp(&g[y].abs()))
             .unwrap();
-        assert!(
-            grads[i][largest] != 0.0,
-            "{}: gradient is all zero",
-            spec.name
-        );
+        assert!(g[largest] != 0.0, "{}: gradient is all zero", spec.name);
         let mut probes: Vec<usize> = (0..3).map(|_| rng.random_range(0..spec.numel())).collect();
         probes.push(largest);
-        for j in probes {
-            let base = params[i][j];
-            params[i][j] = base + h;
-            let lp = loss_f64(&model, &params, &windows, b, t);
-            params[i][j] = base - h;
-            let lm = loss_f64(&model, &params, &windows, b, t);
-            params[i][j] = base;
-            let fd = (lp - lm) / (2.0 * h);
-            let an = grads[i][j];
-            // Relative error with a floor of 1e-3 on the scale: the central difference of a
-            // loss ≈ 6 with step 1e-5 carries ~1e-9 of rounding and truncation error.
-            let err = (fd - an).abs() / (fd.abs() + an.abs()).max(1e-3);
-            if err > worst.0 {
-                worst = (
-                    err,
-                    format!("{}[{j}]: analytic {an:e} fd {fd:e}", spec.name),
-                );
-            }
-            assert!(
-                err < 1e-5,
-                "{}[{j}]: analytic {an:e} vs finite difference {fd:e} (rel {err:e})",
-                spec.name
-            );
-        }
-    }
-    println!(
-        "worst relative gradient error: {:e} at {}",
-        worst.0, worst.1
-    );
+        probes
+    });
 }
 
 #[test]
