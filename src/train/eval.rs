@@ -53,7 +53,31 @@ fn spans(len: usize, t: usize, w: usize, sliding: bool) -> Vec<Span> {
     out
 }
 
-/// Per-byte losses (nats) for a list of window starts, run in batches of the workspace's `b`.
+/// Per-byte losses (nats), `[t]` per window, for windows of `window_len(t)` bytes run in
+/// batches of the workspace's `b`. A short last batch is padded with copies of its last
+/// window, whose losses are dropped.
+pub fn batched_window_losses<B: Backend, M: LanguageModel<B>>(
+    be: &B,
+    model: &M,
+    params: &[B::Buf],
+    ws: &mut M::Workspace,
+    windows: &[&[u8]],
+) -> Vec<Vec<f32>> {
+    let (b, t) = model.workspace_shape(ws);
+    let mut out = Vec::with_capacity(windows.len());
+    for chunk in windows.chunks(b) {
+        let mut batch = Vec::with_capacity(b * model.window_len(t));
+        for i in 0..b {
+            batch.extend_from_slice(chunk[i.min(chunk.len() - 1)]);
+        }
+        model.forward(be, params, ws, &batch);
+        let losses = be.download(model.losses(ws));
+        out.extend(losses.chunks(t).take(chunk.len()).map(<[f32]>::to_vec));
+    }
+    out
+}
+
+/// [`batched_window_losses`] for the windows of `bytes` starting at `starts`.
 fn window_losses<B: Backend, M: LanguageModel<B>>(
     be: &B,
     model: &M,
@@ -62,22 +86,10 @@ fn window_losses<B: Backend, M: LanguageModel<B>>(
     bytes: &[u8],
     starts: &[usize],
 ) -> Vec<Vec<f32>> {
-    let (b, t) = model.workspace_shape(ws);
+    let (_, t) = model.workspace_shape(ws);
     let w = model.window_len(t);
-    let mut out = Vec::with_capacity(starts.len());
-    for chunk in starts.chunks(b) {
-        let mut batch = Vec::with_capacity(b * w);
-        for i in 0..b {
-            let s = chunk[i.min(chunk.len() - 1)];
-            batch.extend_from_slice(&bytes[s..s + w]);
-        }
-        model.forward(be, params, ws, &batch);
-        let losses = be.download(model.losses(ws));
-        for i in 0..chunk.len() {
-            out.push(losses[i * t..(i + 1) * t].to_vec());
-        }
-    }
-    out
+    let windows: Vec<&[u8]> = starts.iter().map(|&s| &bytes[s..s + w]).collect();
+    batched_window_losses(be, model, params, ws, &windows)
 }
 
 /// Evaluate bits per byte of `bytes` with the workspace's window length. Strided inference

@@ -151,23 +151,10 @@ pub fn evaluate_bpb<B: Backend, M: LanguageModel<B>>(
     ws: &mut M::Workspace,
     windows: &[Vec<u8>],
 ) -> f64 {
-    let (b, t) = model.workspace_shape(ws);
-    let mut total = 0.0;
-    let mut count = 0usize;
-    for chunk in windows.chunks(b) {
-        let mut batch: Vec<u8> = chunk.concat();
-        // A short last batch is padded with copies of its first window, which are not counted.
-        for _ in chunk.len()..b {
-            batch.extend_from_slice(&chunk[0]);
-        }
-        model.forward(be, params, ws, &batch);
-        let losses = be.download(model.losses(ws));
-        total += losses[..chunk.len() * t]
-            .iter()
-            .map(|&x| x as f64)
-            .sum::<f64>();
-        count += chunk.len() * t;
-    }
+    let windows: Vec<&[u8]> = windows.iter().map(Vec::as_slice).collect();
+    let losses = super::eval::batched_window_losses(be, model, params, ws, &windows);
+    let total: f64 = losses.iter().flatten().map(|&x| x as f64).sum();
+    let count: usize = losses.iter().map(Vec::len).sum();
     total / count.max(1) as f64 / std::f64::consts::LN_2
 }
 
