@@ -153,37 +153,13 @@ fn forward_fast_matches_reference() {
     let (mut w32, mut w64) = (0.0f64, 0.0f64);
     for s in odd_shapes() {
         let x = Inputs::random(&mut r, &s);
-        let (got, gs) = run_forward::<f32>(ma::forward, &x, &s);
-        let (want, ws) = run_forward::<f32>(reference::forward, &x, &s);
+        let (got, _) = run_forward::<f32>(ma::forward, &x, &s);
+        let (want, _) = run_forward::<f32>(reference::forward, &x, &s);
         let what = format!("{s:?}");
         w32 = w32.max(assert_close32(
             &format!("out f32 {what}"),
             &got,
             &want,
-            TOL32,
-        ));
-        w32 = w32.max(assert_close32(
-            &format!("q f32 {what}"),
-            &gs.q,
-            &ws.q,
-            TOL32,
-        ));
-        w32 = w32.max(assert_close32(
-            &format!("k f32 {what}"),
-            &gs.k,
-            &ws.k,
-            TOL32,
-        ));
-        w32 = w32.max(assert_close32(
-            &format!("rstd {what}"),
-            &gs.rstd,
-            &ws.rstd,
-            TOL32,
-        ));
-        w32 = w32.max(assert_close32(
-            &format!("P f32 {what}"),
-            &gs.probs,
-            &ws.probs,
             TOL32,
         ));
         let (got, _) = run_forward::<f64>(ma::forward, &x, &s);

@@ -13,10 +13,14 @@
 //! A sequence is split into chunks of `C` tokens starting at its first token; the last chunk
 //! may be partial. Chunks never see each other, and RoPE positions restart at 0 in each one.
 //!
-//! The training path ([`forward`], [`backward`]) runs one task per (batch row, head, chunk)
-//! on the rayon pool, each on contiguous per-head scratch with causal row blocks handed to
-//! `gemm`; the streaming path ([`forward_cached`]) keeps the post-RoPE keys and values of the
-//! current partial chunk in a [`ChunkKvCache`]. Every output element is computed by the same
+//! The training path ([`forward`], [`backward`]) runs one task per (batch row, chunk) on the
+//! rayon pool, the heads one after another on per-task scratch, with causal row blocks handed
+//! to `gemm` and results written straight into the `[b, l, ·]` outputs. The forward keeps
+//! nothing: the backward recomputes each block's queries, keys and probabilities from `z`
+//! (flash-attention style), which costs a fraction of the block's GEMMs and spares training
+//! a `[span × span]` probability block, post-RoPE queries and keys per head and layer. The
+//! streaming path ([`forward_cached`]) keeps the post-RoPE keys and values of the current
+//! partial chunk in a [`ChunkKvCache`]. Every output element is computed by the same
 //! operations whatever the thread count, so results are deterministic.
 
 use std::any::TypeId;
@@ -90,54 +94,35 @@ impl MegaAttnShape {
     }
 }
 
-/// What [`forward`] keeps for [`backward`]. Layouts are per head, so every (row, head,
-/// chunk) block is one contiguous slice.
+/// What [`forward`] leaves for [`backward`]: only the shape of the call it ran, so that a
+/// backward at another shape (or without a forward) is caught. Everything the gradient needs
+/// is recomputed from `z` and `v` (see the module docs).
 #[derive(Clone, Debug, PartialEq)]
 pub struct MegaAttnSaved<F> {
-    /// `1/√(mean(Z²) + eps)` per (row, head, token): `[b, H, l]`.
-    pub rstd: Vec<F>,
-    /// Post-RoPE queries `[b, H, l, dz]`.
-    pub q: Vec<F>,
-    /// Post-RoPE keys `[b, H, l, dz]`.
-    pub k: Vec<F>,
-    /// Attention probabilities `[b, H, n_chunks, span, span]` (see [`MegaAttnShape::span`]):
-    /// row `i` of a block holds the weights of keys `0..=i`, zeros after; rows past the end
-    /// of a partial last chunk are zero.
-    pub probs: Vec<F>,
+    filled_for: Option<MegaAttnShape>,
+    _elem: std::marker::PhantomData<F>,
 }
 
-/// Zeroed [`MegaAttnSaved`] buffers for shape `s`.
-pub fn saved_new<F: Real>(s: &MegaAttnShape) -> MegaAttnSaved<F> {
-    let span = s.span();
+impl<F> MegaAttnSaved<F> {
+    /// The shape of the forward that filled this record (`None` before any forward).
+    pub fn filled_for(&self) -> Option<&MegaAttnShape> {
+        self.filled_for.as_ref()
+    }
+}
+
+/// An empty [`MegaAttnSaved`] for shape `s` (nothing is allocated).
+pub fn saved_new<F: Real>(_s: &MegaAttnShape) -> MegaAttnSaved<F> {
     MegaAttnSaved {
-        rstd: vec![F::zero(); s.b * s.heads * s.l],
-        q: vec![F::zero(); s.b * s.l * s.zdim()],
-        k: vec![F::zero(); s.b * s.l * s.zdim()],
-        probs: vec![F::zero(); s.b * s.heads * s.n_chunks() * span * span],
+        filled_for: None,
+        _elem: std::marker::PhantomData,
     }
 }
 
 fn check_saved<F>(saved: &MegaAttnSaved<F>, s: &MegaAttnShape) {
-    let span = s.span();
     assert_eq!(
-        saved.rstd.len(),
-        s.b * s.heads * s.l,
-        "saved.rstd must be [b, H, l]"
-    );
-    assert_eq!(
-        saved.q.len(),
-        s.b * s.l * s.zdim(),
-        "saved.q must be [b, H, l, dz]"
-    );
-    assert_eq!(
-        saved.k.len(),
-        s.b * s.l * s.zdim(),
-        "saved.k must be [b, H, l, dz]"
-    );
-    assert_eq!(
-        saved.probs.len(),
-        s.b * s.heads * s.n_chunks() * span * span,
-        "saved.probs must be [b, H, n_chunks, span, span]"
+        saved.filled_for.as_ref(),
+        Some(s),
+        "megalodon attention: backward needs a forward at the same shape"
     );
 }
 
@@ -398,15 +383,55 @@ fn mm<F: Real>(
     }
 }
 
+/// Scores `Q[r0..r1]·K[0..offset + r1]ᵀ` into rows `probs_rs` apart, then the causal softmax
+/// of each row in place (query `i` sees keys `0..=offset + i`; zeros after, up to `probs_rs`).
+#[allow(clippy::too_many_arguments)]
+fn causal_probs<F: Real>(
+    probs: &mut [F],
+    probs_rs: usize,
+    q: &[F],
+    k: &[F],
+    r0: usize,
+    r1: usize,
+    offset: usize,
+    dz: usize,
+) {
+    mm(
+        &mut probs[r0 * probs_rs..],
+        probs_rs,
+        (&q[r0 * dz..], dz, 1),
+        (k, 1, dz),
+        r1 - r0,
+        offset + r1,
+        dz,
+        false,
+    );
+    for i in r0..r1 {
+        let row = &mut probs[i * probs_rs..(i + 1) * probs_rs];
+        let (seen, hidden) = row.split_at_mut(offset + i + 1);
+        let max = seen.iter().fold(F::neg_infinity(), |m, &x| m.max(x));
+        let mut sum = F::zero();
+        for x in seen.iter_mut() {
+            *x = (*x - max).exp();
+            sum = sum + *x;
+        }
+        let inv = F::one() / sum;
+        for x in seen.iter_mut() {
+            *x = *x * inv;
+        }
+        hidden.fill(F::zero());
+    }
+}
+
 /// Causal softmax attention of `nq` queries over `offset + nq` keys, query `i` seeing keys
 /// `0..=offset + i` (the bottom-right aligned mask of a cached prefix).
 ///
 /// `q [nq, dz]` and `k [offset+nq, dz]` are contiguous; `v` holds key rows of `dv` values
-/// `v_rs` apart. Writes `out [nq, dv]` and the probabilities into rows `probs_rs` apart
-/// (zero past each row's last visible key, up to `probs_rs`).
+/// `v_rs` apart. Writes `out` (`nq` rows of `dv`, `out_rs` apart) and the probabilities into
+/// rows `probs_rs` apart (zero past each row's last visible key, up to `probs_rs`).
 #[allow(clippy::too_many_arguments)]
 fn attend<F: Real>(
-    out: &mut [F],
+    out: (&mut [F], usize),
     probs: &mut [F],
     probs_rs: usize,
     q: &[F],
@@ -417,44 +442,20 @@ fn attend<F: Real>(
     dz: usize,
     dv: usize,
 ) {
+    let (out, out_rs) = out;
     let (v, v_rs) = v;
     let mut r0 = 0;
     while r0 < nq {
         let r1 = (r0 + ROW_BLOCK).min(nq);
-        let kn = offset + r1;
+        causal_probs(probs, probs_rs, q, k, r0, r1, offset, dz);
         mm(
-            &mut probs[r0 * probs_rs..],
-            probs_rs,
-            (&q[r0 * dz..], dz, 1),
-            (k, 1, dz),
-            r1 - r0,
-            kn,
-            dz,
-            false,
-        );
-        for i in r0..r1 {
-            let row = &mut probs[i * probs_rs..(i + 1) * probs_rs];
-            let (seen, hidden) = row.split_at_mut(offset + i + 1);
-            let max = seen.iter().fold(F::neg_infinity(), |m, &x| m.max(x));
-            let mut sum = F::zero();
-            for x in seen.iter_mut() {
-                *x = (*x - max).exp();
-                sum = sum + *x;
-            }
-            let inv = F::one() / sum;
-            for x in seen.iter_mut() {
-                *x = *x * inv;
-            }
-            hidden.fill(F::zero());
-        }
-        mm(
-            &mut out[r0 * dv..],
-            dv,
+            &mut out[r0 * out_rs..],
+            out_rs,
             (&probs[r0 * probs_rs..], probs_rs, 1),
             (v, v_rs, 1),
             r1 - r0,
             dv,
-            kn,
+            offset + r1,
             false,
         );
         r0 = r1;
@@ -462,12 +463,13 @@ fn attend<F: Real>(
 }
 
 /// Gradients of [`attend`] with `offset = 0` (one whole training block of `n` rows):
-/// overwrites `dq, dk [n, dz]`, `dv_out [n, dv]`; `ds` is scratch of `n` rows `probs_rs` apart.
+/// overwrites `dq, dk [n, dz]` and the `n` rows of `dv_out` (`dv` values, `dv_rs` apart);
+/// `ds` is scratch of `n` rows `probs_rs` apart.
 #[allow(clippy::too_many_arguments)]
 fn attend_backward<F: Real>(
     dq: &mut [F],
     dk: &mut [F],
-    dv_out: &mut [F],
+    dv_out: (&mut [F], usize),
     ds: &mut [F],
     dout: (&[F], usize),
     v: (&[F], usize),
@@ -481,8 +483,11 @@ fn attend_backward<F: Real>(
 ) {
     let (dout, do_rs) = dout;
     let (v, v_rs) = v;
+    let (dv_out, dv_rs) = dv_out;
     dk.fill(F::zero());
-    dv_out.fill(F::zero());
+    for i in 0..n {
+        dv_out[i * dv_rs..i * dv_rs + dv].fill(F::zero());
+    }
     let mut r0 = 0;
     while r0 < n {
         let r1 = (r0 + ROW_BLOCK).min(n);
@@ -490,7 +495,7 @@ fn attend_backward<F: Real>(
         // dV[0..r1] += P[r0..r1, 0..r1]ᵀ · dO[r0..r1]
         mm(
             dv_out,
-            dv,
+            dv_rs,
             (&probs[r0 * probs_rs..], 1, probs_rs),
             (&dout[r0 * do_rs..], do_rs, 1),
             r1,
@@ -544,8 +549,128 @@ fn attend_backward<F: Real>(
     }
 }
 
+/// What every training block of a call shares: the RoPE table and the Q/K affine.
+struct BlockCtx<F> {
+    s: MegaAttnShape,
+    cos: Vec<F>,
+    sin: Vec<F>,
+    aff: QkAffine<F>,
+    eps: F,
+}
+
+/// One task's scratch, reused across its heads: post-RoPE `q`, `k` and the per-row rstd of
+/// one head, the block's probabilities and, for the backward, their gradients.
+struct BlockScratch<F> {
+    q: Vec<F>,
+    k: Vec<F>,
+    rstd: Vec<F>,
+    probs: Vec<F>,
+    dq: Vec<F>,
+    dk: Vec<F>,
+    ds: Vec<F>,
+}
+
+impl<F: Real> BlockScratch<F> {
+    fn new(s: &MegaAttnShape, backward: bool) -> Self {
+        let (span, dz) = (s.span(), s.dz);
+        let grad = |len: usize| {
+            if backward {
+                vec![F::zero(); len]
+            } else {
+                Vec::new()
+            }
+        };
+        Self {
+            q: vec![F::zero(); span * dz],
+            k: vec![F::zero(); span * dz],
+            rstd: vec![F::zero(); span],
+            probs: vec![F::zero(); span * span],
+            dq: grad(span * dz),
+            dk: grad(span * dz),
+            ds: grad(span * span),
+        }
+    }
+}
+
+impl<F: Real> BlockCtx<F> {
+    fn new(gamma: &[F], beta: &[F], s: &MegaAttnShape) -> Self {
+        let (cos, sin) = rope_table::<F>(s.span(), s.dz, s.rope_base);
+        Self {
+            s: *s,
+            cos,
+            sin,
+            aff: QkAffine::new(gamma, beta, s.zdim(), s.dz),
+            eps: real(s.eps),
+        }
+    }
+
+    /// Queries, keys and rstd of head `hi` for the `n` rows of `zb` (the block's `z` rows,
+    /// `H·dz` wide) into `sc`.
+    fn project(&self, sc: &mut BlockScratch<F>, zb: &[F], hi: usize, n: usize) {
+        let (dz, zdim) = (self.s.dz, self.s.zdim());
+        let half = dz / 2;
+        let hz = hi * dz..(hi + 1) * dz;
+        let aff_h = (
+            &self.aff.gq[hz.clone()],
+            &self.aff.bq[hz.clone()],
+            &self.aff.gk[hz.clone()],
+            &self.aff.bk[hz],
+        );
+        for i in 0..n {
+            sc.rstd[i] = project_row(
+                &mut sc.q[i * dz..(i + 1) * dz],
+                &mut sc.k[i * dz..(i + 1) * dz],
+                &zb[i * zdim + hi * dz..][..dz],
+                aff_h,
+                &self.cos[i * half..(i + 1) * half],
+                &self.sin[i * half..(i + 1) * half],
+                self.eps,
+            );
+        }
+    }
+}
+
+/// Runs `f(bi, c, scratch, rows, part)` for every (batch row `bi`, chunk `c`) block in
+/// parallel, with per-task [`BlockScratch`]. Each of `outs` (a `[b, l, w]` buffer and its
+/// row width `w`) is handed as the block's rows; `parts` is cut into one `part_len` slice
+/// per block, in (row, chunk) order.
+fn for_each_block<F: Real, const K: usize>(
+    outs: [(&mut [F], usize); K],
+    parts: &mut [F],
+    part_len: usize,
+    s: &MegaAttnShape,
+    backward: bool,
+    f: impl Fn(usize, usize, &mut BlockScratch<F>, [&mut [F]; K], &mut [F]) + Sync,
+) {
+    let (l, span, n_chunks) = (s.l, s.span(), s.n_chunks());
+    let n_blocks = s.b * n_chunks;
+    assert_eq!(parts.len(), n_blocks * part_len, "one part per block");
+    let mut per_out = outs.map(|(buf, w)| {
+        buf.chunks_mut(l * w)
+            .flat_map(move |row| row.chunks_mut(span * w))
+            .collect::<Vec<_>>()
+            .into_iter()
+    });
+    let mut part_iter = parts.chunks_mut(part_len.max(1));
+    let tasks: Vec<([&mut [F]; K], &mut [F])> = (0..n_blocks)
+        .map(|_| {
+            let rows = std::array::from_fn(|j| per_out[j].next().expect("one slice per block"));
+            let part = if part_len == 0 {
+                &mut [][..]
+            } else {
+                part_iter.next().expect("one part per block")
+            };
+            (rows, part)
+        })
+        .collect();
+    tasks.into_par_iter().enumerate().for_each_init(
+        || BlockScratch::new(s, backward),
+        |sc, (blk, (rows, part))| f(blk / n_chunks, blk % n_chunks, sc, rows, part),
+    );
+}
+
 /// Forward over whole sequences starting at chunk position 0: writes `out [b, l, H·dv]` and
-/// `saved`. Any `l` works; the last chunk of a row may be partial.
+/// records the shape in `saved`. Any `l` works; the last chunk of a row may be partial.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<F: Real>(
     out: &mut [F],
@@ -557,69 +682,34 @@ pub fn forward<F: Real>(
     s: &MegaAttnShape,
 ) {
     check_io(z, v, gamma, beta, s);
-    check_saved(saved, s);
     assert_eq!(out.len(), s.b * s.l * s.vdim(), "out must be [b, l, H·dv]");
+    saved.filled_for = Some(*s);
     if s.b == 0 || s.l == 0 {
         return;
     }
     let (l, heads, dz, dv) = (s.l, s.heads, s.dz, s.dv);
     let (zdim, vdim, span) = (s.zdim(), s.vdim(), s.span());
-    let half = dz / 2;
-    let eps: F = real(s.eps);
-    let (cos, sin) = rope_table::<F>(span, dz, s.rope_base);
-    let aff = QkAffine::new(gamma, beta, zdim, dz);
-    let mut o_heads = vec![F::zero(); s.b * heads * l * dv];
-    let per_row = (
-        saved.q.par_chunks_mut(l * dz),
-        saved.k.par_chunks_mut(l * dz),
-        saved.rstd.par_chunks_mut(l),
-        saved.probs.par_chunks_mut(s.n_chunks() * span * span),
-        o_heads.par_chunks_mut(l * dv),
-    );
-    per_row
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(bh, (q_bh, k_bh, rs_bh, p_bh, o_bh))| {
-            let (bi, hi) = (bh / heads, bh % heads);
-            let hz = hi * dz..(hi + 1) * dz;
-            let aff_h = (
-                &aff.gq[hz.clone()],
-                &aff.bq[hz.clone()],
-                &aff.gk[hz.clone()],
-                &aff.bk[hz.clone()],
+    let ctx = BlockCtx::new(gamma, beta, s);
+    for_each_block([(out, vdim)], &mut [], 0, s, false, |bi, c, sc, [ob], _| {
+        let t0 = bi * l + c * span;
+        let n = ob.len() / vdim;
+        let zb = &z[t0 * zdim..(t0 + n) * zdim];
+        for hi in 0..heads {
+            ctx.project(sc, zb, hi, n);
+            attend(
+                (&mut ob[hi * dv..], vdim),
+                &mut sc.probs,
+                span,
+                &sc.q,
+                &sc.k,
+                (&v[t0 * vdim + hi * dv..], vdim),
+                n,
+                0,
+                dz,
+                dv,
             );
-            let blocks = (
-                q_bh.par_chunks_mut(span * dz),
-                k_bh.par_chunks_mut(span * dz),
-                rs_bh.par_chunks_mut(span),
-                p_bh.par_chunks_mut(span * span),
-                o_bh.par_chunks_mut(span * dv),
-            );
-            blocks
-                .into_par_iter()
-                .enumerate()
-                .for_each(|(c, (qc, kc, rsc, pc, oc))| {
-                    let t0 = c * span;
-                    let n = rsc.len();
-                    for i in 0..n {
-                        let zrow = &z[(bi * l + t0 + i) * zdim + hi * dz..][..dz];
-                        rsc[i] = project_row(
-                            &mut qc[i * dz..(i + 1) * dz],
-                            &mut kc[i * dz..(i + 1) * dz],
-                            zrow,
-                            aff_h,
-                            &cos[i * half..(i + 1) * half],
-                            &sin[i * half..(i + 1) * half],
-                            eps,
-                        );
-                    }
-                    let vh = &v[(bi * l + t0) * vdim + hi * dv..];
-                    attend(oc, pc, span, qc, kc, (vh, vdim), n, 0, dz, dv);
-                    // Rows past the end of a partial last chunk are never read; keep them clean.
-                    pc[n * span..].fill(F::zero());
-                });
-        });
-    scatter_heads(out, &o_heads, l, heads, dv);
+        }
+    });
 }
 
 /// `dst [b, l, H·d] = src [b, H, l, d]` transposed, in parallel over rows.
@@ -638,7 +728,8 @@ fn scatter_heads<F: Real>(dst: &mut [F], src: &[F], l: usize, heads: usize, d: u
 }
 
 /// Backward of [`forward`]: overwrites `dz [b, l, H·dz]` and `dv [b, l, H·dv]`, adds into
-/// `dgamma`, `dbeta` `[2, H·dz]`, from `dout [b, l, H·dv]` and what forward saved.
+/// `dgamma`, `dbeta` `[2, H·dz]`, from `dout [b, l, H·dv]`, recomputing each block's queries,
+/// keys and probabilities.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<F: Real>(
     dz: &mut [F],
@@ -665,112 +756,101 @@ pub fn backward<F: Real>(
         return;
     }
     let (l, heads, hd, hv) = (s.l, s.heads, s.dz, s.dv);
-    let (span, n_chunks) = (s.span(), s.n_chunks());
+    let span = s.span();
     let half = hd / 2;
-    let (cos, sin) = rope_table::<F>(span, hd, s.rope_base);
-    let aff = QkAffine::new(gamma, beta, zdim, hd);
+    let ctx = BlockCtx::new(gamma, beta, s);
     let inv_sqrt: F = F::one() / real::<F>(hd as f64).sqrt();
     let inv_dz: F = F::one() / real::<F>(hd as f64);
-    let mut dz_heads = vec![F::zero(); s.b * heads * l * hd];
-    let mut dv_heads = vec![F::zero(); s.b * heads * l * hv];
-    // Per block: dγ0, dγ1, dβ0, dβ1 of its head, summed afterwards in a fixed order.
-    let mut parts = vec![F::zero(); s.b * heads * n_chunks * 4 * hd];
-    let per_row = (
-        dz_heads.par_chunks_mut(l * hd),
-        dv_heads.par_chunks_mut(l * hv),
-        parts.par_chunks_mut(n_chunks * 4 * hd),
-        saved.q.par_chunks(l * hd),
-        saved.k.par_chunks(l * hd),
-        saved.rstd.par_chunks(l),
-        saved.probs.par_chunks(n_chunks * span * span),
-    );
-    per_row.into_par_iter().enumerate().for_each(
-        |(bh, (dz_bh, dv_bh, parts_bh, q_bh, k_bh, rs_bh, p_bh))| {
-            let (bi, hi) = (bh / heads, bh % heads);
-            let hz = hi * hd..(hi + 1) * hd;
-            let (gq, gk) = (&aff.gq[hz.clone()], &aff.gk[hz.clone()]);
-            let blocks = (
-                dz_bh.par_chunks_mut(span * hd),
-                dv_bh.par_chunks_mut(span * hv),
-                parts_bh.par_chunks_mut(4 * hd),
-                q_bh.par_chunks(span * hd),
-                k_bh.par_chunks(span * hd),
-                rs_bh.par_chunks(span),
-                p_bh.par_chunks(span * span),
-            );
-            blocks.into_par_iter().enumerate().for_each(
-                |(c, (dzc, dvc, part, qc, kc, rsc, pc))| {
-                    let t0 = c * span;
-                    let n = rsc.len();
-                    let mut dq = vec![F::zero(); n * hd];
-                    let mut dk = vec![F::zero(); n * hd];
-                    let mut ds = vec![F::zero(); n * span];
-                    attend_backward(
-                        &mut dq,
-                        &mut dk,
-                        dvc,
-                        &mut ds,
-                        (&dout[(bi * l + t0) * vdim + hi * hv..], vdim),
-                        (&v[(bi * l + t0) * vdim + hi * hv..], vdim),
-                        qc,
-                        kc,
-                        pc,
-                        span,
-                        n,
-                        hd,
-                        hv,
-                    );
-                    let (dg, rest) = part.split_at_mut(2 * hd);
-                    let (dgq, dgk) = dg.split_at_mut(hd);
-                    let (dbq, dbk) = rest.split_at_mut(hd);
-                    for i in 0..n {
-                        let zrow = &z[(bi * l + t0 + i) * zdim + hi * hd..][..hd];
-                        let rs = rsc[i];
-                        let (cs, sn) = (&cos[i * half..], &sin[i * half..]);
-                        let dzr = &mut dzc[i * hd..(i + 1) * hd];
-                        // Undo the rotation (its transpose), then the affine: dzr ← dẐ.
-                        for p in 0..half {
-                            let (j0, j1) = (2 * p, 2 * p + 1);
-                            let (c_, s_) = (cs[p], sn[p]);
-                            let (a0, a1) = (dq[i * hd + j0], dq[i * hd + j1]);
-                            let (dq0, dq1) = (a0 * c_ + a1 * s_, a1 * c_ - a0 * s_);
-                            let (a0, a1) = (dk[i * hd + j0], dk[i * hd + j1]);
-                            let (dk0, dk1) = (a0 * c_ + a1 * s_, a1 * c_ - a0 * s_);
-                            let (zh0, zh1) = (zrow[j0] * rs, zrow[j1] * rs);
-                            dgq[j0] = dgq[j0] + dq0 * zh0;
-                            dgq[j1] = dgq[j1] + dq1 * zh1;
-                            dgk[j0] = dgk[j0] + dk0 * zh0;
-                            dgk[j1] = dgk[j1] + dk1 * zh1;
-                            dbq[j0] = dbq[j0] + dq0;
-                            dbq[j1] = dbq[j1] + dq1;
-                            dbk[j0] = dbk[j0] + dk0;
-                            dbk[j1] = dbk[j1] + dk1;
-                            dzr[j0] = dq0 * gq[j0] + dk0 * gk[j0];
-                            dzr[j1] = dq1 * gq[j1] + dk1 * gk[j1];
-                        }
-                        // RMSNorm without affine: dZ = rstd·(dẐ − Ẑ·mean(dẐ ⊙ Ẑ)).
-                        let m = sum_by(hd, |j| dzr[j] * zrow[j] * rs) * inv_dz;
-                        for j in 0..hd {
-                            dzr[j] = rs * (dzr[j] - zrow[j] * rs * m);
-                        }
+    // Per block and head: dγ0, dγ1, dβ0, dβ1, summed afterwards in a fixed order.
+    let n_blocks = s.b * s.n_chunks();
+    let mut parts = vec![F::zero(); n_blocks * heads * 4 * hd];
+    let part_len = heads * 4 * hd;
+    let outs = [(dz, zdim), (dv, vdim)];
+    for_each_block(
+        outs,
+        &mut parts,
+        part_len,
+        s,
+        true,
+        |bi, c, sc, [dzc, dvc], part| {
+            let t0 = bi * l + c * span;
+            let n = dzc.len() / zdim;
+            let zb = &z[t0 * zdim..(t0 + n) * zdim];
+            for hi in 0..heads {
+                ctx.project(sc, zb, hi, n);
+                let mut r0 = 0;
+                while r0 < n {
+                    let r1 = (r0 + ROW_BLOCK).min(n);
+                    causal_probs(&mut sc.probs, span, &sc.q, &sc.k, r0, r1, 0, hd);
+                    r0 = r1;
+                }
+                attend_backward(
+                    &mut sc.dq,
+                    &mut sc.dk,
+                    (&mut dvc[hi * hv..], vdim),
+                    &mut sc.ds,
+                    (&dout[t0 * vdim + hi * hv..], vdim),
+                    (&v[t0 * vdim + hi * hv..], vdim),
+                    &sc.q,
+                    &sc.k,
+                    &sc.probs,
+                    span,
+                    n,
+                    hd,
+                    hv,
+                );
+                let hz = hi * hd..(hi + 1) * hd;
+                let (gq, gk) = (&ctx.aff.gq[hz.clone()], &ctx.aff.gk[hz]);
+                let (dg, rest) = part[hi * 4 * hd..(hi + 1) * 4 * hd].split_at_mut(2 * hd);
+                let (dgq, dgk) = dg.split_at_mut(hd);
+                let (dbq, dbk) = rest.split_at_mut(hd);
+                let (dq, dk) = (&sc.dq, &sc.dk);
+                for i in 0..n {
+                    let zrow = &zb[i * zdim + hi * hd..][..hd];
+                    let rs = sc.rstd[i];
+                    let (cs, sn) = (&ctx.cos[i * half..], &ctx.sin[i * half..]);
+                    let dzr = &mut dzc[i * zdim + hi * hd..][..hd];
+                    // Undo the rotation (its transpose), then the affine: dzr ← dẐ.
+                    for p in 0..half {
+                        let (j0, j1) = (2 * p, 2 * p + 1);
+                        let (c_, s_) = (cs[p], sn[p]);
+                        let (a0, a1) = (dq[i * hd + j0], dq[i * hd + j1]);
+                        let (dq0, dq1) = (a0 * c_ + a1 * s_, a1 * c_ - a0 * s_);
+                        let (a0, a1) = (dk[i * hd + j0], dk[i * hd + j1]);
+                        let (dk0, dk1) = (a0 * c_ + a1 * s_, a1 * c_ - a0 * s_);
+                        let (zh0, zh1) = (zrow[j0] * rs, zrow[j1] * rs);
+                        dgq[j0] = dgq[j0] + dq0 * zh0;
+                        dgq[j1] = dgq[j1] + dq1 * zh1;
+                        dgk[j0] = dgk[j0] + dk0 * zh0;
+                        dgk[j1] = dgk[j1] + dk1 * zh1;
+                        dbq[j0] = dbq[j0] + dq0;
+                        dbq[j1] = dbq[j1] + dq1;
+                        dbk[j0] = dbk[j0] + dk0;
+                        dbk[j1] = dbk[j1] + dk1;
+                        dzr[j0] = dq0 * gq[j0] + dk0 * gk[j0];
+                        dzr[j1] = dq1 * gq[j1] + dk1 * gk[j1];
                     }
-                    for g in dgq.iter_mut().chain(dgk.iter_mut()) {
-                        *g = *g * inv_sqrt;
+                    // RMSNorm without affine: dZ = rstd·(dẐ − Ẑ·mean(dẐ ⊙ Ẑ)).
+                    let m = sum_by(hd, |j| dzr[j] * zrow[j] * rs) * inv_dz;
+                    for j in 0..hd {
+                        dzr[j] = rs * (dzr[j] - zrow[j] * rs * m);
                     }
-                },
-            );
+                }
+                for g in dgq.iter_mut().chain(dgk.iter_mut()) {
+                    *g = *g * inv_sqrt;
+                }
+            }
         },
     );
-    scatter_heads(dz, &dz_heads, l, heads, hd);
-    scatter_heads(dv, &dv_heads, l, heads, hv);
-    // Blocks in (row, head, chunk) order: the same sums whatever the thread count.
+    // Per head, blocks in (row, chunk) order: the same sums whatever the thread count.
     let mut acc = vec![F::zero(); 4 * zdim];
-    for (blk, part) in parts.chunks(4 * hd).enumerate() {
-        let hi = (blk / n_chunks) % heads;
-        for which in 0..4 {
-            for j in 0..hd {
-                let a = &mut acc[which * zdim + hi * hd + j];
-                *a = *a + part[which * hd + j];
+    for part in parts.chunks(heads * 4 * hd) {
+        for hi in 0..heads {
+            for which in 0..4 {
+                for j in 0..hd {
+                    let a = &mut acc[which * zdim + hi * hd + j];
+                    *a = *a + part[(hi * 4 + which) * hd + j];
+                }
             }
         }
     }
@@ -867,7 +947,7 @@ pub fn forward_cached<F: Real>(
                 let nk = count + n;
                 probs.resize(n * nk, F::zero());
                 attend(
-                    &mut o_bh[t0 * dv..(t0 + n) * dv],
+                    (&mut o_bh[t0 * dv..(t0 + n) * dv], dv),
                     &mut probs,
                     nk,
                     &q,
@@ -937,7 +1017,16 @@ pub mod reference {
         y
     }
 
-    /// Reference of [`super::forward`] (same outputs and saved layouts).
+    /// Everything the forward computes on the way, `[b, H, l, ·]` per head: per-token rstd,
+    /// post-RoPE queries and keys, and the probabilities `[b, H, n_chunks, span, span]`.
+    struct Full<F> {
+        rstd: Vec<F>,
+        q: Vec<F>,
+        k: Vec<F>,
+        probs: Vec<F>,
+    }
+
+    /// Reference of [`super::forward`].
     #[allow(clippy::too_many_arguments)]
     pub fn forward<F: Real>(
         out: &mut [F],
@@ -949,8 +1038,27 @@ pub mod reference {
         s: &MegaAttnShape,
     ) {
         check_io(z, v, gamma, beta, s);
-        check_saved(saved, s);
         assert_eq!(out.len(), s.b * s.l * s.vdim());
+        full_forward(out, z, v, gamma, beta, s);
+        saved.filled_for = Some(*s);
+    }
+
+    /// The forward's output into `out` and its intermediates.
+    fn full_forward<F: Real>(
+        out: &mut [F],
+        z: &[F],
+        v: &[F],
+        gamma: &[F],
+        beta: &[F],
+        s: &MegaAttnShape,
+    ) -> Full<F> {
+        let span = s.span();
+        let mut saved = Full {
+            rstd: vec![F::zero(); s.b * s.heads * s.l],
+            q: vec![F::zero(); s.b * s.l * s.zdim()],
+            k: vec![F::zero(); s.b * s.l * s.zdim()],
+            probs: vec![F::zero(); s.b * s.heads * s.n_chunks() * span * span],
+        };
         let (l, hn, dz, dv, c) = (s.l, s.heads, s.dz, s.dv, s.chunk);
         let (zdim, vdim, span, nch) = (s.zdim(), s.vdim(), s.span(), s.n_chunks());
         let eps: F = real(s.eps);
@@ -1004,9 +1112,10 @@ pub mod reference {
                 }
             }
         }
+        saved
     }
 
-    /// Reference of [`super::backward`].
+    /// Reference of [`super::backward`] (recomputes the forward's intermediates).
     #[allow(clippy::too_many_arguments)]
     pub fn backward<F: Real>(
         dz: &mut [F],
@@ -1023,6 +1132,7 @@ pub mod reference {
     ) {
         check_io(z, v, gamma, beta, s);
         check_saved(saved, s);
+        let saved = full_forward(&mut vec![F::zero(); v.len()], z, v, gamma, beta, s);
         let (l, hn, hd, hv, c) = (s.l, s.heads, s.dz, s.dv, s.chunk);
         let (zdim, vdim, span, nch) = (s.zdim(), s.vdim(), s.span(), s.n_chunks());
         assert_eq!(dz.len(), z.len());
