@@ -128,6 +128,18 @@ fn variant_gradients_match_finite_differences() {
     check_gradients(&tiny_variant());
 }
 
+/// With `ffn_hidden_dim = value_dim` the FFN's backward buffers are the attention's
+/// (`LayerScratch`): both FFN forms must still get every gradient right.
+#[test]
+fn gradients_match_finite_differences_when_ffn_and_value_widths_agree() {
+    for base in [tiny(), tiny_variant()] {
+        check_gradients(&MegalodonConfig {
+            ffn_hidden_dim: base.value_dim,
+            ..base
+        });
+    }
+}
+
 /// Feed every row its own schedule of call sizes (a 0 skips the row that round) and return
 /// each row's streamed logits.
 fn stream_rows<F: mega::backend::cpu::Real>(

@@ -11,8 +11,9 @@
 //!
 //! then a final TimestepNorm and the head (`output.output.weight`, or the embedding when
 //! `share_emb`). Parameters carry the official state-dict names and shapes; linear weights are
-//! `(out, in)` and multiply with `trans_b`. Every forward op is paired with its backward, the
-//! forward saving exactly what the backward reads ([`LayerActs`]). The streaming form of the
+//! `(out, in)` and multiply with `trans_b`. Every forward op is paired with its backward; a
+//! layer's forward saves a few tensors ([`LayerSaved`]) and the backward recomputes the rest
+//! into buffers shared by every layer ([`LayerScratch`]). The streaming form of the
 //! same layer (carried TimestepNorm, CEMA and chunk-cache state) is in
 //! [`crate::infer::megalodon_stream`].
 
@@ -66,64 +67,71 @@ pub struct Megalodon {
     head: usize,
 }
 
-/// Everything one layer's forward saves for its backward (and, in streaming, the layer's
-/// scratch), for `b` rows of `l` tokens.
-pub(crate) struct LayerActs<B: Backend> {
-    xn: B::Buf,
+/// What one layer's forward keeps for its backward, for `b` rows of `l` tokens (the layer's
+/// input is kept by the caller as the previous layer's output). Everything else the backward
+/// reads is recomputed from these, the input and the parameters: the normalized input and
+/// its statistics, `M`, the SiLU outputs, the attention output `O`, the gate product, `U`
+/// and the FFN hidden (docs/megalodon-model.md, "Training memory").
+pub(crate) struct LayerSaved<B: Backend> {
+    /// `Xc = CEMA(Xn)` `[n, d]`, the RMSNorm input.
+    xc: B::Buf,
+    /// `Z` `[n, z]`.
+    z: B::Buf,
+    /// Pre-activations of `V` and of the gate `R` `[n, v]`.
+    vpre: B::Buf,
+    rpre: B::Buf,
+    /// `Ŷ` `[n, d]`, the LayerNorm input.
+    yhat: B::Buf,
+    /// `F1 = U·W_1ᵀ` `[n, f]`, and SwiGLU's linear branch `F3 = U·W_3ᵀ` (`None` without).
+    f1: B::Buf,
+    f3: Option<B::Buf>,
+}
+
+/// Temporaries of one layer call, shared by every layer of a model: the forward's
+/// intermediates that are not saved, and the backward's recomputed activations and
+/// gradients. Buffers are reused by liveness (see the forward and backward for who holds
+/// which when).
+pub(crate) struct LayerScratch<B: Backend> {
+    /// `[n, d]` buffers.
+    dbuf: [B::Buf; 3],
+    /// `[n, v]` buffers.
+    vbuf: [B::Buf; 4],
+    /// `[n, f]` buffers, or `None` when `f = v` and the FFN borrows `vbuf` (its phase never
+    /// overlaps the attention's).
+    fbuf: Option<[B::Buf; 3]>,
+    /// `[n, z]`: the attention's `dZ`.
+    dz: B::Buf,
+    /// TimestepNorm statistics `[n, g]`.
     tn_mean: B::Buf,
     tn_rstd: B::Buf,
-    xc: B::Buf,
-    rms_w1: B::Buf,
+    /// RMSNorm and LayerNorm statistics `[n]`.
     rms_rstd: B::Buf,
-    m: B::Buf,
-    z: B::Buf,
-    vpre: B::Buf,
-    v: B::Buf,
-    rpre: B::Buf,
-    r: B::Buf,
-    o: B::Buf,
-    a: B::Buf,
-    yhat: B::Buf,
-    ln_w1: B::Buf,
     ln_mean: B::Buf,
     ln_rstd: B::Buf,
-    u: B::Buf,
-    f1: B::Buf,
-    /// SwiGLU only: `SiLU(f1)` and the linear branch.
-    s1: Option<B::Buf>,
-    f3: Option<B::Buf>,
-    fh: B::Buf,
+    /// Plus-one scales `[d]`.
+    rms_w1: B::Buf,
+    ln_w1: B::Buf,
+}
+
+/// A streaming call's saved tensors and scratch (one set serves every layer).
+pub(crate) struct LayerActs<B: Backend> {
+    saved: LayerSaved<B>,
+    scratch: LayerScratch<B>,
 }
 
 /// Where a layer's sequence state comes from.
 pub(crate) enum Carry<'s, B: Backend> {
-    /// A whole sequence from a fresh state; the attention saves for backward.
+    /// A whole sequence from a fresh state; the attention records its call for backward.
     Fresh(&'s mut B::MegaAttnSaved),
     /// A streaming call continuing (and updating) a layer's carried state.
     Stream(&'s mut LayerState<B>),
 }
 
-/// Backward buffers shared by every layer.
-struct Scratch<B: Backend> {
+/// Backward buffers that live across layers.
+struct Grads<B: Backend> {
     d_logits: B::Buf,
+    /// dL/d(current layer's output), walked down the stack.
     d_resid: B::Buf,
-    d_x: B::Buf,
-    d_yhat: B::Buf,
-    d_u: B::Buf,
-    d_m: B::Buf,
-    d_xc: B::Buf,
-    d_xn: B::Buf,
-    d_fh: B::Buf,
-    d_f1: B::Buf,
-    d_s1: Option<B::Buf>,
-    d_f3: Option<B::Buf>,
-    d_a: B::Buf,
-    d_o: B::Buf,
-    d_r: B::Buf,
-    d_rpre: B::Buf,
-    d_v: B::Buf,
-    d_vpre: B::Buf,
-    d_z: B::Buf,
 }
 
 /// Activations of one full forward (and the buffers of its backward) for `b` rows of `t`
@@ -135,16 +143,17 @@ pub struct Workspace<B: Backend> {
     targets: Vec<u32>,
     /// Layer inputs: `resid[i]` enters layer `i`, `resid[L]` the final norm.
     resid: Vec<B::Buf>,
-    layers: Vec<LayerActs<B>>,
+    /// One per layer for training; a single one, overwritten by every layer, for inference.
+    saved: Vec<LayerSaved<B>>,
     attn: Vec<B::MegaAttnSaved>,
-    fn_mean: B::Buf,
-    fn_rstd: B::Buf,
-    hn: B::Buf,
+    /// Shared by every layer; after a forward `dbuf[0]` holds the final norm's output and
+    /// `tn_mean`/`tn_rstd` its statistics, which the head's backward reads.
+    scratch: LayerScratch<B>,
     /// `[b·t, 256]` logits of the last forward (row `i·t + j` predicts byte `j + 1`).
     pub logits: B::Buf,
     /// `[b·t]` per-byte losses (nats) of the last [`LanguageModel::forward`].
     pub losses: B::Buf,
-    grads: Option<Scratch<B>>,
+    grads: Option<Grads<B>>,
 }
 
 /// `y (= or +=) x·Wᵀ (+ bias)` for `x` `[rows, din]` and `W` `(dout, din)`.
@@ -191,9 +200,23 @@ fn linear_backward<B: Backend>(
     }
 }
 
-impl<B: Backend> LayerActs<B> {
-    pub(crate) fn new(be: &B, c: &MegalodonConfig, b: usize, l: usize) -> Self {
-        let n = b * l;
+impl<B: Backend> LayerSaved<B> {
+    fn new(be: &B, c: &MegalodonConfig, n: usize) -> Self {
+        let (d, z, v, f) = (c.model_dim, c.z_dim, c.value_dim, c.ffn_hidden_dim);
+        LayerSaved {
+            xc: be.zeros(n * d),
+            z: be.zeros(n * z),
+            vpre: be.zeros(n * v),
+            rpre: be.zeros(n * v),
+            yhat: be.zeros(n * d),
+            f1: be.zeros(n * f),
+            f3: c.swiglu.then(|| be.zeros(n * f)),
+        }
+    }
+}
+
+impl<B: Backend> LayerScratch<B> {
+    fn new(be: &B, c: &MegalodonConfig, n: usize) -> Self {
         let (d, z, v, f, g) = (
             c.model_dim,
             c.z_dim,
@@ -201,30 +224,41 @@ impl<B: Backend> LayerActs<B> {
             c.ffn_hidden_dim,
             c.norm_num_groups,
         );
-        LayerActs {
-            xn: be.zeros(n * d),
+        LayerScratch {
+            dbuf: std::array::from_fn(|_| be.zeros(n * d)),
+            vbuf: std::array::from_fn(|_| be.zeros(n * v)),
+            fbuf: (f != v).then(|| std::array::from_fn(|_| be.zeros(n * f))),
+            dz: be.zeros(n * z),
             tn_mean: be.zeros(n * g),
             tn_rstd: be.zeros(n * g),
-            xc: be.zeros(n * d),
-            rms_w1: be.zeros(d),
             rms_rstd: be.zeros(n),
-            m: be.zeros(n * d),
-            z: be.zeros(n * z),
-            vpre: be.zeros(n * v),
-            v: be.zeros(n * v),
-            rpre: be.zeros(n * v),
-            r: be.zeros(n * v),
-            o: be.zeros(n * v),
-            a: be.zeros(n * v),
-            yhat: be.zeros(n * d),
-            ln_w1: be.zeros(d),
             ln_mean: be.zeros(n),
             ln_rstd: be.zeros(n),
-            u: be.zeros(n * d),
-            f1: be.zeros(n * f),
-            s1: c.swiglu.then(|| be.zeros(n * f)),
-            f3: c.swiglu.then(|| be.zeros(n * f)),
-            fh: be.zeros(n * f),
+            rms_w1: be.zeros(d),
+            ln_w1: be.zeros(d),
+        }
+    }
+}
+
+/// The three `[n, f]` buffers: `fbuf`, or the first three of `vbuf` when `f = v`.
+fn ffn_bufs<'s, B: Backend>(
+    fbuf: &'s mut Option<[B::Buf; 3]>,
+    vbuf: &'s mut [B::Buf; 4],
+) -> [&'s mut B::Buf; 3] {
+    match fbuf {
+        Some(f) => f.each_mut(),
+        None => {
+            let [a, b, c, _] = vbuf.each_mut();
+            [a, b, c]
+        }
+    }
+}
+
+impl<B: Backend> LayerActs<B> {
+    pub(crate) fn new(be: &B, c: &MegalodonConfig, b: usize, l: usize) -> Self {
+        LayerActs {
+            saved: LayerSaved::new(be, c, b * l),
+            scratch: LayerScratch::new(be, c, b * l),
         }
     }
 }
@@ -405,8 +439,8 @@ impl Megalodon {
         (&p[self.final_w], &p[self.final_b])
     }
 
-    /// One layer over `b` rows of `l` tokens: `out = Layer(x)`, saving into `a`. With
-    /// [`Carry::Stream`] the TimestepNorm, CEMA and attention continue (and update) the
+    /// One layer over `b` rows of `l` tokens: `out = Layer(x)`, with `a` as its buffers.
+    /// With [`Carry::Stream`] the TimestepNorm, CEMA and attention continue (and update) the
     /// layer's carried state; the call must then respect the chunk rules of spec §16.2.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn layer_forward<B: Backend>(
@@ -415,6 +449,24 @@ impl Megalodon {
         p: &[B::Buf],
         lp: &LayerParams,
         a: &mut LayerActs<B>,
+        x: &B::Buf,
+        out: &mut B::Buf,
+        b: usize,
+        l: usize,
+        carry: Carry<B>,
+    ) {
+        self.layer_forward_parts(be, p, lp, &mut a.saved, &mut a.scratch, x, out, b, l, carry);
+    }
+
+    /// [`Megalodon::layer_forward`] saving into `sv`, with temporaries in `s`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward_parts<B: Backend>(
+        &self,
+        be: &B,
+        p: &[B::Buf],
+        lp: &LayerParams,
+        sv: &mut LayerSaved<B>,
+        s: &mut LayerScratch<B>,
         x: &B::Buf,
         out: &mut B::Buf,
         b: usize,
@@ -434,15 +486,17 @@ impl Megalodon {
         let eps = c.norm_eps as f32;
         let cw = self.cema_weights::<B>(p, lp);
         let (tn_w, tn_b) = (&p[lp.tn_w], &p[lp.tn_b]);
+        // Xn, then U once Xn is dead; M.
+        let [xn, m, _] = s.dbuf.each_mut();
 
         // (a) TimestepNorm and CEMA, from a fresh or the carried state. A one-token call
         // takes the step forms; a longer one the call forms, whose new state replaces the old.
         match &mut carry {
             Carry::Fresh(_) => {
                 be.timestep_norm_forward(
-                    &mut a.xn,
-                    &mut a.tn_mean,
-                    &mut a.tn_rstd,
+                    xn,
+                    &mut s.tn_mean,
+                    &mut s.tn_rstd,
                     None,
                     x,
                     tn_w,
@@ -454,18 +508,18 @@ impl Megalodon {
                     g,
                     eps,
                 );
-                be.cema_forward(&mut a.xc, None, &a.xn, &cw, None, b, l, d, nn);
+                be.cema_forward(&mut sv.xc, None, xn, &cw, None, b, l, d, nn);
             }
             Carry::Stream(st) if l == 1 => {
-                be.timestep_norm_step(&mut a.xn, &mut st.tsn, x, tn_w, tn_b, b, d, g, eps);
-                be.cema_step(&mut a.xc, &mut st.h, &a.xn, &cw, b, d, nn);
+                be.timestep_norm_step(xn, &mut st.tsn, x, tn_w, tn_b, b, d, g, eps);
+                be.cema_step(&mut sv.xc, &mut st.h, xn, &cw, b, d, nn);
             }
             Carry::Stream(st) => {
                 let mut tsn_next = TsnStats::fresh(be, b, g);
                 be.timestep_norm_forward(
-                    &mut a.xn,
-                    &mut a.tn_mean,
-                    &mut a.tn_rstd,
+                    xn,
+                    &mut s.tn_mean,
+                    &mut s.tn_rstd,
                     Some(&mut tsn_next),
                     x,
                     tn_w,
@@ -480,9 +534,9 @@ impl Megalodon {
                 st.tsn = tsn_next;
                 let mut h_next = be.zeros(b * d * nn * 2);
                 be.cema_forward(
-                    &mut a.xc,
+                    &mut sv.xc,
                     Some(&mut h_next),
-                    &a.xn,
+                    xn,
                     &cw,
                     Some(&st.h),
                     b,
@@ -495,98 +549,67 @@ impl Megalodon {
         }
 
         // Shared representation M, then Z, V (from Xn) and the gate R.
-        be.add_scalar(&mut a.rms_w1, &p[lp.rms_w], 1.0);
-        be.rmsnorm_forward(&mut a.m, &mut a.rms_rstd, &a.xc, &a.rms_w1, n, d, eps);
-        linear(
-            be,
-            &mut a.z,
-            &a.m,
-            &p[lp.wz_w],
-            Some(&p[lp.wz_b]),
-            n,
-            d,
-            z,
-            false,
-        );
-        linear(
-            be,
-            &mut a.vpre,
-            &a.xn,
-            &p[lp.wv_w],
-            Some(&p[lp.wv_b]),
-            n,
-            d,
-            v,
-            false,
-        );
-        be.activation_forward(Activation::Silu, &mut a.v, &a.vpre);
-        linear(
-            be,
-            &mut a.rpre,
-            &a.m,
-            &p[lp.wr_w],
-            Some(&p[lp.wr_b]),
-            n,
-            d,
-            v,
-            false,
-        );
-        be.activation_forward(Activation::Silu, &mut a.r, &a.rpre);
+        be.add_scalar(&mut s.rms_w1, &p[lp.rms_w], 1.0);
+        be.rmsnorm_forward(m, &mut s.rms_rstd, &sv.xc, &s.rms_w1, n, d, eps);
+        let lin = |y: &mut B::Buf, x: &B::Buf, w: usize, bias: Option<usize>, din, dout, acc| {
+            linear(be, y, x, &p[w], bias.map(|i| &p[i]), n, din, dout, acc)
+        };
+        lin(&mut sv.z, m, lp.wz_w, Some(lp.wz_b), d, z, false);
+        let [v_act, o, r, _] = s.vbuf.each_mut();
+        lin(&mut sv.vpre, xn, lp.wv_w, Some(lp.wv_b), d, v, false);
+        be.activation_forward(Activation::Silu, v_act, &sv.vpre);
+        lin(&mut sv.rpre, m, lp.wr_w, Some(lp.wr_b), d, v, false);
+        be.activation_forward(Activation::Silu, r, &sv.rpre);
 
         // (b) Attention, gate, output projection and the first residual.
         let shape = self.attn_shape(b, l);
         let (qk_g, qk_b) = (&p[lp.qk_gamma], &p[lp.qk_beta]);
         match carry {
             Carry::Fresh(saved) => {
-                be.mega_attention_forward(&mut a.o, saved, &a.z, &a.v, qk_g, qk_b, &shape)
+                be.mega_attention_forward(o, saved, &sv.z, v_act, qk_g, qk_b, &shape)
             }
             Carry::Stream(st) => be
-                .mega_attention_forward_cached(&mut a.o, &mut st.kv, &a.z, &a.v, qk_g, qk_b, &shape)
+                .mega_attention_forward_cached(o, &mut st.kv, &sv.z, v_act, qk_g, qk_b, &shape)
                 .expect("the stream splits calls by the chunk rules"),
         }
-        be.mul(&mut a.a, &a.o, &a.r);
-        be.copy(&mut a.yhat, x);
-        linear(
-            be,
-            &mut a.yhat,
-            &a.m,
-            &p[lp.wh1_w],
-            Some(&p[lp.wh1_b]),
-            n,
-            d,
-            d,
-            true,
-        );
-        linear(be, &mut a.yhat, &a.a, &p[lp.wh2_w], None, n, v, d, true);
+        // A = O ⊙ R, into V's buffer (V is dead after the attention).
+        let gated = v_act;
+        be.mul(gated, o, r);
+        be.copy(&mut sv.yhat, x);
+        lin(&mut sv.yhat, m, lp.wh1_w, Some(lp.wh1_b), d, d, true);
+        lin(&mut sv.yhat, gated, lp.wh2_w, None, v, d, true);
 
         // (c) FFN with the two-hop residual: out = X + FFN(LN(Ŷ)).
-        be.add_scalar(&mut a.ln_w1, &p[lp.ln_w], 1.0);
+        let u = xn;
+        be.add_scalar(&mut s.ln_w1, &p[lp.ln_w], 1.0);
         be.layernorm_forward(
-            &mut a.u,
-            &mut a.ln_mean,
-            &mut a.ln_rstd,
-            &a.yhat,
-            &a.ln_w1,
+            u,
+            &mut s.ln_mean,
+            &mut s.ln_rstd,
+            &sv.yhat,
+            &s.ln_w1,
             &p[lp.ln_b],
             n,
             d,
             eps,
         );
-        linear(be, &mut a.f1, &a.u, &p[lp.fc1], None, n, d, f, false);
-        match (lp.fc3, a.s1.as_mut(), a.f3.as_mut()) {
-            (Some(fc3), Some(s1), Some(f3)) => {
-                be.activation_forward(Activation::Silu, s1, &a.f1);
-                linear(be, f3, &a.u, &p[fc3], None, n, d, f, false);
-                be.mul(&mut a.fh, s1, f3);
+        lin(&mut sv.f1, u, lp.fc1, None, d, f, false);
+        let [s1, fh, _] = ffn_bufs::<B>(&mut s.fbuf, &mut s.vbuf);
+        match (lp.fc3, sv.f3.as_mut()) {
+            (Some(fc3), Some(f3)) => {
+                be.activation_forward(Activation::Silu, s1, &sv.f1);
+                lin(f3, u, fc3, None, d, f, false);
+                be.mul(fh, s1, f3);
             }
-            _ => be.activation_forward(Activation::Silu, &mut a.fh, &a.f1),
+            _ => be.activation_forward(Activation::Silu, fh, &sv.f1),
         }
         be.copy(out, x);
-        linear(be, out, &a.fh, &p[lp.fc2], None, n, f, d, true);
+        lin(out, fh, lp.fc2, None, f, d, true);
     }
 
     /// Backward of [`Megalodon::layer_forward`] (fresh state): on entry `d_resid` holds
-    /// dL/d`out`, on return dL/d`x`; parameter gradients accumulate into `g`.
+    /// dL/d`out`, on return dL/d`x`; parameter gradients accumulate into `g`. Recomputes
+    /// what the forward did not save (see [`LayerSaved`]) into `s`.
     #[allow(clippy::too_many_arguments)]
     fn layer_backward<B: Backend>(
         &self,
@@ -594,10 +617,11 @@ impl Megalodon {
         p: &[B::Buf],
         g: &mut [B::Buf],
         lp: &LayerParams,
-        a: &LayerActs<B>,
-        saved: &B::MegaAttnSaved,
+        sv: &LayerSaved<B>,
+        attn: &mut B::MegaAttnSaved,
         x: &B::Buf,
-        s: &mut Scratch<B>,
+        s: &mut LayerScratch<B>,
+        d_resid: &mut B::Buf,
         b: usize,
         l: usize,
     ) {
@@ -611,9 +635,8 @@ impl Megalodon {
             c.cema_ndim,
         );
         let n = b * l;
+        let eps = c.norm_eps as f32;
         let silu = Activation::Silu;
-
-        // (c) out = X + Fh·W2ᵀ; Fh = SiLU(F1) ⊙ F3 (or SiLU(F1)); U = LN(Ŷ).
         let lin = |g: &mut [B::Buf],
                    w: usize,
                    bias: Option<usize>,
@@ -624,140 +647,151 @@ impl Megalodon {
                    dout: usize| {
             linear_backward(be, p, g, w, bias, dx, dy, x, n, din, dout)
         };
-        lin(
-            g,
-            lp.fc2,
-            None,
-            Some((&mut s.d_fh, false)),
-            &s.d_resid,
-            &a.fh,
-            f,
+        let [d0, d1, d2] = s.dbuf.each_mut();
+
+        // (c) out = X + Fh·W2ᵀ; Fh = SiLU(F1) ⊙ F3 (or SiLU(F1)); U = LN(Ŷ).
+        // Recompute U (d0); dU → d1, dŶ → d2.
+        let u = &mut *d0;
+        be.add_scalar(&mut s.ln_w1, &p[lp.ln_w], 1.0);
+        be.layernorm_forward(
+            u,
+            &mut s.ln_mean,
+            &mut s.ln_rstd,
+            &sv.yhat,
+            &s.ln_w1,
+            &p[lp.ln_b],
+            n,
             d,
+            eps,
         );
-        be.fill_zero(&mut s.d_f1);
-        match (lp.fc3, &a.s1, &a.f3, s.d_s1.as_mut(), s.d_f3.as_mut()) {
-            (Some(fc3), Some(s1), Some(f3), Some(d_s1), Some(d_f3)) => {
-                be.mul(d_s1, &s.d_fh, f3);
-                be.mul(d_f3, &s.d_fh, s1);
-                be.activation_backward(silu, &mut s.d_f1, &a.f1, d_s1);
-                lin(
-                    g,
-                    lp.fc1,
-                    None,
-                    Some((&mut s.d_u, false)),
-                    &s.d_f1,
-                    &a.u,
-                    d,
-                    f,
-                );
-                lin(g, fc3, None, Some((&mut s.d_u, true)), d_f3, &a.u, d, f);
-            }
-            _ => {
-                be.activation_backward(silu, &mut s.d_f1, &a.f1, &s.d_fh);
-                lin(
-                    g,
-                    lp.fc1,
-                    None,
-                    Some((&mut s.d_u, false)),
-                    &s.d_f1,
-                    &a.u,
-                    d,
-                    f,
-                );
+        let d_u = &mut *d1;
+        {
+            let [f0, f1, f2] = ffn_bufs::<B>(&mut s.fbuf, &mut s.vbuf);
+            match (lp.fc3, &sv.f3) {
+                (Some(fc3), Some(f3)) => {
+                    // f0 = S1 = SiLU(F1), f1 = Fh; dFh → f2; then dF3 → f1, dS1 → f0, dF1 → f2.
+                    be.activation_forward(silu, f0, &sv.f1);
+                    be.mul(f1, f0, f3);
+                    lin(g, lp.fc2, None, Some((&mut *f2, false)), d_resid, f1, f, d);
+                    be.mul(f1, f2, f0);
+                    be.mul(f0, f2, f3);
+                    be.fill_zero(f2);
+                    be.activation_backward(silu, f2, &sv.f1, f0);
+                    lin(g, lp.fc1, None, Some((&mut *d_u, false)), f2, u, d, f);
+                    lin(g, fc3, None, Some((&mut *d_u, true)), f1, u, d, f);
+                }
+                _ => {
+                    // f1 = Fh = SiLU(F1); dFh → f2; dF1 → f0.
+                    be.activation_forward(silu, f1, &sv.f1);
+                    lin(g, lp.fc2, None, Some((&mut *f2, false)), d_resid, f1, f, d);
+                    be.fill_zero(f0);
+                    be.activation_backward(silu, f0, &sv.f1, f2);
+                    lin(g, lp.fc1, None, Some((&mut *d_u, false)), f0, u, d, f);
+                }
             }
         }
-        be.fill_zero(&mut s.d_yhat);
+        let d_yhat = &mut *d2;
+        be.fill_zero(d_yhat);
         {
             let [dw, db] = many_mut(g, [lp.ln_w, lp.ln_b]);
             be.layernorm_backward(
-                &mut s.d_yhat,
-                dw,
-                db,
-                &s.d_u,
-                &a.yhat,
-                &a.ln_w1,
-                &a.ln_mean,
-                &a.ln_rstd,
-                n,
-                d,
+                d_yhat, dw, db, d_u, &sv.yhat, &s.ln_w1, &s.ln_mean, &s.ln_rstd, n, d,
             );
         }
-        be.add_assign(&mut s.d_resid, &s.d_yhat);
+        be.add_assign(d_resid, d_yhat);
 
-        // (b) Ŷ = X + M·W_h1ᵀ + b_h1 + A·W_h2ᵀ, A = O ⊙ R, R = SiLU(M·W_rᵀ + b_r).
+        // (b) Ŷ = X + M·W_h1ᵀ + b_h1 + A·W_h2ᵀ, A = O ⊙ R, R = SiLU(M·W_rᵀ + b_r),
+        // O = Attn(Z, V). Recompute M (d0), V, O, R, A; dM → d1.
+        let m = &mut *d0;
+        be.add_scalar(&mut s.rms_w1, &p[lp.rms_w], 1.0);
+        be.rmsnorm_forward(m, &mut s.rms_rstd, &sv.xc, &s.rms_w1, n, d, eps);
+        let d_m = &mut *d1;
+        let (qk_g, qk_b) = (&p[lp.qk_gamma], &p[lp.qk_beta]);
+        let shape = self.attn_shape(b, l);
+        let [v0, v1, v2, v3] = s.vbuf.each_mut();
+        // v0 = V, v1 = O, v2 = R, v3 = A.
+        be.activation_forward(silu, v0, &sv.vpre);
+        be.mega_attention_forward(v1, attn, &sv.z, v0, qk_g, qk_b, &shape);
+        be.activation_forward(silu, v2, &sv.rpre);
+        be.mul(v3, v1, v2);
         lin(
             g,
             lp.wh1_w,
             Some(lp.wh1_b),
-            Some((&mut s.d_m, false)),
-            &s.d_yhat,
-            &a.m,
+            Some((&mut *d_m, false)),
+            d_yhat,
+            m,
             d,
             d,
         );
-        lin(
-            g,
-            lp.wh2_w,
-            None,
-            Some((&mut s.d_a, false)),
-            &s.d_yhat,
-            &a.a,
-            v,
-            d,
-        );
-        be.mul(&mut s.d_o, &s.d_a, &a.r);
-        be.mul(&mut s.d_r, &s.d_a, &a.o);
-        be.fill_zero(&mut s.d_rpre);
-        be.activation_backward(silu, &mut s.d_rpre, &a.rpre, &s.d_r);
+        // dA overwrites A once W_h2's gradient has read it.
+        be.matmul(&mut g[lp.wh2_w], d_yhat, v3, d, n, v, true, false, true);
+        be.matmul(v3, d_yhat, &p[lp.wh2_w], n, d, v, false, false, false);
+        // v0 = dR = dA ⊙ O (V is recomputed below), v1 = dO = dA ⊙ R, v2 = dRpre.
+        be.mul(v0, v3, v1);
+        be.mul(v1, v3, v2);
+        be.fill_zero(v2);
+        be.activation_backward(silu, v2, &sv.rpre, v0);
         lin(
             g,
             lp.wr_w,
             Some(lp.wr_b),
-            Some((&mut s.d_m, true)),
-            &s.d_rpre,
-            &a.m,
+            Some((&mut *d_m, true)),
+            v2,
+            m,
             d,
             v,
         );
+        // v0 = V again; dV → v3.
+        be.activation_forward(silu, v0, &sv.vpre);
         {
             let [dgam, dbeta] = many_mut(g, [lp.qk_gamma, lp.qk_beta]);
             be.mega_attention_backward(
-                &mut s.d_z,
-                &mut s.d_v,
-                dgam,
-                dbeta,
-                &s.d_o,
-                &a.z,
-                &a.v,
-                &p[lp.qk_gamma],
-                &p[lp.qk_beta],
-                saved,
-                &self.attn_shape(b, l),
+                &mut s.dz, v3, dgam, dbeta, v1, &sv.z, v0, qk_g, qk_b, attn, &shape,
             );
         }
         lin(
             g,
             lp.wz_w,
             Some(lp.wz_b),
-            Some((&mut s.d_m, true)),
-            &s.d_z,
-            &a.m,
+            Some((&mut *d_m, true)),
+            &s.dz,
+            m,
             d,
             z,
         );
 
         // (a) M = RMSNorm(Xc)·(w+1), Xc = CEMA(Xn), V = SiLU(Xn·W_vᵀ + b_v), Xn = TSN(X).
-        be.fill_zero(&mut s.d_xc);
+        // dXc → d2; recompute Xn (d0); dXn → d1; dVpre → v2; dX → d2.
+        let d_xc = &mut *d2;
+        be.fill_zero(d_xc);
         be.rmsnorm_backward(
-            &mut s.d_xc,
+            d_xc,
             &mut g[lp.rms_w],
-            &s.d_m,
-            &a.xc,
-            &a.rms_w1,
-            &a.rms_rstd,
+            d_m,
+            &sv.xc,
+            &s.rms_w1,
+            &s.rms_rstd,
             n,
             d,
         );
+        let xn = &mut *d0;
+        be.timestep_norm_forward(
+            xn,
+            &mut s.tn_mean,
+            &mut s.tn_rstd,
+            None,
+            x,
+            &p[lp.tn_w],
+            &p[lp.tn_b],
+            None,
+            b,
+            l,
+            d,
+            gr,
+            eps,
+        );
+        let d_xn = &mut *d1;
         {
             let [alpha, delta, theta, gamma, omega] =
                 many_mut(g, [lp.alpha, lp.delta, lp.theta, lp.cema_gamma, lp.omega]);
@@ -769,12 +803,12 @@ impl Megalodon {
                 omega,
             };
             be.cema_backward(
-                &mut s.d_xn,
+                d_xn,
                 &mut cg,
                 None,
-                &s.d_xc,
+                d_xc,
                 None,
-                &a.xn,
+                xn,
                 &self.cema_weights::<B>(p, lp),
                 None,
                 b,
@@ -783,31 +817,32 @@ impl Megalodon {
                 nn,
             );
         }
-        be.fill_zero(&mut s.d_vpre);
-        be.activation_backward(silu, &mut s.d_vpre, &a.vpre, &s.d_v);
+        be.fill_zero(v2);
+        be.activation_backward(silu, v2, &sv.vpre, v3);
         lin(
             g,
             lp.wv_w,
             Some(lp.wv_b),
-            Some((&mut s.d_xn, true)),
-            &s.d_vpre,
-            &a.xn,
+            Some((&mut *d_xn, true)),
+            v2,
+            xn,
             d,
             v,
         );
+        let d_x = &mut *d2;
         {
             let [dw, db] = many_mut(g, [lp.tn_w, lp.tn_b]);
             be.timestep_norm_backward(
-                &mut s.d_x,
+                d_x,
                 dw,
                 db,
                 None,
-                &s.d_xn,
+                d_xn,
                 None,
                 x,
                 &p[lp.tn_w],
-                &a.tn_mean,
-                &a.tn_rstd,
+                &s.tn_mean,
+                &s.tn_rstd,
                 None,
                 b,
                 l,
@@ -815,59 +850,35 @@ impl Megalodon {
                 gr,
             );
         }
-        be.add_assign(&mut s.d_resid, &s.d_x);
+        be.add_assign(d_resid, d_x);
     }
 
-    /// A workspace for `b` rows of `t` input tokens; `train` adds backward buffers. Any
-    /// `t ≥ 1` works here (the last chunk may be partial); training lengths are checked by
+    /// A workspace for `b` rows of `t` input tokens; `train` adds backward buffers and one
+    /// set of saved tensors per layer (inference overwrites a single set). Any `t ≥ 1` works
+    /// here (the last chunk may be partial); training lengths are checked by
     /// [`ModelShape::check_seq_len`].
     pub fn workspace<B: Backend>(&self, be: &B, b: usize, t: usize, train: bool) -> Workspace<B> {
         assert!(b > 0 && t > 0, "empty MEGALODON batch ({b} × {t})");
         let c = &self.cfg;
         let n = b * t;
-        let (d, z, v, f, g) = (
-            c.model_dim,
-            c.z_dim,
-            c.value_dim,
-            c.ffn_hidden_dim,
-            c.norm_num_groups,
-        );
         let layers = c.num_layers;
+        let kept = if train { layers } else { 1 };
         Workspace {
             b,
             t,
             ids: Vec::new(),
             targets: Vec::new(),
-            resid: (0..=layers).map(|_| be.zeros(n * d)).collect(),
-            layers: (0..layers).map(|_| LayerActs::new(be, c, b, t)).collect(),
+            resid: (0..=layers).map(|_| be.zeros(n * c.model_dim)).collect(),
+            saved: (0..kept).map(|_| LayerSaved::new(be, c, n)).collect(),
             attn: (0..layers)
                 .map(|_| be.mega_attention_saved(&self.attn_shape(b, t)))
                 .collect(),
-            fn_mean: be.zeros(n * g),
-            fn_rstd: be.zeros(n * g),
-            hn: be.zeros(n * d),
+            scratch: LayerScratch::new(be, c, n),
             logits: be.zeros(n * c.vocab_size),
             losses: be.zeros(n),
-            grads: train.then(|| Scratch {
+            grads: train.then(|| Grads {
                 d_logits: be.zeros(n * c.vocab_size),
-                d_resid: be.zeros(n * d),
-                d_x: be.zeros(n * d),
-                d_yhat: be.zeros(n * d),
-                d_u: be.zeros(n * d),
-                d_m: be.zeros(n * d),
-                d_xc: be.zeros(n * d),
-                d_xn: be.zeros(n * d),
-                d_fh: be.zeros(n * f),
-                d_f1: be.zeros(n * f),
-                d_s1: c.swiglu.then(|| be.zeros(n * f)),
-                d_f3: c.swiglu.then(|| be.zeros(n * f)),
-                d_a: be.zeros(n * v),
-                d_o: be.zeros(n * v),
-                d_r: be.zeros(n * v),
-                d_rpre: be.zeros(n * v),
-                d_v: be.zeros(n * v),
-                d_vpre: be.zeros(n * v),
-                d_z: be.zeros(n * z),
+                d_resid: be.zeros(n * c.model_dim),
             }),
         }
     }
@@ -886,13 +897,15 @@ impl Megalodon {
         assert_eq!(inputs.len(), b * t, "batch has the wrong number of bytes");
         ws.ids = inputs.iter().map(|&x| x as u32).collect();
         self.embed(be, p, &mut ws.resid[0], &ws.ids);
+        let kept = ws.saved.len();
         for (i, lp) in self.layers.iter().enumerate() {
             let (done, rest) = ws.resid.split_at_mut(i + 1);
-            self.layer_forward(
+            self.layer_forward_parts(
                 be,
                 p,
                 lp,
-                &mut ws.layers[i],
+                &mut ws.saved[i.min(kept - 1)],
+                &mut ws.scratch,
                 &done[i],
                 &mut rest[0],
                 b,
@@ -901,10 +914,12 @@ impl Megalodon {
             );
         }
         let (fw, fb) = self.final_norm::<B>(p);
+        let s = &mut ws.scratch;
+        let hn = &mut s.dbuf[0];
         be.timestep_norm_forward(
-            &mut ws.hn,
-            &mut ws.fn_mean,
-            &mut ws.fn_rstd,
+            hn,
+            &mut s.tn_mean,
+            &mut s.tn_rstd,
             None,
             &ws.resid[c.num_layers],
             fw,
@@ -916,7 +931,7 @@ impl Megalodon {
             c.norm_num_groups,
             c.norm_eps as f32,
         );
-        self.head(be, p, &mut ws.logits, &ws.hn, b * t);
+        self.head(be, p, &mut ws.logits, hn, b * t);
     }
 
     /// Forward over `windows` (`[b, t + 1]`): inputs are each window's first `t` bytes,
@@ -964,48 +979,51 @@ impl Megalodon {
             n,
             "backward needs a forward with targets first"
         );
-        let s = ws
+        let gr = ws
             .grads
             .as_mut()
             .expect("workspace was built for inference only");
 
-        be.cross_entropy_backward(&mut s.d_logits, &ws.logits, &ws.targets, v, 1.0 / n as f32);
-        // Head: logits = Hn · W_headᵀ. The final norm's input gradient lands in d_resid.
-        be.matmul(
-            &mut g[self.head],
-            &s.d_logits,
-            &ws.hn,
-            v,
-            n,
-            d,
-            true,
-            false,
-            true,
-        );
-        be.matmul(
-            &mut s.d_x,
-            &s.d_logits,
-            &p[self.head],
-            n,
-            v,
-            d,
-            false,
-            false,
-            false,
-        );
+        be.cross_entropy_backward(&mut gr.d_logits, &ws.logits, &ws.targets, v, 1.0 / n as f32);
+        // Head: logits = Hn · W_headᵀ, Hn still in dbuf[0] from the forward. The final
+        // norm's input gradient lands in d_resid.
         {
+            let s = &mut ws.scratch;
+            let [hn, d_x, _] = s.dbuf.each_mut();
+            be.matmul(
+                &mut g[self.head],
+                &gr.d_logits,
+                hn,
+                v,
+                n,
+                d,
+                true,
+                false,
+                true,
+            );
+            be.matmul(
+                d_x,
+                &gr.d_logits,
+                &p[self.head],
+                n,
+                v,
+                d,
+                false,
+                false,
+                false,
+            );
             let [dw, db] = many_mut(g, [self.final_w, self.final_b]);
             be.timestep_norm_backward(
-                &mut s.d_resid,
+                &mut gr.d_resid,
                 dw,
                 db,
                 None,
-                &s.d_x,
+                d_x,
                 None,
                 &ws.resid[c.num_layers],
                 &p[self.final_w],
-                &ws.fn_mean,
-                &ws.fn_rstd,
+                &s.tn_mean,
+                &s.tn_rstd,
                 None,
                 b,
                 t,
@@ -1019,18 +1037,19 @@ impl Megalodon {
                 p,
                 g,
                 lp,
-                &ws.layers[i],
-                &ws.attn[i],
+                &ws.saved[i],
+                &mut ws.attn[i],
                 &ws.resid[i],
-                s,
+                &mut ws.scratch,
+                &mut gr.d_resid,
                 b,
                 t,
             );
         }
         if c.scale_emb {
-            be.scale(&mut s.d_resid, (d as f32).sqrt());
+            be.scale(&mut gr.d_resid, (d as f32).sqrt());
         }
-        be.embedding_backward(&mut g[self.embed], &s.d_resid, &ws.ids, d);
+        be.embedding_backward(&mut g[self.embed], &gr.d_resid, &ws.ids, d);
     }
 }
 
