@@ -2,12 +2,16 @@
 //!
 //! The fast path hands the strides to the `gemm` crate, so transposed operands cost nothing
 //! extra. Note `gemm` computes `dst = alpha·dst + beta·lhs·rhs`, the reverse of BLAS naming.
+//! Products `a·bᵀ` of at most [`small_m::MAX_ROWS`] rows (decoding) skip `gemm`'s packing
+//! and run [`small_m::matmul`], whose rows are computed independently of each other.
 
 use std::any::TypeId;
 
 use gemm::Parallelism;
 
 use super::Real;
+
+pub mod small_m;
 
 /// Below this many multiply-adds (`m·n·k`) a product runs on the calling thread: the small
 /// products of a decode step would otherwise spend more on rayon hand-offs than on arithmetic.
@@ -63,6 +67,9 @@ pub fn matmul<F: Real>(
         TypeId::of::<F>() == TypeId::of::<f32>() || TypeId::of::<F>() == TypeId::of::<f64>();
     if !gemm_supports {
         return reference::matmul(out, a, b, m, k, n, trans_a, trans_b, accumulate);
+    }
+    if m <= small_m::MAX_ROWS && !trans_a && trans_b {
+        return small_m::matmul(out, a, b, m, k, n, accumulate);
     }
     let macs = m.saturating_mul(n).saturating_mul(k);
     let parallelism = if macs >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 {
