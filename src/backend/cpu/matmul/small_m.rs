@@ -9,9 +9,10 @@
 //!
 //! Each output element is always computed by the same operations, whatever `m`, the column
 //! block it falls in, or the thread that runs it: row `i` of an `m`-row call equals that row
-//! computed alone, bit for bit (serving relies on this batch invariance). As in the CEMA
-//! kernels, an AVX2 copy is taken when the CPU has it; both copies perform the same
-//! operations in the same order (no FMA), so their results are identical.
+//! computed alone, bit for bit (serving relies on this batch invariance). Copies compiled
+//! for AVX-512 and for AVX2 are taken when the CPU has them; every copy performs the same
+//! fused multiply-adds in the same order (the portable copy through the correctly rounded
+//! `mul_add`, slow only on x86 CPUs older than FMA), so their results are identical.
 
 use rayon::prelude::*;
 
@@ -84,7 +85,7 @@ pub fn matmul<F: Real>(
 fn use_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -95,7 +96,7 @@ fn use_avx512() -> bool {
 fn use_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2")
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -118,7 +119,7 @@ fn block_portable<F: Real>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn block_avx2<F: Real>(
     blk: &mut [F],
@@ -134,7 +135,7 @@ unsafe fn block_avx2<F: Real>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn block_avx512<F: Real>(
     blk: &mut [F],
@@ -211,8 +212,8 @@ fn block_kernel<F: Real>(
 }
 
 /// Four dot products of `a` with `rows[r]` (all of `a`'s length), each summed exactly as
-/// the others: [`LANES`] partial sums over whole groups of lanes, a fixed halving tree, then
-/// the tail in order.
+/// the others: [`LANES`] partial sums of fused multiply-adds over whole groups of lanes, a
+/// fixed halving tree, then the tail in order.
 #[inline(always)]
 fn dot4<F: Real>(a: &[F], rows: [&[F]; 4]) -> [F; 4] {
     let k = a.len();
@@ -237,10 +238,10 @@ fn dot4<F: Real>(a: &[F], rows: [&[F]; 4]) -> [F; 4] {
         let c2: &[F; LANES] = c2.try_into().expect("whole group");
         let c3: &[F; LANES] = c3.try_into().expect("whole group");
         for l in 0..LANES {
-            s0[l] = s0[l] + ca[l] * c0[l];
-            s1[l] = s1[l] + ca[l] * c1[l];
-            s2[l] = s2[l] + ca[l] * c2[l];
-            s3[l] = s3[l] + ca[l] * c3[l];
+            s0[l] = ca[l].mul_add(c0[l], s0[l]);
+            s1[l] = ca[l].mul_add(c1[l], s1[l]);
+            s2[l] = ca[l].mul_add(c2[l], s2[l]);
+            s3[l] = ca[l].mul_add(c3[l], s3[l]);
         }
     }
     let finish = |mut acc: [F; LANES], row: &[F]| {
