@@ -516,3 +516,42 @@ fn misaligned_wmma_load_is_reported_with_its_line() {
     assert!(text.contains("not 256-bit aligned"), "{text}");
     assert!(text.contains(&format!("selftest.cu:{line}")), "{text}");
 }
+
+#[test]
+fn bf16_conversion_rounds_to_nearest_even_and_canonicalises_nan() {
+    use half::bf16;
+    let mut r = rng(13);
+    let mut bits: Vec<u32> = (0..20_000).map(|_| r.random()).collect();
+    bits.extend([
+        0x0000_0000, // +0
+        0x8000_0000, // -0
+        0x7f80_0000, // +inf
+        0xff80_0000, // -inf
+        0x7fc0_0000, // quiet NaN
+        0xffc0_0001, // negative NaN with payload
+        0x7f80_0001, // signalling NaN
+        0x3f80_8000, // tie, even below: stays 0x3f80
+        0x3f81_8000, // tie, odd below: rounds up to 0x3f82
+        0x3f80_8001, // just above a tie: rounds up
+        0x7f7f_ffff, // largest finite: rounds up to +inf
+        0x0000_0001, // smallest subnormal
+    ]);
+    let input: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+    let x = HostBuffer::from_slice(&input);
+    let out = HostBuffer::filled(input.len(), 0u16);
+    let n = input.len() as i32;
+    launch(
+        "selftest_bf16_convert",
+        LaunchConfig::new(8, 256, 0),
+        &[&out, &x, &n],
+    )
+    .unwrap();
+    for (i, (&v, got)) in input.iter().zip(out.to_vec()).enumerate() {
+        let want = if v.is_nan() {
+            0x7fff
+        } else {
+            bf16::from_f32(v).to_bits()
+        };
+        assert_eq!(got, want, "input {i}: {:#010x}", v.to_bits());
+    }
+}

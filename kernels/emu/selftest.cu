@@ -181,3 +181,10 @@ extern "C" __global__ void selftest_wmma_misaligned(float* c) {
     wmma::load_matrix_sync(fa, sa + 1, 16);
     c[threadIdx.x] = __bfloat162float(fa.x[0]);
 }
+
+// out[i] = the bits of __float2bfloat16(in[i]) (round to nearest even, NaN → 0x7fff).
+extern "C" __global__ void selftest_bf16_convert(unsigned short* out, const float* in, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        out[i] = __bfloat16_as_ushort(__float2bfloat16(in[i]));
+    }
+}

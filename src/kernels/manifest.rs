@@ -58,6 +58,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
             "selftest_warp_ops",
             "selftest_wmma_gemm",
             "selftest_wmma_misaligned",
+            "selftest_bf16_convert",
         ],
         ptx: false,
     },
