@@ -1,13 +1,16 @@
-//! The CUDA kernels compiled into this binary: one PTX module per `kernels/*.cu`.
+//! The CUDA kernels compiled into this binary: one PTX module per shipped `kernels/*.cu`.
 //!
 //! `build.rs` puts each module's PTX in `$OUT_DIR` (compiled by the pinned nvcc 13.0 when it is
-//! available, otherwise the committed `kernels/ptx/` copy), and this file embeds it. The table
-//! below is the kernel manifest: the CUDA backend loads a module by name
-//! (`ctx.load_module(Ptx::from_src(module.ptx))`) and its functions by the listed entry points;
-//! tests check the table against the sources and the PTX.
+//! available, otherwise the committed `kernels/ptx/` copy), and this file embeds it. Which
+//! sources and entry points exist is the kernel manifest, [`manifest::KERNEL_SOURCES`]: the
+//! CUDA backend loads a module by name (`ctx.load_module(Ptx::from_src(module.ptx))`) and its
+//! functions by the listed entry points, and the CPU emulator ([`crate::emu`]) exports the same
+//! entry points; tests check the table against the sources and the PTX.
 
 use std::collections::BTreeSet;
 use std::fmt;
+
+pub mod manifest;
 
 /// One embedded PTX module.
 #[derive(Debug, Clone, Copy)]
@@ -20,33 +23,8 @@ pub struct KernelModule {
     pub entry_points: &'static [&'static str],
 }
 
-macro_rules! embedded_ptx {
-    ($name:literal) => {
-        include_str!(concat!(env!("OUT_DIR"), "/", $name, ".ptx"))
-    };
-}
-
-/// Every kernel module, sorted by name.
-pub static MODULES: &[KernelModule] = &[
-    KernelModule {
-        name: "cross_entropy",
-        ptx: embedded_ptx!("cross_entropy"),
-        entry_points: &["cross_entropy_forward_f32", "cross_entropy_backward_f32"],
-    },
-    KernelModule {
-        name: "embedding",
-        ptx: embedded_ptx!("embedding"),
-        entry_points: &[
-            "embedding_forward_f32",
-            "embedding_forward_bf16",
-            "embedding_backward_atomic_f32",
-            "embedding_backward_atomic_bf16",
-            "embedding_backward_partials_f32",
-            "embedding_backward_partials_bf16",
-            "embedding_backward_reduce_f32",
-        ],
-    },
-];
+/// Every PTX module (the manifest's sources with `ptx` set), sorted by name.
+pub static MODULES: &[KernelModule] = include!(concat!(env!("OUT_DIR"), "/kernel_modules.rs"));
 
 /// The module compiled from `kernels/<name>.cu`, if there is one.
 pub fn module(name: &str) -> Option<&'static KernelModule> {

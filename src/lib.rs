@@ -6,6 +6,7 @@ pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod device;
+pub mod emu;
 pub mod infer;
 pub mod kernels;
 pub mod model;
