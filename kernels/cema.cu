@@ -260,6 +260,7 @@ extern "C" __global__ void __launch_bounds__(CEMA_THREADS) cema_forward_f32(
     const int bi = blockIdx.y;
     const int ch = d0 + warp;
     const bool ch_valid = ch < d;
+    if (bi >= b) return;  // the idle block of a b = 0 launch; uniform, before any barrier
 
     float* coef = reinterpret_cast<float*>(smem);
     float* carry = coef + CEMA_WARPS * n * CEMA_COEF_FLOATS;  // [CEMA_WARPS][n] complex

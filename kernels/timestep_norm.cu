@@ -186,6 +186,7 @@ extern "C" __global__ void __launch_bounds__(TSN_THREADS) tsn_scan_f32(
     const int bi = blockIdx.y;
     const int lane = threadIdx.x % mega::WARP_SIZE;
     const int warp = threadIdx.x / mega::WARP_SIZE;
+    if (bi >= b) return;  // the idle block of a b = 0 launch; uniform, before any barrier
     const double n0 = count_in != nullptr ? static_cast<double>(count_in[bi]) : 0.0;
     Welford carry = count_in != nullptr
                         ? welford(n0, mean_in[bi * g + gi], var_in[bi * g + gi])
@@ -309,6 +310,7 @@ extern "C" __global__ void __launch_bounds__(TSN_THREADS) tsn_backward_scan_f32(
     const int bi = blockIdx.y;
     const int lane = threadIdx.x % mega::WARP_SIZE;
     const int warp = threadIdx.x / mega::WARP_SIZE;
+    if (bi >= b) return;  // the idle block of a b = 0 launch; uniform, before any barrier
     const double n0 = count_in != nullptr ? static_cast<double>(count_in[bi]) : 0.0;
     const float mean0 = mean_in != nullptr ? mean_in[bi * g + gi] : 0.0f;
     float acc_mu = dmean_out != nullptr ? dmean_out[bi * g + gi] : 0.0f;
@@ -432,6 +434,7 @@ extern "C" __global__ void __launch_bounds__(TSN_THREADS) tsn_step_f32(
     float* __restrict__ var, const float* __restrict__ x, const float* __restrict__ w,
     const float* __restrict__ bias, int b, int d, int g, float eps) {
     const int bi = blockIdx.x;
+    if (bi >= b) return;  // the idle block of a b = 0 launch; uniform, before any barrier
     const int dg = d / g;
     const float inv_dg = 1.0f / static_cast<float>(dg);
     const int lane = threadIdx.x % mega::WARP_SIZE;
