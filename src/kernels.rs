@@ -45,10 +45,7 @@ pub static MODULES: &[KernelModule] = &[
     KernelModule {
         name: "adamw",
         ptx: embedded_ptx!("adamw"),
-        entry_points: &[
-            "adamw_step_f32",
-            "adamw_step_f32_bf16_copy",
-        ],
+        entry_points: &["adamw_step_f32", "adamw_step_f32_bf16_copy"],
     },
     KernelModule {
         name: "cema",
@@ -109,10 +106,7 @@ pub static MODULES: &[KernelModule] = &[
     KernelModule {
         name: "rope",
         ptx: embedded_ptx!("rope"),
-        entry_points: &[
-            "rope_forward_f32",
-            "rope_backward_f32",
-        ],
+        entry_points: &["rope_forward_f32", "rope_backward_f32"],
     },
     KernelModule {
         name: "timestep_norm",
