@@ -11,12 +11,22 @@
 //! script compiled with nvcc.
 //!
 //! Emits `MEGA_KERNEL_BUILD` (read by `src/kernels.rs`): `nvcc V<version>` or `committed PTX`.
+//!
+//! The list of sources and entry points is the kernel manifest, `src/kernels/manifest.rs`
+//! (compiled into this script too). Besides the PTX, every source is compiled with the host
+//! C++ compiler into the CPU emulator library (`emu_build.rs`, kernels/emu/README.md).
 
 use std::env;
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+#[path = "build/emu_build.rs"]
+mod emu_build;
+#[path = "src/kernels/manifest.rs"]
+#[allow(dead_code)]
+mod manifest;
 
 /// Flags for every kernel; the input is passed relative to `kernels/` so nothing
 /// machine-specific can end up in the PTX.
@@ -26,13 +36,21 @@ const PINNED_RELEASE: &str = "release 13.0,";
 
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=src/kernels/manifest.rs");
+    println!("cargo:rerun-if-changed=build");
     println!("cargo:rerun-if-env-changed=NVCC");
 
     let manifest_dir =
         PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let kernel_dir = manifest_dir.join("kernels");
-    let names = kernel_names(&kernel_dir);
+    check_manifest_covers_sources(&kernel_dir);
+    let names: Vec<String> = manifest::KERNEL_SOURCES
+        .iter()
+        .filter(|source| source.ptx)
+        .map(|source| source.name.to_string())
+        .collect();
+    write_module_table(&out_dir);
 
     let source = match find_nvcc(&manifest_dir) {
         Some(nvcc) => {
@@ -46,10 +64,58 @@ fn main() {
         }
     };
     println!("cargo:rustc-env=MEGA_KERNEL_BUILD={source}");
+
+    emu_build::build(&manifest_dir, &out_dir);
+}
+
+/// Fails the build when a `kernels/*.cu` file is missing from the manifest (it would silently
+/// never be compiled) or a manifest entry names a file that does not exist.
+fn check_manifest_covers_sources(kernel_dir: &Path) {
+    for stem in cu_stems(kernel_dir) {
+        let listed = manifest::KERNEL_SOURCES
+            .iter()
+            .any(|source| source.path == format!("{stem}.cu"));
+        assert!(
+            listed,
+            "kernels/{stem}.cu is not in the kernel manifest (src/kernels/manifest.rs)"
+        );
+    }
+    for source in manifest::KERNEL_SOURCES {
+        assert!(
+            kernel_dir.join(source.path).is_file(),
+            "the kernel manifest lists kernels/{}, which does not exist",
+            source.path
+        );
+        if source.ptx {
+            assert_eq!(
+                source.path,
+                format!("{}.cu", source.name),
+                "PTX modules live directly in kernels/ and are named after their file"
+            );
+        }
+    }
+}
+
+/// `$OUT_DIR/kernel_modules.rs`: the `MODULES` table of `src/kernels.rs`, one entry per PTX
+/// source of the manifest.
+fn write_module_table(out_dir: &Path) {
+    let mut table = String::from("&[\n");
+    for source in manifest::KERNEL_SOURCES.iter().filter(|s| s.ptx) {
+        table += &format!(
+            "    KernelModule {{ name: {name:?}, ptx: include_str!(concat!(env!(\"OUT_DIR\"), \"/{name}.ptx\")), entry_points: manifest::KERNEL_SOURCES[{index}].entry_points }},\n",
+            name = source.name,
+            index = manifest::KERNEL_SOURCES
+                .iter()
+                .position(|s| s.name == source.name)
+                .expect("source is in the manifest"),
+        );
+    }
+    table += "]\n";
+    emu_build::write_if_changed(&out_dir.join("kernel_modules.rs"), &table);
 }
 
 /// Stems of `kernels/*.cu`, sorted so the build is independent of directory order.
-fn kernel_names(kernel_dir: &Path) -> Vec<String> {
+fn cu_stems(kernel_dir: &Path) -> Vec<String> {
     let entries = fs::read_dir(kernel_dir)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", kernel_dir.display()));
     let mut names: Vec<String> = entries

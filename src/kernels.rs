@@ -1,13 +1,16 @@
-//! The CUDA kernels compiled into this binary: one PTX module per `kernels/*.cu`.
+//! The CUDA kernels compiled into this binary: one PTX module per shipped `kernels/*.cu`.
 //!
 //! `build.rs` puts each module's PTX in `$OUT_DIR` (compiled by the pinned nvcc 13.0 when it is
-//! available, otherwise the committed `kernels/ptx/` copy), and this file embeds it. The table
-//! below is the kernel manifest: the CUDA backend loads a module by name
-//! (`ctx.load_module(Ptx::from_src(module.ptx))`) and its functions by the listed entry points;
-//! tests check the table against the sources and the PTX.
+//! available, otherwise the committed `kernels/ptx/` copy), and this file embeds it. Which
+//! sources and entry points exist is the kernel manifest, [`manifest::KERNEL_SOURCES`]: the
+//! CUDA backend loads a module by name (`ctx.load_module(Ptx::from_src(module.ptx))`) and its
+//! functions by the listed entry points, and the CPU emulator ([`crate::emu`]) exports the same
+//! entry points; tests check the table against the sources and the PTX.
 
 use std::collections::BTreeSet;
 use std::fmt;
+
+pub mod manifest;
 
 /// One embedded PTX module.
 #[derive(Debug, Clone, Copy)]
@@ -20,109 +23,8 @@ pub struct KernelModule {
     pub entry_points: &'static [&'static str],
 }
 
-macro_rules! embedded_ptx {
-    ($name:literal) => {
-        include_str!(concat!(env!("OUT_DIR"), "/", $name, ".ptx"))
-    };
-}
-
-/// Every kernel module, sorted by name.
-pub static MODULES: &[KernelModule] = &[
-    KernelModule {
-        name: "activations",
-        ptx: embedded_ptx!("activations"),
-        entry_points: &[
-            "activation_forward_f32",
-            "activation_forward_bf16",
-            "activation_backward_f32",
-            "activation_backward_bf16",
-            "swiglu_forward_f32",
-            "swiglu_forward_bf16",
-            "swiglu_backward_f32",
-            "swiglu_backward_bf16",
-        ],
-    },
-    KernelModule {
-        name: "adamw",
-        ptx: embedded_ptx!("adamw"),
-        entry_points: &["adamw_step_f32", "adamw_step_f32_bf16_copy"],
-    },
-    KernelModule {
-        name: "cema",
-        ptx: embedded_ptx!("cema"),
-        entry_points: &[
-            "cema_forward_f32",
-            "cema_backward_f32",
-            "cema_coefficients_f32",
-            "cema_step_f32",
-        ],
-    },
-    KernelModule {
-        name: "cross_entropy",
-        ptx: embedded_ptx!("cross_entropy"),
-        entry_points: &["cross_entropy_forward_f32", "cross_entropy_backward_f32"],
-    },
-    KernelModule {
-        name: "embedding",
-        ptx: embedded_ptx!("embedding"),
-        entry_points: &[
-            "embedding_forward_f32",
-            "embedding_forward_bf16",
-            "embedding_backward_atomic_f32",
-            "embedding_backward_atomic_bf16",
-            "embedding_backward_partials_f32",
-            "embedding_backward_partials_bf16",
-            "embedding_backward_reduce_f32",
-        ],
-    },
-    KernelModule {
-        name: "megabyte_gathers",
-        ptx: embedded_ptx!("megabyte_gathers"),
-        entry_points: &[
-            "patch_embed_forward_f32",
-            "patch_embed_forward_bf16",
-            "local_embed_forward_f32",
-            "local_embed_forward_bf16",
-            "rows_scatter_add_csr_f32",
-            "rows_scatter_add_csr_bf16",
-        ],
-    },
-    KernelModule {
-        name: "norms",
-        ptx: embedded_ptx!("norms"),
-        entry_points: &[
-            "layernorm_forward_f32",
-            "layernorm_forward_bf16",
-            "layernorm_backward_f32",
-            "layernorm_backward_bf16",
-            "layernorm_param_reduce_f32",
-            "rmsnorm_forward_f32",
-            "rmsnorm_forward_bf16",
-            "rmsnorm_backward_f32",
-            "rmsnorm_backward_bf16",
-            "rmsnorm_param_reduce_f32",
-        ],
-    },
-    KernelModule {
-        name: "rope",
-        ptx: embedded_ptx!("rope"),
-        entry_points: &["rope_forward_f32", "rope_backward_f32"],
-    },
-    KernelModule {
-        name: "timestep_norm",
-        ptx: embedded_ptx!("timestep_norm"),
-        entry_points: &[
-            "tsn_group_moments_f32",
-            "tsn_scan_f32",
-            "tsn_normalize_f32",
-            "tsn_backward_group_sums_f32",
-            "tsn_backward_scan_f32",
-            "tsn_backward_dx_f32",
-            "tsn_backward_param_reduce_f32",
-            "tsn_step_f32",
-        ],
-    },
-];
+/// Every PTX module (the manifest's sources with `ptx` set), sorted by name.
+pub static MODULES: &[KernelModule] = include!(concat!(env!("OUT_DIR"), "/kernel_modules.rs"));
 
 /// The module compiled from `kernels/<name>.cu`, if there is one.
 pub fn module(name: &str) -> Option<&'static KernelModule> {

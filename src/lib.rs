@@ -7,6 +7,7 @@ pub mod config;
 pub mod convert;
 pub mod cuda;
 pub mod device;
+pub mod emu;
 pub mod infer;
 pub mod kernels;
 pub mod model;
