@@ -57,6 +57,9 @@ pub enum DeviceError {
     /// Buffer lengths that do not fit the operation.
     #[error("{0}")]
     Shape(String),
+    /// The GPU driver or a CUDA library reported an error (cudarc implementations).
+    #[error("CUDA: {0}")]
+    Driver(String),
 }
 
 /// The lowest layer of a GPU backend. Work is ordered as issued on one stream.
@@ -73,7 +76,8 @@ pub trait DeviceApi {
     ) -> Result<Self::Buffer<T>, DeviceError>;
     /// A device copy of `host`.
     fn upload<T: DeviceElement>(&self, host: &[T]) -> Result<Self::Buffer<T>, DeviceError>;
-    /// Overwrites `dst` with `host` (same length).
+    /// Overwrites the first `host.len()` elements of `dst` with `host` (`dst` may be longer:
+    /// pooled allocations are rounded up to a size class).
     fn write<T: DeviceElement>(
         &self,
         host: &[T],
@@ -94,7 +98,8 @@ pub trait DeviceApi {
     fn wait_event(&self, event: &Event) -> Result<(), DeviceError>;
     /// Blocks until all issued work has finished.
     fn synchronize(&self) -> Result<(), DeviceError>;
-    /// f32 GEMM (see [`GemmShape`]).
+    /// f32 GEMM (see [`GemmShape`]) on the first `m·n`, `m·k`, `k·n` elements of `out`, `a`,
+    /// `b` (buffers may be longer).
     fn gemm_f32(
         &self,
         out: &mut Self::Buffer<f32>,
@@ -149,7 +154,7 @@ impl DeviceApi for EmulatedDevice {
         host: &[T],
         dst: &mut HostBuffer<T>,
     ) -> Result<(), DeviceError> {
-        if host.len() != dst.len() {
+        if host.len() > dst.len() {
             return Err(DeviceError::Shape(format!(
                 "write: {} host elements into a buffer of {}",
                 host.len(),
@@ -157,7 +162,7 @@ impl DeviceApi for EmulatedDevice {
             )));
         }
         self.issue();
-        dst.copy_from_slice(host);
+        dst.as_mut_slice()[..host.len()].copy_from_slice(host);
         Ok(())
     }
 
@@ -205,7 +210,7 @@ impl DeviceApi for EmulatedDevice {
             trans_b,
             accumulate,
         } = shape;
-        if out.len() != m * n || a.len() != m * k || b.len() != k * n {
+        if out.len() < m * n || a.len() < m * k || b.len() < k * n {
             return Err(DeviceError::Shape(format!(
                 "gemm {m}x{k}x{n}: buffers hold out {}, a {}, b {}",
                 out.len(),
@@ -218,9 +223,9 @@ impl DeviceApi for EmulatedDevice {
         // and `out`, borrowed mutably, cannot be shared with another).
         let (a, b) = unsafe { (a.view(), b.view()) };
         crate::backend::cpu::matmul::matmul(
-            out.as_mut_slice(),
-            a,
-            b,
+            &mut out.as_mut_slice()[..m * n],
+            &a[..m * k],
+            &b[..k * n],
             m,
             k,
             n,
