@@ -109,8 +109,19 @@ case!(memory_ops, "memory", EXACT_TOL, |be| {
     be.scatter_rows(&mut s, &g, &[1, 5, 2, 4], d);
     let mut z = be.upload(&[1.0, 2.0]);
     be.fill_zero(&mut z);
-    let sums = vec![be.sum(&c) as f32, be.sum_squares(&c) as f32, be.len(&c) as f32];
-    vec![zeros, be.download(&c), be.download(&g), be.download(&s), be.download(&z), sums]
+    let sums = vec![
+        be.sum(&c) as f32,
+        be.sum_squares(&c) as f32,
+        be.len(&c) as f32,
+    ];
+    vec![
+        zeros,
+        be.download(&c),
+        be.download(&g),
+        be.download(&s),
+        be.download(&z),
+        sums,
+    ]
 });
 
 case!(matmul_all_transposes, "matmul", EXACT_TOL, |be| {
@@ -156,7 +167,10 @@ case!(layernorm, "layernorm", KERNEL_TOL, |be| {
     let mut dw = be.upload(&uniform(&mut r, d, 0.0, 1.0));
     let mut db = be.upload(&uniform(&mut r, d, 0.0, 1.0));
     be.layernorm_backward(&mut dx, &mut dw, &mut db, &dout, &x, &w, &mean, &rstd, n, d);
-    [out, mean, rstd, dx, dw, db].iter().map(|t| be.download(t)).collect()
+    [out, mean, rstd, dx, dw, db]
+        .iter()
+        .map(|t| be.download(t))
+        .collect()
 });
 
 case!(rmsnorm, "rmsnorm", KERNEL_TOL, |be| {
@@ -218,7 +232,10 @@ case!(attention_family, "attention", EXACT_TOL, |be| {
     be.kv_append(&mut kc, &mut vc, &step, &[2, t_max as u32 + 4], c);
     let mut dec = be.zeros(b * c);
     be.attention_decode(&mut dec, &step, &kc, &vc, &[3, 5], t_max, c, h, scale);
-    [out, att, dqkv, kc, vc, dec].iter().map(|x| be.download(x)).collect()
+    [out, att, dqkv, kc, vc, dec]
+        .iter()
+        .map(|x| be.download(x))
+        .collect()
 });
 
 case!(timestep_norm, "timestep_norm", KERNEL_TOL, |be| {
@@ -235,10 +252,26 @@ case!(timestep_norm, "timestep_norm", KERNEL_TOL, |be| {
             var: be.upload(&uniform(&mut r, b * g, 1.0, 0.5)),
         };
         let state_in = carried.then_some(&state_in);
-        let (mut y, mut sm, mut sr) = (be.zeros(b * l * d), be.zeros(b * l * g), be.zeros(b * l * g));
+        let (mut y, mut sm, mut sr) = (
+            be.zeros(b * l * d),
+            be.zeros(b * l * g),
+            be.zeros(b * l * g),
+        );
         let mut out = TsnStats::fresh(be, b, g);
         be.timestep_norm_forward(
-            &mut y, &mut sm, &mut sr, Some(&mut out), &x, &w, &bias, state_in, b, l, d, g, 1e-5,
+            &mut y,
+            &mut sm,
+            &mut sr,
+            Some(&mut out),
+            &x,
+            &w,
+            &bias,
+            state_in,
+            b,
+            l,
+            d,
+            g,
+            1e-5,
         );
         let dy = be.upload(&uniform(&mut r, b * l * d, 0.0, 1.0));
         let (dmo, dvo) = (
@@ -267,9 +300,11 @@ case!(timestep_norm, "timestep_norm", KERNEL_TOL, |be| {
             g,
         );
         outs.extend(
-            [y, sm, sr, out.count, out.mean, out.var, dx, dw, db, dmi, dvi]
-                .iter()
-                .map(|t| be.download(t)),
+            [
+                y, sm, sr, out.count, out.mean, out.var, dx, dw, db, dmi, dvi,
+            ]
+            .iter()
+            .map(|t| be.download(t)),
         );
     }
     let mut state = TsnStats {
@@ -280,7 +315,11 @@ case!(timestep_norm, "timestep_norm", KERNEL_TOL, |be| {
     let xs = be.upload(&uniform(&mut r, b * d, 0.3, 2.0));
     let mut ys = be.zeros(b * d);
     be.timestep_norm_step(&mut ys, &mut state, &xs, &w, &bias, b, d, g, 1e-5);
-    outs.extend([ys, state.count, state.mean, state.var].iter().map(|t| be.download(t)));
+    outs.extend(
+        [ys, state.count, state.mean, state.var]
+            .iter()
+            .map(|t| be.download(t)),
+    );
     outs
 });
 
@@ -366,7 +405,10 @@ case!(mega_attention, "mega attention", EXACT_TOL, |be| {
     let mut out = be.zeros(s.b * s.l * s.heads * s.dv);
     be.mega_attention_forward(&mut out, &mut saved, &z, &v, &gamma, &beta, &s);
     let dout = be.upload(&uniform(&mut r, s.b * s.l * s.heads * s.dv, 0.0, 1.0));
-    let (mut dz, mut dv) = (be.zeros(s.b * s.l * s.heads * s.dz), be.zeros(s.b * s.l * s.heads * s.dv));
+    let (mut dz, mut dv) = (
+        be.zeros(s.b * s.l * s.heads * s.dz),
+        be.zeros(s.b * s.l * s.heads * s.dv),
+    );
     let mut dg = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 1.0));
     let mut dbeta = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 1.0));
     be.mega_attention_backward(
@@ -382,7 +424,10 @@ case!(mega_attention, "mega attention", EXACT_TOL, |be| {
         .unwrap();
     let mut other = be.chunk_cache(s.b, s.heads, s.dz, s.dv, s.chunk);
     be.chunk_cache_copy_row(&mut other, 1, &cache, 0);
-    [out, dz, dv, dg, dbeta, oc].iter().map(|t| be.download(t)).collect()
+    [out, dz, dv, dg, dbeta, oc]
+        .iter()
+        .map(|t| be.download(t))
+        .collect()
 });
 
 case!(embeddings, "embeddings", KERNEL_TOL, |be| {
@@ -400,7 +445,13 @@ case!(embeddings, "embeddings", KERNEL_TOL, |be| {
     let (p, dg, rows, tok_rows, pos_rows) = (4usize, 7usize, 5usize, 11usize, 17usize);
     let with_pads = |r: &mut ChaCha8Rng, k: usize| -> Vec<u32> {
         (0..k)
-            .map(|_| if r.random_range(0..4) == 0 { PAD_ID } else { r.random_range(0..tok_rows as u32) })
+            .map(|_| {
+                if r.random_range(0..4) == 0 {
+                    PAD_ID
+                } else {
+                    r.random_range(0..tok_rows as u32)
+                }
+            })
             .collect()
     };
     let pid = with_pads(&mut r, rows * p);
@@ -428,7 +479,12 @@ case!(embeddings, "embeddings", KERNEL_TOL, |be| {
         let [a, b2, c] = &mut lg;
         be.local_embed_backward(a, b2, c, &lo, &lid, &slots, ld);
     }
-    let mut v = vec![be.download(&out), be.download(&out2), be.download(&dtable), be.download(&pe)];
+    let mut v = vec![
+        be.download(&out),
+        be.download(&out2),
+        be.download(&dtable),
+        be.download(&pe),
+    ];
     v.extend(grads.iter().chain(&lg).map(|t| be.download(t)));
     v.push(be.download(&lo));
     v
@@ -482,7 +538,11 @@ fn kernel_ops_stay_on_the_device_and_fallbacks_are_counted() {
     be.rmsnorm_forward(&mut y, &mut rstd, &x, &w, n, d, 1e-5);
     let mut a = be.zeros(n * d);
     be.activation_forward(Activation::Gelu, &mut a, &y);
-    assert!(be.host_fallback_calls().is_empty(), "{:?}", be.host_fallback_calls());
+    assert!(
+        be.host_fallback_calls().is_empty(),
+        "{:?}",
+        be.host_fallback_calls()
+    );
     be.add_assign(&mut a, &y);
     be.add_assign(&mut a, &y);
     let _ = be.sum(&a);
@@ -490,7 +550,10 @@ fn kernel_ops_stay_on_the_device_and_fallbacks_are_counted() {
     assert_eq!(calls.get("add_assign"), Some(&2));
     assert_eq!(calls.get("sum"), Some(&1));
     for op in calls.keys() {
-        assert!(HOST_FALLBACKS.iter().any(|h| h.op == *op), "{op} not listed");
+        assert!(
+            HOST_FALLBACKS.iter().any(|h| h.op == *op),
+            "{op} not listed"
+        );
     }
     be.reset_host_fallback_calls();
     assert!(be.host_fallback_calls().is_empty());
@@ -512,7 +575,10 @@ fn repeated_steps_reuse_pooled_memory() {
     let first = be.pool_stats();
     step(&be);
     let second = be.pool_stats();
-    assert_eq!(second.misses, first.misses, "second step allocated: {second:?}");
+    assert_eq!(
+        second.misses, first.misses,
+        "second step allocated: {second:?}"
+    );
     assert!(second.hits > first.hits);
     assert_eq!(second.allocated, first.allocated);
     assert_eq!(second.in_use, 0, "every buffer returned");

@@ -157,7 +157,15 @@ fn megabyte_tiny_step_matches_cpu() {
     let model = Megabyte::new(&cfg);
     let (b, t) = (2, cfg.max_seq_len);
     let (host, bytes) = inputs(&model.layout, b * model.window_len(t), 1);
-    let cpu = one_step(&Cpu::<f32>::new(), &model, &model.layout, &host, &bytes, b, t);
+    let cpu = one_step(
+        &Cpu::<f32>::new(),
+        &model,
+        &model.layout,
+        &host,
+        &bytes,
+        b,
+        t,
+    );
     let be = CudaBackend::new(EmulatedDevice::new());
     let cuda = one_step(&be, &model, &model.layout, &host, &bytes, b, t);
     println!("host fallbacks: {:?}", be.host_fallback_calls());
@@ -171,7 +179,15 @@ fn megalodon_tiny_step_matches_cpu() {
     let model = Megalodon::new(&cfg);
     let (b, t) = (2, 16);
     let (host, bytes) = inputs(&model.layout, b * model.window_len(t), 2);
-    let cpu = one_step(&Cpu::<f32>::new(), &model, &model.layout, &host, &bytes, b, t);
+    let cpu = one_step(
+        &Cpu::<f32>::new(),
+        &model,
+        &model.layout,
+        &host,
+        &bytes,
+        b,
+        t,
+    );
     let be = CudaBackend::new(EmulatedDevice::new());
     let cuda = one_step(&be, &model, &model.layout, &host, &bytes, b, t);
     println!("host fallbacks: {:?}", be.host_fallback_calls());

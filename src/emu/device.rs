@@ -76,8 +76,7 @@ pub trait DeviceApi {
     ) -> Result<Self::Buffer<T>, DeviceError>;
     /// A device copy of `host`.
     fn upload<T: DeviceElement>(&self, host: &[T]) -> Result<Self::Buffer<T>, DeviceError>;
-    /// Overwrites the first `host.len()` elements of `dst` with `host` (`dst` may be longer:
-    /// pooled allocations are rounded up to a size class).
+    /// Overwrites `dst` with `host` (same length).
     fn write<T: DeviceElement>(
         &self,
         host: &[T],
@@ -154,7 +153,7 @@ impl DeviceApi for EmulatedDevice {
         host: &[T],
         dst: &mut HostBuffer<T>,
     ) -> Result<(), DeviceError> {
-        if host.len() > dst.len() {
+        if host.len() != dst.len() {
             return Err(DeviceError::Shape(format!(
                 "write: {} host elements into a buffer of {}",
                 host.len(),
@@ -162,7 +161,7 @@ impl DeviceApi for EmulatedDevice {
             )));
         }
         self.issue();
-        dst.as_mut_slice()[..host.len()].copy_from_slice(host);
+        dst.copy_from_slice(host);
         Ok(())
     }
 

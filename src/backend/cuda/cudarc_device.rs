@@ -90,7 +90,9 @@ impl CudarcDevice {
         }
         // SAFETY: plain library presence check (dlopen), no driver call.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-            return Err(DeviceError::Driver("cuBLAS (libcublas.so.13) not found".to_string()));
+            return Err(DeviceError::Driver(
+                "cuBLAS (libcublas.so.13) not found".to_string(),
+            ));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| driver("context", e))?;
         // One stream: cudarc's per-buffer event tracking only pays with several.
@@ -169,7 +171,7 @@ impl DeviceApi for CudarcDevice {
         host: &[T],
         dst: &mut CudarcBuffer<T>,
     ) -> Result<(), DeviceError> {
-        if host.len() > dst.len {
+        if host.len() != dst.len {
             return Err(DeviceError::Shape(format!(
                 "write: {} host elements into a buffer of {}",
                 host.len(),
@@ -255,7 +257,9 @@ impl DeviceApi for CudarcDevice {
     }
 
     fn synchronize(&self) -> Result<(), DeviceError> {
-        self.stream.synchronize().map_err(|e| driver("synchronize", e))
+        self.stream
+            .synchronize()
+            .map_err(|e| driver("synchronize", e))
     }
 
     fn gemm_f32(
@@ -282,7 +286,10 @@ impl DeviceApi for CudarcDevice {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let dim = |x: usize| i32::try_from(x).map_err(|_| DeviceError::Shape(format!("gemm dimension {x} exceeds i32")));
+        let dim = |x: usize| {
+            i32::try_from(x)
+                .map_err(|_| DeviceError::Shape(format!("gemm dimension {x} exceeds i32")))
+        };
         let (mi, ki, ni) = (dim(m)?, dim(k)?, dim(n)?);
         let op = |t: bool| {
             if t {

@@ -176,7 +176,11 @@ where
         eps: f32,
     ) {
         self.count_fallback("timestep_norm_forward");
-        let (mut hy, mut hm, mut hr) = (self.to_host(y), self.to_host(saved_mean), self.to_host(saved_rstd));
+        let (mut hy, mut hm, mut hr) = (
+            self.to_host(y),
+            self.to_host(saved_mean),
+            self.to_host(saved_rstd),
+        );
         let mut h_out = state_out.as_ref().map(|s| self.stats_to_host(s));
         let h_in = state_in.map(|s| self.stats_to_host(s));
         Cpu::<f32>::new().timestep_norm_forward(
@@ -327,7 +331,8 @@ where
             gamma: &gamma,
             omega: &omega,
         };
-        let mut hg = [&*g.alpha, &*g.delta, &*g.theta, &*g.gamma, &*g.omega].map(|b| self.to_host(b));
+        let mut hg =
+            [&*g.alpha, &*g.delta, &*g.theta, &*g.gamma, &*g.omega].map(|b| self.to_host(b));
         let mut hdx = self.to_host(dx);
         let mut hdh0 = dh0.as_ref().map(|h| self.to_host(h));
         let hdh_out = dh_out.map(|h| self.to_host(h));

@@ -114,10 +114,19 @@ where
     }
 
     fn write_host(&self, buf: &mut CudaBuf<D>, host: &[f32]) {
+        use crate::emu::DeviceBuffer;
         assert_eq!(host.len(), buf.len(), "write: length mismatch");
-        self.device
-            .write(host, buf.block_mut())
-            .unwrap_or_else(|e| fail("upload", e));
+        let capacity = buf.block().len();
+        // DeviceApi writes whole allocations; the slack past `len` gets zeros.
+        let result = if capacity == host.len() {
+            self.device.write(host, buf.block_mut())
+        } else {
+            let mut padded = Vec::with_capacity(capacity);
+            padded.extend_from_slice(host);
+            padded.resize(capacity, 0.0);
+            self.device.write(&padded, buf.block_mut())
+        };
+        result.unwrap_or_else(|e| fail("upload", e));
     }
 
     /// An index array on the device (at least one element: kernels never read past the
@@ -446,7 +455,10 @@ where
         x: &CudaBuf<D>,
         dout: &CudaBuf<D>,
     ) {
-        assert!(dx.len() == x.len() && dout.len() == x.len(), "activation_backward: lengths");
+        assert!(
+            dx.len() == x.len() && dout.len() == x.len(),
+            "activation_backward: lengths"
+        );
         let (n, id) = (x.len() as i64, launch_shapes::activations::act_id(act));
         self.run(
             "activation_backward_f32",
@@ -522,9 +534,12 @@ where
         h: usize,
         scale: f32,
     ) {
-        self.host_fallback("attention_backward", [dqkv], &[dout, qkv, att], |cpu, o, i| {
-            cpu.attention_backward(&mut o[0], &i[0], &i[1], &i[2], b, t, c, h, scale)
-        });
+        self.host_fallback(
+            "attention_backward",
+            [dqkv],
+            &[dout, qkv, att],
+            |cpu, o, i| cpu.attention_backward(&mut o[0], &i[0], &i[1], &i[2], b, t, c, h, scale),
+        );
     }
 
     fn attention_decode(
@@ -641,13 +656,12 @@ where
     ) {
         use launch_shapes::timestep_norm as tsn;
         let rows = b * l;
-        let shapes = tsn::group_pass(rows, d, g).and_then(|p| {
-            Ok((p, tsn::scan(b, g)?, tsn::backward_dx(rows, d)?))
-        });
+        let shapes = tsn::group_pass(rows, d, g)
+            .and_then(|p| Ok((p, tsn::scan(b, g)?, tsn::backward_dx(rows, d)?)));
         let Ok((pass, scan, dx_shape)) = shapes else {
             return self.tsn_backward_on_host(
-                dx, dw, db, dstate_in, dy, dstate_out, x, w, saved_mean, saved_rstd, state_in,
-                b, l, d, g,
+                dx, dw, db, dstate_in, dy, dstate_out, x, w, saved_mean, saved_rstd, state_in, b,
+                l, d, g,
             );
         };
         let (ri, di, gi, bi, li) = (rows as i32, d as i32, g as i32, b as i32, l as i32);
@@ -906,7 +920,9 @@ where
             [dz, dv, dgamma, dbeta],
             &[dout, z, v, gamma, beta],
             |cpu, [dz, dv, dg, db], i| {
-                cpu.mega_attention_backward(dz, dv, dg, db, &i[0], &i[1], &i[2], &i[3], &i[4], saved, s)
+                cpu.mega_attention_backward(
+                    dz, dv, dg, db, &i[0], &i[1], &i[2], &i[3], &i[4], saved, s,
+                )
             },
         );
     }
@@ -948,8 +964,8 @@ where
             [out],
             &[z, v, gamma, beta],
             |cpu, o, i| {
-                result =
-                    cpu.mega_attention_forward_cached(&mut o[0], cache, &i[0], &i[1], &i[2], &i[3], s)
+                result = cpu
+                    .mega_attention_forward_cached(&mut o[0], cache, &i[0], &i[1], &i[2], &i[3], s)
             },
         );
         result
@@ -965,7 +981,10 @@ where
         d: usize,
         accumulate: bool,
     ) {
-        assert!(d > 0 && table.len() % d == 0, "embedding: table is not rows of {d}");
+        assert!(
+            d > 0 && table.len() % d == 0,
+            "embedding: table is not rows of {d}"
+        );
         let ids_buf = self.indices(ids);
         let (n, di, vocab) = (ids.len() as i32, d as i32, (table.len() / d) as i32);
         let acc = i32::from(accumulate);
@@ -976,7 +995,13 @@ where
         );
     }
 
-    fn embedding_backward(&self, dtable: &mut CudaBuf<D>, dout: &CudaBuf<D>, ids: &[u32], d: usize) {
+    fn embedding_backward(
+        &self,
+        dtable: &mut CudaBuf<D>,
+        dout: &CudaBuf<D>,
+        ids: &[u32],
+        d: usize,
+    ) {
         // The CSR scatter adds each table row's tokens in token order, as the CPU op does,
         // for any table size (the shared-memory tile kernels cap the vocabulary).
         let rows = dtable.len() / d.max(1);

@@ -96,7 +96,7 @@ mod tests {
     fn modules_and_functions_load_once() {
         let cache = KernelCache::<String, (String, usize)>::new();
         let (module_loads, function_loads) = (Cell::new(0), Cell::new(0));
-        let mut get = |kernel: &str| {
+        let get = |kernel: &str| {
             cache
                 .function(
                     kernel,
@@ -124,9 +124,7 @@ mod tests {
     #[test]
     fn unknown_kernels_and_load_failures_are_errors() {
         let cache = KernelCache::<u32, u32>::new();
-        let err = cache
-            .function("nope", |_| Ok(0), |_, _| Ok(0))
-            .unwrap_err();
+        let err = cache.function("nope", |_| Ok(0), |_, _| Ok(0)).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
         let err = cache
             .function(

@@ -120,7 +120,7 @@ impl<D: DeviceApi> MemoryPool<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::emu::{DeviceBuffer, EmulatedDevice};
+    use crate::emu::EmulatedDevice;
 
     #[test]
     fn size_classes_bound_the_slack() {
@@ -136,7 +136,10 @@ mod tests {
         for len in (1..5000).chain([65_537, 1 << 20, (1 << 20) + 1]) {
             let c = size_class(len);
             assert!(c >= len, "class {c} below {len}");
-            assert!(len <= MIN_CLASS || 4 * (c - len) < c, "{len} → {c}: slack over 25 %");
+            assert!(
+                len <= MIN_CLASS || 4 * (c - len) < c,
+                "{len} → {c}: slack over 25 %"
+            );
             assert_eq!(size_class(c), c, "a class is its own class");
         }
     }
@@ -209,7 +212,10 @@ mod tests {
             .iter()
             .map(|&n| pool.take(&dev, n).unwrap())
             .collect();
-        let total: usize = [5usize, 700, 700, 3000].iter().map(|&n| size_class(n)).sum();
+        let total: usize = [5usize, 700, 700, 3000]
+            .iter()
+            .map(|&n| size_class(n))
+            .sum();
         assert_eq!(
             pool.stats(),
             PoolStats {
