@@ -583,3 +583,17 @@ fn repeated_steps_reuse_pooled_memory() {
     assert_eq!(second.allocated, first.allocated);
     assert_eq!(second.in_use, 0, "every buffer returned");
 }
+
+/// Opening a GPU never panics: without a driver it is an error naming the missing library,
+/// with one it opens device 0 or reports the driver's error.
+#[test]
+fn cudarc_device_fails_cleanly_without_a_driver() {
+    use mega::backend::cuda::cudarc_device::CudarcDevice;
+    use mega::emu::DeviceApi;
+    match (mega::device::driver_present(), CudarcDevice::new(0)) {
+        (false, Err(e)) => assert!(e.to_string().contains("libcuda.so.1"), "{e}"),
+        (false, Ok(_)) => panic!("opened a device without a driver"),
+        (true, Ok(dev)) => assert!(dev.name().starts_with("cuda:0")),
+        (true, Err(e)) => assert!(e.to_string().starts_with("CUDA: "), "{e}"),
+    }
+}

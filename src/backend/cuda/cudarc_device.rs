@@ -325,3 +325,11 @@ impl DeviceApi for CudarcDevice {
         .map_err(|e| blas("sgemm", e))
     }
 }
+
+/// The cudarc device satisfies everything `CudaBackend` needs to be a `Backend` (checked at
+/// compile time: nothing here touches a driver).
+#[allow(dead_code)]
+fn cudarc_backend_is_a_backend() {
+    fn is_backend<B: crate::backend::Backend>() {}
+    is_backend::<super::CudaBackend<CudarcDevice>>();
+}
