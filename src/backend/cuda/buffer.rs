@@ -65,21 +65,10 @@ impl<D: DeviceApi> std::fmt::Debug for CudaBuf<D> {
 // SAFETY: the buffer owns its allocation; moving it moves that ownership (the device
 // buffer type is Send, a bound of the backend).
 unsafe impl<D: DeviceApi> Send for CudaBuf<D> where D::Buffer<f32>: Send {}
-// SAFETY: a shared `&CudaBuf` only ever reaches kernels as a read-only input: every backend
-// op that writes a buffer takes it as `&mut`, and the allocation is private to this module,
-// so two threads sharing `&CudaBuf` can only read it.
+// SAFETY: through `&CudaBuf` nothing can write the allocation: it is private to the backend
+// module (no KernelArg impl hands it to an arbitrary launch), and every backend op that
+// writes a buffer takes it as `&mut`. Two threads sharing `&CudaBuf` can only read it.
 unsafe impl<D: DeviceApi> Sync for CudaBuf<D> where D::Buffer<f32>: Send {}
-
-// SAFETY: the parameter is the device allocation's own pointer parameter; the kernels the
-// backend launches touch at most `len` ≤ capacity elements.
-unsafe impl<D: DeviceApi> KernelArg for CudaBuf<D> {
-    fn param_ptr(&self) -> *mut c_void {
-        self.block().param_ptr()
-    }
-    fn arg_info(&self) -> ArgInfo {
-        self.block().arg_info()
-    }
-}
 
 /// A null device pointer to `T`, for the kernels' optional arguments (`h0`, `state_in`, …).
 pub struct NullArg<T>(*mut T, PhantomData<T>);

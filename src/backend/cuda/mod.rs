@@ -179,7 +179,7 @@ where
         self.run(
             "rows_scatter_add_csr_f32",
             launch_shapes::gathers::rows(plan.n_dst()),
-            &[&*dst, src, &offsets, &sources, &n_dst, &wi],
+            &[dst.block(), src.block(), &offsets, &sources, &n_dst, &wi],
         );
     }
 }
@@ -190,7 +190,7 @@ fn plan_or_panic<T>(r: Result<T, scatter_plan::ScatterPlanError>) -> T {
 
 fn opt<'a, D: DeviceApi>(b: Option<&'a CudaBuf<D>>, null: &'a NullArg<f32>) -> &'a dyn KernelArg {
     match b {
-        Some(b) => b,
+        Some(b) => b.block(),
         None => null,
     }
 }
@@ -342,7 +342,17 @@ where
         self.run(
             "layernorm_forward_f32",
             launch_shapes::norms::forward(n),
-            &[&*out, &*mean, &*rstd, x, w, b, &ni, &di, &eps],
+            &[
+                out.block(),
+                mean.block(),
+                rstd.block(),
+                x.block(),
+                w.block(),
+                b.block(),
+                &ni,
+                &di,
+                &eps,
+            ],
         );
     }
 
@@ -375,12 +385,22 @@ where
         self.run(
             "layernorm_backward_f32",
             shape,
-            &[&*dx, &partials, dout, x, w, mean, rstd, &ni, &di],
+            &[
+                dx.block(),
+                partials.block(),
+                dout.block(),
+                x.block(),
+                w.block(),
+                mean.block(),
+                rstd.block(),
+                &ni,
+                &di,
+            ],
         );
         self.run(
             "layernorm_param_reduce_f32",
             launch_shapes::norms::param_reduce(d),
-            &[&*dw, &*db, &partials, &chunks, &di],
+            &[dw.block(), db.block(), partials.block(), &chunks, &di],
         );
     }
 
@@ -398,7 +418,15 @@ where
         self.run(
             "rmsnorm_forward_f32",
             launch_shapes::norms::forward(n),
-            &[&*out, &*rstd, x, w, &ni, &di, &eps],
+            &[
+                out.block(),
+                rstd.block(),
+                x.block(),
+                w.block(),
+                &ni,
+                &di,
+                &eps,
+            ],
         );
     }
 
@@ -427,12 +455,21 @@ where
         self.run(
             "rmsnorm_backward_f32",
             shape,
-            &[&*dx, &partials, dout, x, w, rstd, &ni, &di],
+            &[
+                dx.block(),
+                partials.block(),
+                dout.block(),
+                x.block(),
+                w.block(),
+                rstd.block(),
+                &ni,
+                &di,
+            ],
         );
         self.run(
             "rmsnorm_param_reduce_f32",
             launch_shapes::norms::param_reduce(d),
-            &[&*dw, &partials, &chunks, &di],
+            &[dw.block(), partials.block(), &chunks, &di],
         );
     }
 
@@ -444,7 +481,7 @@ where
         self.run(
             "activation_forward_f32",
             launch_shapes::activations::activation(x.len()),
-            &[&*out, x, &n, &id],
+            &[out.block(), x.block(), &n, &id],
         );
     }
 
@@ -463,7 +500,7 @@ where
         self.run(
             "activation_backward_f32",
             launch_shapes::activations::activation(x.len()),
-            &[&*dx, x, dout, &n, &id],
+            &[dx.block(), x.block(), dout.block(), &n, &id],
         );
     }
 
@@ -484,7 +521,7 @@ where
         self.run(
             "swiglu_forward_f32",
             launch_shapes::activations::swiglu(n, h),
-            &[&*out, x, &ni, &hi],
+            &[out.block(), x.block(), &ni, &hi],
         );
     }
 
@@ -500,7 +537,7 @@ where
         self.run(
             "swiglu_backward_f32",
             launch_shapes::activations::swiglu(n, h),
-            &[&*dx, x, dout, &ni, &hi],
+            &[dx.block(), x.block(), dout.block(), &ni, &hi],
         );
     }
 
@@ -607,7 +644,14 @@ where
         self.run(
             "tsn_group_moments_f32",
             pass,
-            &[&*saved_mean, &*saved_rstd, x, &ri, &di, &gi],
+            &[
+                saved_mean.block(),
+                saved_rstd.block(),
+                x.block(),
+                &ri,
+                &di,
+                &gi,
+            ],
         );
         let null = NullArg::<f32>::new();
         let out = state_out.map(|s| &*s);
@@ -615,8 +659,8 @@ where
             "tsn_scan_f32",
             scan,
             &[
-                &*saved_mean,
-                &*saved_rstd,
+                saved_mean.block(),
+                saved_rstd.block(),
                 opt(out.map(|s| &s.count), &null),
                 opt(out.map(|s| &s.mean), &null),
                 opt(out.map(|s| &s.var), &null),
@@ -632,7 +676,17 @@ where
         self.run(
             "tsn_normalize_f32",
             launch_shapes::timestep_norm::normalize(rows, d),
-            &[&*y, x, w, bias, &*saved_mean, &*saved_rstd, &ri, &di, &gi],
+            &[
+                y.block(),
+                x.block(),
+                w.block(),
+                bias.block(),
+                saved_mean.block(),
+                saved_rstd.block(),
+                &ri,
+                &di,
+                &gi,
+            ],
         );
     }
 
@@ -669,7 +723,16 @@ where
         self.run(
             "tsn_backward_group_sums_f32",
             pass,
-            &[&sums, dy, x, w, saved_mean, &ri, &di, &gi],
+            &[
+                sums.block(),
+                dy.block(),
+                x.block(),
+                w.block(),
+                saved_mean.block(),
+                &ri,
+                &di,
+                &gi,
+            ],
         );
         let null = NullArg::<f32>::new();
         let din = dstate_in.as_ref().map(|(m, v)| (&**m, &**v));
@@ -677,13 +740,13 @@ where
             "tsn_backward_scan_f32",
             scan,
             &[
-                &sums,
+                sums.block(),
                 opt(din.map(|p| p.0), &null),
                 opt(din.map(|p| p.1), &null),
                 opt(dstate_out.map(|p| p.0), &null),
                 opt(dstate_out.map(|p| p.1), &null),
-                saved_mean,
-                saved_rstd,
+                saved_mean.block(),
+                saved_rstd.block(),
                 opt(state_in.map(|s| &s.count), &null),
                 opt(state_in.map(|s| &s.mean), &null),
                 &bi,
@@ -698,13 +761,24 @@ where
             "tsn_backward_dx_f32",
             dx_shape,
             &[
-                &*dx, &partials, dy, x, w, saved_mean, saved_rstd, &sums, &ri, &di, &gi, &rpc,
+                dx.block(),
+                partials.block(),
+                dy.block(),
+                x.block(),
+                w.block(),
+                saved_mean.block(),
+                saved_rstd.block(),
+                sums.block(),
+                &ri,
+                &di,
+                &gi,
+                &rpc,
             ],
         );
         self.run(
             "tsn_backward_param_reduce_f32",
             tsn::param_reduce(d),
-            &[&*dw, &*db, &partials, &chunks, &di],
+            &[dw.block(), db.block(), partials.block(), &chunks, &di],
         );
     }
 
@@ -725,13 +799,13 @@ where
             "tsn_step_f32",
             launch_shapes::timestep_norm::step(b),
             &[
-                &*y,
-                &state.count,
-                &state.mean,
-                &state.var,
-                x,
-                w,
-                bias,
+                y.block(),
+                state.count.block(),
+                state.mean.block(),
+                state.var.block(),
+                x.block(),
+                w.block(),
+                bias.block(),
                 &bi,
                 &di,
                 &gi,
@@ -762,15 +836,15 @@ where
             "cema_forward_f32",
             shape,
             &[
-                &*y,
+                y.block(),
                 opt(h_out, &null),
                 &null,
-                x,
-                p.alpha,
-                p.delta,
-                p.theta,
-                p.gamma,
-                p.omega,
+                x.block(),
+                p.alpha.block(),
+                p.delta.block(),
+                p.theta.block(),
+                p.gamma.block(),
+                p.omega.block(),
                 opt(h0, &null),
                 &bi,
                 &li,
@@ -811,13 +885,13 @@ where
             &[
                 &null,
                 &null,
-                &states,
-                x,
-                p.alpha,
-                p.delta,
-                p.theta,
-                p.gamma,
-                p.omega,
+                states.block(),
+                x.block(),
+                p.alpha.block(),
+                p.delta.block(),
+                p.theta.block(),
+                p.gamma.block(),
+                p.omega.block(),
                 opt(h0, &null),
                 &bi,
                 &li,
@@ -830,22 +904,22 @@ where
             "cema_backward_f32",
             bwd,
             &[
-                &*dx,
-                &*g.alpha,
-                &*g.delta,
-                &*g.theta,
-                &*g.gamma,
-                &*g.omega,
+                dx.block(),
+                g.alpha.block(),
+                g.delta.block(),
+                g.theta.block(),
+                g.gamma.block(),
+                g.omega.block(),
                 opt(dh0, &null),
-                dy,
+                dy.block(),
                 opt(dh_out, &null),
-                x,
-                p.alpha,
-                p.delta,
-                p.theta,
-                p.gamma,
-                p.omega,
-                &states,
+                x.block(),
+                p.alpha.block(),
+                p.delta.block(),
+                p.theta.block(),
+                p.gamma.block(),
+                p.omega.block(),
+                states.block(),
                 &bi,
                 &li,
                 &di,
@@ -870,12 +944,29 @@ where
         self.run(
             "cema_coefficients_f32",
             cema::coefficients(d, n),
-            &[&coef, p.alpha, p.delta, p.theta, p.gamma, &di, &ni],
+            &[
+                coef.block(),
+                p.alpha.block(),
+                p.delta.block(),
+                p.theta.block(),
+                p.gamma.block(),
+                &di,
+                &ni,
+            ],
         );
         self.run(
             "cema_step_f32",
             cema::step(b, d),
-            &[&*y, &*h, x, &coef, p.omega, &bi, &di, &ni],
+            &[
+                y.block(),
+                h.block(),
+                x.block(),
+                coef.block(),
+                p.omega.block(),
+                &bi,
+                &di,
+                &ni,
+            ],
         );
     }
 
@@ -991,7 +1082,7 @@ where
         self.run(
             "embedding_forward_f32",
             shapes::embedding_forward(ids.len()),
-            &[&*out, table, &ids_buf, &n, &di, &vocab, &acc],
+            &[out.block(), table.block(), &ids_buf, &n, &di, &vocab, &acc],
         );
     }
 
@@ -1028,7 +1119,19 @@ where
         self.run(
             "patch_embed_forward_f32",
             launch_shapes::gathers::rows(ids.len()),
-            &[&*out, tok, pos, pad, &idb, &posb, &ni, &pi, &di, &tr, &pr],
+            &[
+                out.block(),
+                tok.block(),
+                pos.block(),
+                pad.block(),
+                &idb,
+                &posb,
+                &ni,
+                &pi,
+                &di,
+                &tr,
+                &pr,
+            ],
         );
     }
 
@@ -1071,7 +1174,18 @@ where
         self.run(
             "local_embed_forward_f32",
             launch_shapes::gathers::rows(ids.len()),
-            &[&*out, tok, pos, pad, &idb, &slb, &ni, &di, &tr, &pr],
+            &[
+                out.block(),
+                tok.block(),
+                pos.block(),
+                pad.block(),
+                &idb,
+                &slb,
+                &ni,
+                &di,
+                &tr,
+                &pr,
+            ],
         );
     }
 
@@ -1110,7 +1224,7 @@ where
         self.run(
             "cross_entropy_forward_f32",
             shapes::cross_entropy(targets.len()),
-            &[&*losses, logits, &tb, &rows, &vi],
+            &[losses.block(), logits.block(), &tb, &rows, &vi],
         );
     }
 
@@ -1127,7 +1241,7 @@ where
         self.run(
             "cross_entropy_backward_f32",
             shapes::cross_entropy(targets.len()),
-            &[&*dlogits, logits, &tb, &dloss, &rows, &vi],
+            &[dlogits.block(), logits.block(), &tb, &dloss, &rows, &vi],
         );
     }
 
@@ -1154,10 +1268,10 @@ where
             "adamw_step_f32",
             launch_shapes::adamw::step(param.len()),
             &[
-                &*param,
-                grad,
-                &*m,
-                &*v,
+                param.block(),
+                grad.block(),
+                m.block(),
+                v.block(),
                 &n,
                 &hp.lr,
                 &hp.beta1,
