@@ -167,7 +167,8 @@ __device__ __forceinline__ Cplx coef_pow(const float* rec, int j) {
 
 // Stages tokens t0.. of channels d0.. of `src` [b, l, d] (row bi) into `tile`
 // [CEMA_WARPS][CEMA_TILE_STRIDE], zero outside the call. Consecutive threads read consecutive
-// channels, so each token's channels come in one or two sectors.
+// channels, so each token's channels come in one or two sectors. store_tile uses the same
+// element → thread map, which the kernels rely on to skip a barrier between the two.
 __device__ __forceinline__ void load_tile(
     float* tile, const float* __restrict__ src, int bi, int t0, int d0, int l, int d) {
     for (int i = threadIdx.x; i < CEMA_WARPS * CEMA_CHUNK; i += blockDim.x) {
@@ -291,7 +292,8 @@ extern "C" __global__ void __launch_bounds__(CEMA_THREADS) cema_forward_f32(
                 chunk_states[at + 1] = my_carry[2 * k + 1];
             }
         }
-        __syncthreads();  // the previous chunk's tile has been stored
+        // No barrier before the load: store_tile and load_tile give each element to the same
+        // thread, so this thread's loads follow its own stores of the previous chunk.
         load_tile(tile, x, bi, t0, d0, l, d);
         __syncthreads();
 
@@ -403,7 +405,8 @@ extern "C" __global__ void __launch_bounds__(CEMA_THREADS) cema_backward_f32(
         }
         for (int c = n_chunks - 1; c >= 0; --c) {
             const int t0 = c * CEMA_CHUNK;
-            __syncthreads();  // carries initialised; the previous chunk's dx tile has been stored
+            // No barrier before the loads (see cema_forward_f32); the one after them also
+            // publishes the carries initialised above.
             load_tile(xtile, x, bi, t0, d0, l, d);
             load_tile(gtile, dy, bi, t0, d0, l, d);
             __syncthreads();

@@ -42,10 +42,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "adamw",
         path: "adamw.cu",
-        entry_points: &[
-            "adamw_step_f32",
-            "adamw_step_f32_bf16_copy",
-        ],
+        entry_points: &["adamw_step_f32", "adamw_step_f32_bf16_copy"],
         ptx: true,
     },
     KernelSource {
@@ -112,10 +109,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
     KernelSource {
         name: "rope",
         path: "rope.cu",
-        entry_points: &[
-            "rope_forward_f32",
-            "rope_backward_f32",
-        ],
+        entry_points: &["rope_forward_f32", "rope_backward_f32"],
         ptx: true,
     },
     KernelSource {
