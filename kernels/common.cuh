@@ -101,4 +101,46 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
     return __float2bfloat16(x);
 }
 
+
+// ---- sums ----------------------------------------------------------------------------------
+
+// Sum over the 32 lanes of a warp; every lane gets the result. The butterfly adds in the same
+// pattern on every lane, so all lanes hold the bitwise same value.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
+        v += __shfl_xor_sync(FULL_WARP_MASK, v, offset);
+    }
+    return v;
+}
+
+// Block-wide sum; every thread of the block gets the same value. `scratch` holds
+// MAX_WARPS_PER_BLOCK floats of block-shared memory. The same two-barrier protocol as
+// block_softmax_stats: the first barrier retires readers of a previous call, the second
+// publishes the warp partials. Every thread of the block must call it.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int n_warps = (blockDim.x + WARP_SIZE - 1) / WARP_SIZE;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_sum(lane < n_warps ? scratch[lane] : 0.0f);
+}
+
+// dst[j] += Σ_c partials[c·stride + j] for j < width, summed in chunk order c = 0, 1, ...
+// The deterministic second half of a column reduction whose first half wrote one row of
+// partial sums per block of rows. Threads stride over the columns (any 1-D launch).
+__device__ __forceinline__ void add_column_partials(
+    float* __restrict__ dst, const float* __restrict__ partials, int n_chunks, int width,
+    long long stride) {
+    const int step = gridDim.x * blockDim.x;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < width; j += step) {
+        float sum = 0.0f;
+        for (int c = 0; c < n_chunks; ++c) sum += partials[c * stride + j];
+        dst[j] += sum;
+    }
+}
+
 }  // namespace mega

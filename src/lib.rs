@@ -5,6 +5,7 @@ pub mod backend;
 pub mod bench;
 pub mod config;
 pub mod convert;
+pub mod cuda;
 pub mod device;
 pub mod emu;
 pub mod infer;

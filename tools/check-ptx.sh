@@ -23,6 +23,31 @@ HOT_KERNELS=(
   embedding_backward_partials_f32
   embedding_backward_partials_bf16
   embedding_backward_reduce_f32
+  cema_forward_f32
+  cema_backward_f32
+  cema_step_f32
+  tsn_group_moments_f32
+  tsn_scan_f32
+  tsn_normalize_f32
+  tsn_backward_group_sums_f32
+  tsn_backward_scan_f32
+  tsn_backward_dx_f32
+  tsn_step_f32
+  layernorm_forward_f32
+  layernorm_forward_bf16
+  layernorm_backward_f32
+  layernorm_backward_bf16
+  rmsnorm_forward_f32
+  rmsnorm_forward_bf16
+  rmsnorm_backward_f32
+  rmsnorm_backward_bf16
+  activation_forward_bf16
+  activation_backward_bf16
+  swiglu_forward_bf16
+  swiglu_backward_bf16
+  adamw_step_f32
+  rope_forward_f32
+  rope_backward_f32
 )
 # Must match NVCC_FLAGS in build.rs.
 NVCC_FLAGS=(-ptx -O3 -arch=sm_80 -std=c++17)

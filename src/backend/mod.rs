@@ -20,6 +20,7 @@
 //!   device backend uploads them as part of the launch.
 
 pub mod cpu;
+pub mod cuda;
 
 pub use cpu::megalodon_attention::{ChunkCallError, MegaAttnShape};
 

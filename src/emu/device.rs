@@ -57,6 +57,9 @@ pub enum DeviceError {
     /// Buffer lengths that do not fit the operation.
     #[error("{0}")]
     Shape(String),
+    /// The GPU driver or a CUDA library reported an error (cudarc implementations).
+    #[error("CUDA: {0}")]
+    Driver(String),
 }
 
 /// The lowest layer of a GPU backend. Work is ordered as issued on one stream.
@@ -94,7 +97,8 @@ pub trait DeviceApi {
     fn wait_event(&self, event: &Event) -> Result<(), DeviceError>;
     /// Blocks until all issued work has finished.
     fn synchronize(&self) -> Result<(), DeviceError>;
-    /// f32 GEMM (see [`GemmShape`]).
+    /// f32 GEMM (see [`GemmShape`]) on the first `m·n`, `m·k`, `k·n` elements of `out`, `a`,
+    /// `b` (buffers may be longer).
     fn gemm_f32(
         &self,
         out: &mut Self::Buffer<f32>,
@@ -205,7 +209,7 @@ impl DeviceApi for EmulatedDevice {
             trans_b,
             accumulate,
         } = shape;
-        if out.len() != m * n || a.len() != m * k || b.len() != k * n {
+        if out.len() < m * n || a.len() < m * k || b.len() < k * n {
             return Err(DeviceError::Shape(format!(
                 "gemm {m}x{k}x{n}: buffers hold out {}, a {}, b {}",
                 out.len(),
@@ -218,9 +222,9 @@ impl DeviceApi for EmulatedDevice {
         // and `out`, borrowed mutably, cannot be shared with another).
         let (a, b) = unsafe { (a.view(), b.view()) };
         crate::backend::cpu::matmul::matmul(
-            out.as_mut_slice(),
-            a,
-            b,
+            &mut out.as_mut_slice()[..m * n],
+            &a[..m * k],
+            &b[..k * n],
             m,
             k,
             n,

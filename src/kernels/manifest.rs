@@ -25,6 +25,38 @@ pub struct KernelSource {
 /// Every kernel source, sorted by name.
 pub const KERNEL_SOURCES: &[KernelSource] = &[
     KernelSource {
+        name: "activations",
+        path: "activations.cu",
+        entry_points: &[
+            "activation_forward_f32",
+            "activation_forward_bf16",
+            "activation_backward_f32",
+            "activation_backward_bf16",
+            "swiglu_forward_f32",
+            "swiglu_forward_bf16",
+            "swiglu_backward_f32",
+            "swiglu_backward_bf16",
+        ],
+        ptx: true,
+    },
+    KernelSource {
+        name: "adamw",
+        path: "adamw.cu",
+        entry_points: &["adamw_step_f32", "adamw_step_f32_bf16_copy"],
+        ptx: true,
+    },
+    KernelSource {
+        name: "cema",
+        path: "cema.cu",
+        entry_points: &[
+            "cema_forward_f32",
+            "cema_backward_f32",
+            "cema_coefficients_f32",
+            "cema_step_f32",
+        ],
+        ptx: true,
+    },
+    KernelSource {
         name: "cross_entropy",
         path: "cross_entropy.cu",
         entry_points: &["cross_entropy_forward_f32", "cross_entropy_backward_f32"],
@@ -45,6 +77,42 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         ptx: true,
     },
     KernelSource {
+        name: "megabyte_gathers",
+        path: "megabyte_gathers.cu",
+        entry_points: &[
+            "patch_embed_forward_f32",
+            "patch_embed_forward_bf16",
+            "local_embed_forward_f32",
+            "local_embed_forward_bf16",
+            "rows_scatter_add_csr_f32",
+            "rows_scatter_add_csr_bf16",
+        ],
+        ptx: true,
+    },
+    KernelSource {
+        name: "norms",
+        path: "norms.cu",
+        entry_points: &[
+            "layernorm_forward_f32",
+            "layernorm_forward_bf16",
+            "layernorm_backward_f32",
+            "layernorm_backward_bf16",
+            "layernorm_param_reduce_f32",
+            "rmsnorm_forward_f32",
+            "rmsnorm_forward_bf16",
+            "rmsnorm_backward_f32",
+            "rmsnorm_backward_bf16",
+            "rmsnorm_param_reduce_f32",
+        ],
+        ptx: true,
+    },
+    KernelSource {
+        name: "rope",
+        path: "rope.cu",
+        entry_points: &["rope_forward_f32", "rope_backward_f32"],
+        ptx: true,
+    },
+    KernelSource {
         name: "selftest",
         path: "emu/selftest.cu",
         entry_points: &[
@@ -61,6 +129,21 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
             "selftest_bf16_convert",
         ],
         ptx: false,
+    },
+    KernelSource {
+        name: "timestep_norm",
+        path: "timestep_norm.cu",
+        entry_points: &[
+            "tsn_group_moments_f32",
+            "tsn_scan_f32",
+            "tsn_normalize_f32",
+            "tsn_backward_group_sums_f32",
+            "tsn_backward_scan_f32",
+            "tsn_backward_dx_f32",
+            "tsn_backward_param_reduce_f32",
+            "tsn_step_f32",
+        ],
+        ptx: true,
     },
 ];
 

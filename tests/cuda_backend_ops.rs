@@ -1,0 +1,599 @@
+//! Every op of the CUDA backend on the emulated device (`CudaBackend<EmulatedDevice>`) against
+//! the CPU backend (`Cpu<f32>`) on the same random inputs. Each case is one generic function
+//! run on both backends; outputs are compared element by element with
+//! `|cuda − cpu| ≤ tol · (1 + |cpu|)`. Kernel ops get 2e-5 (different summation orders inside
+//! the kernels, e.g. the norms' per-chunk partials); GEMM-backed and host-fallback ops are the
+//! CPU code itself and must agree to 1e-6.
+
+use mega::backend::cpu::Cpu;
+use mega::backend::cuda::host_fallback::HOST_FALLBACKS;
+use mega::backend::cuda::CudaBackend;
+use mega::backend::{
+    Activation, AdamW, Backend, CemaWeightGrads, CemaWeights, MegaAttnShape, TsnStats, PAD_ID,
+};
+use mega::emu::EmulatedDevice;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+type Cuda = CudaBackend<EmulatedDevice>;
+
+const KERNEL_TOL: f32 = 2e-5;
+const EXACT_TOL: f32 = 1e-6;
+
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+fn uniform(r: &mut ChaCha8Rng, n: usize, offset: f32, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| offset + scale * r.random_range(-1.0f32..1.0))
+        .collect()
+}
+
+fn ids(r: &mut ChaCha8Rng, n: usize, rows: usize) -> Vec<u32> {
+    (0..n).map(|_| r.random_range(0..rows as u32)).collect()
+}
+
+/// Runs `case` on the CPU and the emulated CUDA backend and compares every returned tensor.
+fn check(what: &str, tol: f32, case: impl Fn(&dyn Runner) -> Vec<Vec<f32>>) {
+    let want = case(&OnCpu(Cpu::<f32>::new()));
+    let got = case(&OnCuda(Cuda::new(EmulatedDevice::new())));
+    assert_eq!(want.len(), got.len());
+    for (t, (w, g)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(w.len(), g.len(), "{what}: output {t} length");
+        for (i, (&w, &g)) in w.iter().zip(g).enumerate() {
+            assert!(
+                (w - g).abs() <= tol * (1.0 + w.abs()) || (w.is_nan() && g.is_nan()),
+                "{what}: output {t}[{i}]: cuda {g} vs cpu {w}"
+            );
+        }
+    }
+}
+
+/// A generic case cannot be a closure over `B: Backend`; each case is a `Case` impl run by
+/// both backends through this object-safe shim.
+trait Runner {
+    fn run(&self, case: &dyn Case) -> Vec<Vec<f32>>;
+}
+struct OnCpu(Cpu<f32>);
+struct OnCuda(Cuda);
+impl Runner for OnCpu {
+    fn run(&self, case: &dyn Case) -> Vec<Vec<f32>> {
+        case.cpu(&self.0)
+    }
+}
+impl Runner for OnCuda {
+    fn run(&self, case: &dyn Case) -> Vec<Vec<f32>> {
+        case.cuda(&self.0)
+    }
+}
+trait Case {
+    fn cpu(&self, be: &Cpu<f32>) -> Vec<Vec<f32>>;
+    fn cuda(&self, be: &Cuda) -> Vec<Vec<f32>>;
+}
+
+/// Defines a `Case` from one generic body `|be| -> Vec<Vec<f32>>`.
+macro_rules! case {
+    ($name:ident, $what:expr, $tol:expr, |$be:ident| $body:block) => {
+        #[test]
+        fn $name() {
+            struct C;
+            fn body<B: Backend>($be: &B) -> Vec<Vec<f32>> $body
+            impl Case for C {
+                fn cpu(&self, be: &Cpu<f32>) -> Vec<Vec<f32>> {
+                    body(be)
+                }
+                fn cuda(&self, be: &Cuda) -> Vec<Vec<f32>> {
+                    body(be)
+                }
+            }
+            check($what, $tol, |r| r.run(&C));
+        }
+    };
+}
+
+case!(memory_ops, "memory", EXACT_TOL, |be| {
+    let mut r = rng(1);
+    let (n, d) = (7usize, 37usize);
+    let a = be.upload(&uniform(&mut r, n * d, 0.0, 1.0));
+    let b = be.upload(&uniform(&mut r, n * d, 0.0, 1.0));
+    let mut c = be.zeros(n * d);
+    let zeros = be.download(&c);
+    be.copy(&mut c, &a);
+    be.add_assign(&mut c, &b);
+    be.scale(&mut c, 0.37);
+    let rows = [3u32, 0, 6, 3];
+    let mut g = be.zeros(rows.len() * d);
+    be.gather_rows(&mut g, &a, &rows, d);
+    let mut s = be.upload(&uniform(&mut r, n * d, 0.0, 1.0));
+    be.scatter_rows(&mut s, &g, &[1, 5, 2, 4], d);
+    let mut z = be.upload(&[1.0, 2.0]);
+    be.fill_zero(&mut z);
+    let sums = vec![
+        be.sum(&c) as f32,
+        be.sum_squares(&c) as f32,
+        be.len(&c) as f32,
+    ];
+    vec![
+        zeros,
+        be.download(&c),
+        be.download(&g),
+        be.download(&s),
+        be.download(&z),
+        sums,
+    ]
+});
+
+case!(matmul_all_transposes, "matmul", EXACT_TOL, |be| {
+    let mut r = rng(2);
+    let (m, k, n) = (5usize, 33usize, 17usize);
+    let mut outs = Vec::new();
+    for (ta, tb, acc) in [
+        (false, false, false),
+        (true, false, true),
+        (false, true, false),
+        (true, true, true),
+    ] {
+        let a = be.upload(&uniform(&mut r, m * k, 0.0, 1.0));
+        let b = be.upload(&uniform(&mut r, k * n, 0.0, 1.0));
+        let mut out = be.upload(&uniform(&mut r, m * n, 0.0, 1.0));
+        be.matmul(&mut out, &a, &b, m, k, n, ta, tb, acc);
+        outs.push(be.download(&out));
+    }
+    outs
+});
+
+case!(bias_ops, "bias", EXACT_TOL, |be| {
+    let mut r = rng(3);
+    let (n, d) = (13usize, 29usize);
+    let mut out = be.upload(&uniform(&mut r, n * d, 0.0, 1.0));
+    let bias = be.upload(&uniform(&mut r, d, 0.0, 1.0));
+    be.add_bias(&mut out, &bias, n, d);
+    let mut db = be.upload(&uniform(&mut r, d, 0.0, 1.0));
+    be.bias_backward(&mut db, &out, n, d);
+    vec![be.download(&out), be.download(&db)]
+});
+
+case!(layernorm, "layernorm", KERNEL_TOL, |be| {
+    let mut r = rng(4);
+    let (n, d) = (9usize, 257usize);
+    let x = be.upload(&uniform(&mut r, n * d, 0.5, 2.0));
+    let w = be.upload(&uniform(&mut r, d, 1.0, 0.5));
+    let b = be.upload(&uniform(&mut r, d, 0.0, 0.5));
+    let (mut out, mut mean, mut rstd) = (be.zeros(n * d), be.zeros(n), be.zeros(n));
+    be.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &w, &b, n, d, 1e-5);
+    let dout = be.upload(&uniform(&mut r, n * d, 0.0, 1.0));
+    let mut dx = be.upload(&uniform(&mut r, n * d, 0.0, 1.0));
+    let mut dw = be.upload(&uniform(&mut r, d, 0.0, 1.0));
+    let mut db = be.upload(&uniform(&mut r, d, 0.0, 1.0));
+    be.layernorm_backward(&mut dx, &mut dw, &mut db, &dout, &x, &w, &mean, &rstd, n, d);
+    [out, mean, rstd, dx, dw, db]
+        .iter()
+        .map(|t| be.download(t))
+        .collect()
+});
+
+case!(rmsnorm, "rmsnorm", KERNEL_TOL, |be| {
+    let mut r = rng(5);
+    let (n, d) = (6usize, 131usize);
+    let x = be.upload(&uniform(&mut r, n * d, 0.2, 2.0));
+    let w = be.upload(&uniform(&mut r, d, 1.0, 0.5));
+    let (mut out, mut rstd) = (be.zeros(n * d), be.zeros(n));
+    be.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, d, 1e-5);
+    let dout = be.upload(&uniform(&mut r, n * d, 0.0, 1.0));
+    let mut dx = be.upload(&uniform(&mut r, n * d, 0.0, 1.0));
+    let mut dw = be.upload(&uniform(&mut r, d, 0.0, 1.0));
+    be.rmsnorm_backward(&mut dx, &mut dw, &dout, &x, &w, &rstd, n, d);
+    [out, rstd, dx, dw].iter().map(|t| be.download(t)).collect()
+});
+
+case!(pointwise, "pointwise", KERNEL_TOL, |be| {
+    let mut r = rng(6);
+    let n = 1009usize;
+    let x = be.upload(&uniform(&mut r, n, 0.0, 4.0));
+    let dout = be.upload(&uniform(&mut r, n, 0.0, 1.0));
+    let mut outs = Vec::new();
+    for act in [Activation::Relu, Activation::Gelu, Activation::Silu] {
+        let mut y = be.zeros(n);
+        be.activation_forward(act, &mut y, &x);
+        let mut dx = be.upload(&uniform(&mut r, n, 0.0, 1.0));
+        be.activation_backward(act, &mut dx, &x, &dout);
+        outs.push(be.download(&y));
+        outs.push(be.download(&dx));
+    }
+    let mut m = be.zeros(n);
+    be.mul(&mut m, &x, &dout);
+    let mut s = be.zeros(n);
+    be.add_scalar(&mut s, &x, 1.0);
+    let (rows, h) = (5usize, 131usize);
+    let sx = be.upload(&uniform(&mut r, rows * 2 * h, 0.0, 3.0));
+    let mut sy = be.zeros(rows * h);
+    be.swiglu_forward(&mut sy, &sx, rows, h);
+    let sd = be.upload(&uniform(&mut r, rows * h, 0.0, 1.0));
+    let mut sdx = be.upload(&uniform(&mut r, rows * 2 * h, 0.0, 1.0));
+    be.swiglu_backward(&mut sdx, &sx, &sd, rows, h);
+    outs.extend([m, s, sy, sdx].iter().map(|t| be.download(t)));
+    outs
+});
+
+case!(attention_family, "attention", EXACT_TOL, |be| {
+    let mut r = rng(7);
+    let (b, t, c, h) = (2usize, 9usize, 16usize, 2usize);
+    let scale = 1.0 / ((c / h) as f32).sqrt();
+    let qkv = be.upload(&uniform(&mut r, b * t * 3 * c, 0.0, 1.0));
+    let (mut out, mut att) = (be.zeros(b * t * c), be.zeros(b * h * t * t));
+    be.attention_forward(&mut out, &mut att, &qkv, b, t, c, h, scale);
+    let dout = be.upload(&uniform(&mut r, b * t * c, 0.0, 1.0));
+    let mut dqkv = be.upload(&uniform(&mut r, b * t * 3 * c, 0.0, 1.0));
+    be.attention_backward(&mut dqkv, &dout, &qkv, &att, b, t, c, h, scale);
+    let t_max = 6;
+    let (mut kc, mut vc) = (be.zeros(b * t_max * c), be.zeros(b * t_max * c));
+    let step = be.upload(&uniform(&mut r, b * 3 * c, 0.0, 1.0));
+    be.kv_append(&mut kc, &mut vc, &step, &[2, t_max as u32 + 4], c);
+    let mut dec = be.zeros(b * c);
+    be.attention_decode(&mut dec, &step, &kc, &vc, &[3, 5], t_max, c, h, scale);
+    [out, att, dqkv, kc, vc, dec]
+        .iter()
+        .map(|x| be.download(x))
+        .collect()
+});
+
+case!(timestep_norm, "timestep_norm", KERNEL_TOL, |be| {
+    let mut r = rng(8);
+    let (b, l, d, g) = (2usize, 37usize, 12usize, 3usize);
+    let x = be.upload(&uniform(&mut r, b * l * d, 0.3, 2.0));
+    let w = be.upload(&uniform(&mut r, d, 0.0, 0.3));
+    let bias = be.upload(&uniform(&mut r, d, 0.0, 0.3));
+    let mut outs = Vec::new();
+    for carried in [false, true] {
+        let state_in = TsnStats {
+            count: be.upload(&[5.0, 2.0]),
+            mean: be.upload(&uniform(&mut r, b * g, 0.3, 0.5)),
+            var: be.upload(&uniform(&mut r, b * g, 1.0, 0.5)),
+        };
+        let state_in = carried.then_some(&state_in);
+        let (mut y, mut sm, mut sr) = (
+            be.zeros(b * l * d),
+            be.zeros(b * l * g),
+            be.zeros(b * l * g),
+        );
+        let mut out = TsnStats::fresh(be, b, g);
+        be.timestep_norm_forward(
+            &mut y,
+            &mut sm,
+            &mut sr,
+            Some(&mut out),
+            &x,
+            &w,
+            &bias,
+            state_in,
+            b,
+            l,
+            d,
+            g,
+            1e-5,
+        );
+        let dy = be.upload(&uniform(&mut r, b * l * d, 0.0, 1.0));
+        let (dmo, dvo) = (
+            be.upload(&uniform(&mut r, b * g, 0.0, 1.0)),
+            be.upload(&uniform(&mut r, b * g, 0.0, 1.0)),
+        );
+        let mut dx = be.zeros(b * l * d);
+        let mut dw = be.upload(&uniform(&mut r, d, 0.0, 1.0));
+        let mut db = be.upload(&uniform(&mut r, d, 0.0, 1.0));
+        let (mut dmi, mut dvi) = (be.zeros(b * g), be.zeros(b * g));
+        be.timestep_norm_backward(
+            &mut dx,
+            &mut dw,
+            &mut db,
+            Some((&mut dmi, &mut dvi)),
+            &dy,
+            Some((&dmo, &dvo)),
+            &x,
+            &w,
+            &sm,
+            &sr,
+            state_in,
+            b,
+            l,
+            d,
+            g,
+        );
+        outs.extend(
+            [
+                y, sm, sr, out.count, out.mean, out.var, dx, dw, db, dmi, dvi,
+            ]
+            .iter()
+            .map(|t| be.download(t)),
+        );
+    }
+    let mut state = TsnStats {
+        count: be.upload(&[4.0, 9.0]),
+        mean: be.upload(&uniform(&mut r, b * g, 0.3, 0.5)),
+        var: be.upload(&uniform(&mut r, b * g, 1.0, 0.5)),
+    };
+    let xs = be.upload(&uniform(&mut r, b * d, 0.3, 2.0));
+    let mut ys = be.zeros(b * d);
+    be.timestep_norm_step(&mut ys, &mut state, &xs, &w, &bias, b, d, g, 1e-5);
+    outs.extend(
+        [ys, state.count, state.mean, state.var]
+            .iter()
+            .map(|t| be.download(t)),
+    );
+    outs
+});
+
+case!(cema, "cema", KERNEL_TOL, |be| {
+    let mut r = rng(9);
+    let (b, l, d, n) = (2usize, 300usize, 10usize, 16usize);
+    let alpha = be.upload(&uniform(&mut r, d * n, 0.0, 1.0));
+    let delta = be.upload(&uniform(&mut r, d * n, 0.0, 1.0));
+    let theta = be.upload(&uniform(&mut r, d, 0.0, 1.0));
+    let gamma = be.upload(&uniform(&mut r, d * n * 2, 0.0, 1.0));
+    let omega = be.upload(&uniform(&mut r, d, 0.0, 1.0));
+    let p = CemaWeights {
+        alpha: &alpha,
+        delta: &delta,
+        theta: &theta,
+        gamma: &gamma,
+        omega: &omega,
+    };
+    let x = be.upload(&uniform(&mut r, b * l * d, 0.0, 1.0));
+    let mut outs = Vec::new();
+    for with_state in [false, true] {
+        let h0 = be.upload(&uniform(&mut r, b * d * n * 2, 0.0, 0.5));
+        let h0 = with_state.then_some(&h0);
+        let (mut y, mut h_out) = (be.zeros(b * l * d), be.zeros(b * d * n * 2));
+        be.cema_forward(&mut y, Some(&mut h_out), &x, &p, h0, b, l, d, n);
+        let dy = be.upload(&uniform(&mut r, b * l * d, 0.0, 1.0));
+        let dh_out = be.upload(&uniform(&mut r, b * d * n * 2, 0.0, 1.0));
+        let mut grads = [d * n, d * n, d, d * n * 2, d].map(|k| be.zeros(k));
+        let mut dx = be.zeros(b * l * d);
+        let mut dh0 = be.zeros(b * d * n * 2);
+        {
+            let [ga, gd, gt, gg, go] = &mut grads;
+            let mut g = CemaWeightGrads {
+                alpha: ga,
+                delta: gd,
+                theta: gt,
+                gamma: gg,
+                omega: go,
+            };
+            be.cema_backward(
+                &mut dx,
+                &mut g,
+                with_state.then_some(&mut dh0),
+                &dy,
+                with_state.then_some(&dh_out),
+                &x,
+                &p,
+                h0,
+                b,
+                l,
+                d,
+                n,
+            );
+        }
+        outs.extend([&y, &h_out, &dx, &dh0].iter().map(|t| be.download(t)));
+        outs.extend(grads.iter().map(|t| be.download(t)));
+    }
+    let xs = be.upload(&uniform(&mut r, b * d, 0.0, 1.0));
+    let mut h = be.upload(&uniform(&mut r, b * d * n * 2, 0.0, 0.5));
+    let mut ys = be.zeros(b * d);
+    be.cema_step(&mut ys, &mut h, &xs, &p, b, d, n);
+    outs.extend([ys, h].iter().map(|t| be.download(t)));
+    outs
+});
+
+case!(mega_attention, "mega attention", EXACT_TOL, |be| {
+    let mut r = rng(10);
+    let s = MegaAttnShape {
+        b: 2,
+        l: 10,
+        heads: 2,
+        dz: 4,
+        dv: 6,
+        chunk: 4,
+        rope_base: 1e4,
+        eps: 1e-5,
+    };
+    let z = be.upload(&uniform(&mut r, s.b * s.l * s.heads * s.dz, 0.0, 1.0));
+    let v = be.upload(&uniform(&mut r, s.b * s.l * s.heads * s.dv, 0.0, 1.0));
+    let gamma = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 0.3));
+    let beta = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 0.3));
+    let mut saved = be.mega_attention_saved(&s);
+    let mut out = be.zeros(s.b * s.l * s.heads * s.dv);
+    be.mega_attention_forward(&mut out, &mut saved, &z, &v, &gamma, &beta, &s);
+    let dout = be.upload(&uniform(&mut r, s.b * s.l * s.heads * s.dv, 0.0, 1.0));
+    let (mut dz, mut dv) = (
+        be.zeros(s.b * s.l * s.heads * s.dz),
+        be.zeros(s.b * s.l * s.heads * s.dv),
+    );
+    let mut dg = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 1.0));
+    let mut dbeta = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 1.0));
+    be.mega_attention_backward(
+        &mut dz, &mut dv, &mut dg, &mut dbeta, &dout, &z, &v, &gamma, &beta, &saved, &s,
+    );
+    // Streaming: three tokens, then the cache copied to another row.
+    let sc = MegaAttnShape { l: 3, ..s };
+    let mut cache = be.chunk_cache(s.b, s.heads, s.dz, s.dv, s.chunk);
+    let zc = be.upload(&uniform(&mut r, s.b * 3 * s.heads * s.dz, 0.0, 1.0));
+    let vc = be.upload(&uniform(&mut r, s.b * 3 * s.heads * s.dv, 0.0, 1.0));
+    let mut oc = be.zeros(s.b * 3 * s.heads * s.dv);
+    be.mega_attention_forward_cached(&mut oc, &mut cache, &zc, &vc, &gamma, &beta, &sc)
+        .unwrap();
+    let mut other = be.chunk_cache(s.b, s.heads, s.dz, s.dv, s.chunk);
+    be.chunk_cache_copy_row(&mut other, 1, &cache, 0);
+    [out, dz, dv, dg, dbeta, oc]
+        .iter()
+        .map(|t| be.download(t))
+        .collect()
+});
+
+case!(embeddings, "embeddings", KERNEL_TOL, |be| {
+    let mut r = rng(11);
+    let (vocab, d, n) = (19usize, 33usize, 23usize);
+    let table = be.upload(&uniform(&mut r, vocab * d, 0.0, 1.0));
+    let tok = ids(&mut r, n, vocab);
+    let mut out = be.upload(&uniform(&mut r, n * d, 0.0, 1.0));
+    be.embedding_forward(&mut out, &table, &tok, d, true);
+    let mut out2 = be.zeros(n * d);
+    be.embedding_forward(&mut out2, &table, &tok, d, false);
+    let mut dtable = be.upload(&uniform(&mut r, vocab * d, 0.0, 1.0));
+    be.embedding_backward(&mut dtable, &out, &tok, d);
+    // MEGABYTE embedders, a quarter of the ids pads.
+    let (p, dg, rows, tok_rows, pos_rows) = (4usize, 7usize, 5usize, 11usize, 17usize);
+    let with_pads = |r: &mut ChaCha8Rng, k: usize| -> Vec<u32> {
+        (0..k)
+            .map(|_| {
+                if r.random_range(0..4) == 0 {
+                    PAD_ID
+                } else {
+                    r.random_range(0..tok_rows as u32)
+                }
+            })
+            .collect()
+    };
+    let pid = with_pads(&mut r, rows * p);
+    let ppos = ids(&mut r, rows * p, pos_rows);
+    let tokt = be.upload(&uniform(&mut r, tok_rows * dg, 0.0, 1.0));
+    let post = be.upload(&uniform(&mut r, pos_rows * dg, 0.0, 1.0));
+    let padt = be.upload(&uniform(&mut r, p * dg, 0.0, 1.0));
+    let mut pe = be.zeros(rows * p * dg);
+    be.patch_embed_forward(&mut pe, &tokt, &post, &padt, &pid, &ppos, p, dg);
+    let mut grads = [tok_rows * dg, pos_rows * dg, p * dg].map(|k| be.zeros(k));
+    {
+        let [a, b2, c] = &mut grads;
+        be.patch_embed_backward(a, b2, c, &pe, &pid, &ppos, p, dg);
+    }
+    let ld = 9usize;
+    let lid = with_pads(&mut r, n);
+    let slots: Vec<u32> = (0..n).map(|i| (i % 8) as u32).collect();
+    let ltok = be.upload(&uniform(&mut r, tok_rows * ld, 0.0, 1.0));
+    let lpos = be.upload(&uniform(&mut r, 8 * ld, 0.0, 1.0));
+    let lpad = be.upload(&uniform(&mut r, ld, 0.0, 1.0));
+    let mut lo = be.upload(&uniform(&mut r, n * ld, 0.0, 1.0));
+    be.local_embed_forward(&mut lo, &ltok, &lpos, &lpad, &lid, &slots, ld);
+    let mut lg = [tok_rows * ld, 8 * ld, ld].map(|k| be.zeros(k));
+    {
+        let [a, b2, c] = &mut lg;
+        be.local_embed_backward(a, b2, c, &lo, &lid, &slots, ld);
+    }
+    let mut v = vec![
+        be.download(&out),
+        be.download(&out2),
+        be.download(&dtable),
+        be.download(&pe),
+    ];
+    v.extend(grads.iter().chain(&lg).map(|t| be.download(t)));
+    v.push(be.download(&lo));
+    v
+});
+
+case!(loss_and_softmax, "loss", KERNEL_TOL, |be| {
+    let mut r = rng(12);
+    let (rows, v) = (13usize, 256usize);
+    let logits = be.upload(&uniform(&mut r, rows * v, 0.0, 8.0));
+    let targets = ids(&mut r, rows, v);
+    let mut losses = be.zeros(rows);
+    be.cross_entropy_forward(&mut losses, &logits, &targets, v);
+    let mut dl = be.upload(&uniform(&mut r, rows * v, 0.0, 1.0));
+    be.cross_entropy_backward(&mut dl, &logits, &targets, v, 1.0 / rows as f32);
+    let mut ls = be.zeros(rows * v);
+    be.log_softmax(&mut ls, &logits, v);
+    vec![be.download(&losses), be.download(&dl), be.download(&ls)]
+});
+
+case!(adamw, "adamw", KERNEL_TOL, |be| {
+    let mut r = rng(13);
+    let n = 777usize;
+    let mut p = be.upload(&uniform(&mut r, n, 0.0, 1.0));
+    let g = be.upload(&uniform(&mut r, n, 0.0, 1.0));
+    let mut m = be.upload(&uniform(&mut r, n, 0.0, 0.1));
+    let mut v = be.upload(&uniform(&mut r, n, 0.02, 0.01));
+    for step in [1u64, 2, 7] {
+        let hp = AdamW {
+            lr: 3e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step,
+        };
+        be.adamw_step(&mut p, &g, &mut m, &mut v, &hp);
+    }
+    vec![be.download(&p), be.download(&m), be.download(&v)]
+});
+
+/// Ops with kernels never leave the device; the host-fallback list names exactly the ops the
+/// backend counts.
+#[test]
+fn kernel_ops_stay_on_the_device_and_fallbacks_are_counted() {
+    let be = Cuda::new(EmulatedDevice::new());
+    let mut r = rng(14);
+    let (n, d) = (4usize, 32usize);
+    let x = be.upload(&uniform(&mut r, n * d, 0.0, 1.0));
+    let w = be.upload(&uniform(&mut r, d, 1.0, 0.1));
+    let (mut y, mut rstd) = (be.zeros(n * d), be.zeros(n));
+    be.rmsnorm_forward(&mut y, &mut rstd, &x, &w, n, d, 1e-5);
+    let mut a = be.zeros(n * d);
+    be.activation_forward(Activation::Gelu, &mut a, &y);
+    assert!(
+        be.host_fallback_calls().is_empty(),
+        "{:?}",
+        be.host_fallback_calls()
+    );
+    be.add_assign(&mut a, &y);
+    be.add_assign(&mut a, &y);
+    let _ = be.sum(&a);
+    let calls = be.host_fallback_calls();
+    assert_eq!(calls.get("add_assign"), Some(&2));
+    assert_eq!(calls.get("sum"), Some(&1));
+    for op in calls.keys() {
+        assert!(
+            HOST_FALLBACKS.iter().any(|h| h.op == *op),
+            "{op} not listed"
+        );
+    }
+    be.reset_host_fallback_calls();
+    assert!(be.host_fallback_calls().is_empty());
+}
+
+/// Buffers dropped between steps go back to the pool and are handed out again: a second
+/// identical "step" allocates nothing new from the device.
+#[test]
+fn repeated_steps_reuse_pooled_memory() {
+    let be = Cuda::new(EmulatedDevice::new());
+    let step = |be: &Cuda| {
+        let x = be.upload(&vec![1.0; 1000]);
+        let mut y = be.zeros(1000);
+        be.activation_forward(Activation::Relu, &mut y, &x);
+        let w = be.zeros(300);
+        be.download(&y).len() + be.len(&w)
+    };
+    step(&be);
+    let first = be.pool_stats();
+    step(&be);
+    let second = be.pool_stats();
+    assert_eq!(
+        second.misses, first.misses,
+        "second step allocated: {second:?}"
+    );
+    assert!(second.hits > first.hits);
+    assert_eq!(second.allocated, first.allocated);
+    assert_eq!(second.in_use, 0, "every buffer returned");
+}
+
+/// Opening a GPU never panics: without a driver it is an error naming the missing library,
+/// with one it opens device 0 or reports the driver's error.
+#[test]
+fn cudarc_device_fails_cleanly_without_a_driver() {
+    use mega::backend::cuda::cudarc_device::CudarcDevice;
+    use mega::emu::DeviceApi;
+    match (mega::device::driver_present(), CudarcDevice::new(0)) {
+        (false, Err(e)) => assert!(e.to_string().contains("libcuda.so.1"), "{e}"),
+        (false, Ok(_)) => panic!("opened a device without a driver"),
+        (true, Ok(dev)) => assert!(dev.name().starts_with("cuda:0")),
+        (true, Err(e)) => assert!(e.to_string().starts_with("CUDA: "), "{e}"),
+    }
+}
