@@ -9,4 +9,5 @@ pub mod device;
 pub mod infer;
 pub mod kernels;
 pub mod model;
+pub mod serve;
 pub mod train;
