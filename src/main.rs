@@ -264,7 +264,7 @@ struct EngineArgs {
     #[arg(long)]
     max_queued: Option<usize>,
     /// Cache memory budget, e.g. 512MiB, 2GiB, 100000000.
-    #[arg(long, value_parser = parse_byte_size)]
+    #[arg(long, value_parser = mega::serve::parse_byte_size)]
     cache_memory: Option<usize>,
     /// Global-KV page size in patches (MEGABYTE).
     #[arg(long)]
@@ -283,61 +283,23 @@ struct EngineArgs {
 impl EngineArgs {
     fn config(&self) -> Result<mega::serve::EngineConfig> {
         let mut c = mega::serve::EngineConfig::default();
-        let set = |field: &mut usize, v: Option<usize>, flag: &str| -> Result<()> {
-            match v {
-                Some(0) => bail!("--{flag} must be positive"),
-                Some(v) => *field = v,
-                None => {}
+        let flags = [
+            (&mut c.max_running, self.max_running),
+            (&mut c.max_queued, self.max_queued),
+            (&mut c.memory_budget_bytes, self.cache_memory),
+            (&mut c.block_size, self.block_size),
+            (&mut c.prefill_chunk, self.prefill_chunk),
+            (&mut c.max_prompt_bytes, self.max_prompt_bytes),
+            (&mut c.max_total_bytes, self.max_total_bytes),
+        ];
+        for (field, flag) in flags {
+            if let Some(v) = flag {
+                *field = v;
             }
-            Ok(())
-        };
-        set(&mut c.max_running, self.max_running, "max-running")?;
-        set(&mut c.max_queued, self.max_queued, "max-queued")?;
-        set(
-            &mut c.memory_budget_bytes,
-            self.cache_memory,
-            "cache-memory",
-        )?;
-        set(&mut c.block_size, self.block_size, "block-size")?;
-        set(&mut c.prefill_chunk, self.prefill_chunk, "prefill-chunk")?;
-        set(
-            &mut c.max_prompt_bytes,
-            self.max_prompt_bytes,
-            "max-prompt-bytes",
-        )?;
-        set(
-            &mut c.max_total_bytes,
-            self.max_total_bytes,
-            "max-total-bytes",
-        )?;
+        }
+        c.validate().map_err(anyhow::Error::msg)?;
         Ok(c)
     }
-}
-
-/// `512MiB`, `2GiB`, `64KB`, `1000` (bytes).
-fn parse_byte_size(s: &str) -> Result<usize, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: usize = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size like 512MiB, 2GiB or 1000000"))?;
-    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        other => {
-            return Err(format!(
-                "'{s}': unknown unit '{other}' (use KiB, MiB, GiB, KB, MB, GB)"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

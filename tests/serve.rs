@@ -35,7 +35,9 @@ fn checkpoint() -> &'static Path {
         let config = dir.path().join("model.json");
         std::fs::write(
             &config,
-            mega::config::ModelConfig::Megabyte(cfg).to_json().to_string(),
+            mega::config::ModelConfig::Megabyte(cfg)
+                .to_json()
+                .to_string(),
         )
         .unwrap();
         let out = dir.path().join("tiny-serve");
@@ -50,11 +52,7 @@ fn checkpoint() -> &'static Path {
             .args(["--quiet", "--sample-bytes", "0", "--threads", "1"])
             .output()
             .unwrap();
-        assert!(
-            o.status.success(),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         (dir, out)
     })
     .1
@@ -273,7 +271,10 @@ fn choices_of_stream(events: &[String], n: usize) -> Vec<Vec<u8>> {
             }
         }
     }
-    assert!(finished.iter().all(|&f| f), "every choice has a final chunk");
+    assert!(
+        finished.iter().all(|&f| f),
+        "every choice has a final chunk"
+    );
     for i in 0..n {
         assert_eq!(text[i], String::from_utf8_lossy(&bytes[i]));
     }
@@ -543,8 +544,12 @@ fn malformed_body(rng: &mut impl Rng) -> Vec<u8> {
         // Numbers beyond f64 do not parse.
         3 => {
             let field = ["max_tokens", "temperature", "n", "seed"][rng.random_range(0..4)];
-            text.replacen("{", &format!("{{\"{field}\":1e{},", rng.random_range(400..9999)), 1)
-                .into_bytes()
+            text.replacen(
+                "{",
+                &format!("{{\"{field}\":1e{},", rng.random_range(400..9999)),
+                1,
+            )
+            .into_bytes()
         }
         // Invalid UTF-8 inside a string.
         4 => {
@@ -660,8 +665,15 @@ async fn routes_limits_and_error_codes() {
     assert_eq!(v["data"][0]["id"], model_id().as_str());
     assert_eq!(v["data"][0]["object"], "model");
 
-    let get = http.get(server.url("/v1/completions")).send().await.unwrap();
-    assert_eq!(status_and_code(get).await, (405, "method_not_allowed".into()));
+    let get = http
+        .get(server.url("/v1/completions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        status_and_code(get).await,
+        (405, "method_not_allowed".into())
+    );
     let nowhere = http.get(server.url("/v2/nothing")).send().await.unwrap();
     assert_eq!(status_and_code(nowhere).await, (404, "unknown_url".into()));
     let big = http
@@ -670,7 +682,10 @@ async fn routes_limits_and_error_codes() {
         .send()
         .await
         .unwrap();
-    assert_eq!(status_and_code(big).await, (413, "request_too_large".into()));
+    assert_eq!(
+        status_and_code(big).await,
+        (413, "request_too_large".into())
+    );
     let long_prompt = http
         .post(server.url("/v1/completions"))
         .json(&json!({"prompt": "x".repeat(101)}))
@@ -708,8 +723,10 @@ async fn routes_limits_and_error_codes() {
     let v: Value = loop {
         let resp = http
             .post(server.url("/v1/completions"))
-            .json(&json!({"prompt": "It was", "max_tokens": 6, "seed": 3, "echo": true,
-                          "logprobs": 2, "temperature": 0.0}))
+            .json(
+                &json!({"prompt": "It was", "max_tokens": 6, "seed": 3, "echo": true,
+                          "logprobs": 2, "temperature": 0.0}),
+            )
             .send()
             .await
             .unwrap();

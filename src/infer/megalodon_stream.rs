@@ -67,6 +67,8 @@ pub struct MegalodonStream<'a, B: Backend> {
     consumed: Vec<usize>,
     /// `[rows, V]`: the prediction after each row's latest byte (zeros before its first).
     next_logits: Vec<f32>,
+    /// Bytes queued per row by the slot interface ([`Decoder`]) and not yet fed.
+    queued: Vec<Vec<u8>>,
 }
 
 impl<B: Backend> StreamState<B> {
@@ -121,7 +123,39 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
             state: StreamState::fresh(model, be, rows),
             consumed: vec![0; rows],
             next_logits: vec![0.0; rows * model.cfg.vocab_size],
+            queued: vec![Vec::new(); rows],
         }
+    }
+
+    /// Bytes of carried state per row (f32): every layer's norm statistics, CEMA state and
+    /// partial-chunk keys and values, plus the final norm and the logits.
+    pub fn slot_bytes(model: &Megalodon) -> usize {
+        let c = &model.cfg;
+        let (d, n, g) = (c.model_dim, c.cema_ndim, c.norm_num_groups);
+        let tsn = 1 + 2 * g;
+        let kv = c.chunk_size * (c.z_dim + c.value_dim) + 1;
+        let layer = tsn + d * n * 2 + kv;
+        (c.num_layers * layer + tsn + c.vocab_size) * std::mem::size_of::<f32>()
+    }
+
+    /// Reset row `r` to a fresh sequence.
+    fn reset_row(&mut self, r: usize) {
+        let (model, be) = (self.model, self.be);
+        let c = &model.cfg;
+        let g = c.norm_num_groups;
+        let fresh = StreamState::fresh(model, be, 1);
+        let h_width = c.model_dim * c.cema_ndim * 2;
+        let idx = [r as u32];
+        for (st, f) in self.state.layers.iter_mut().zip(&fresh.layers) {
+            scatter_stats(be, &mut st.tsn, &f.tsn, &idx, g);
+            be.scatter_rows(&mut st.h, &f.h, &idx, h_width);
+            be.chunk_cache_copy_row(&mut st.kv, r, &f.kv, 0);
+        }
+        scatter_stats(be, &mut self.state.final_norm, &fresh.final_norm, &idx, g);
+        self.consumed[r] = 0;
+        let v = c.vocab_size;
+        self.next_logits[r * v..(r + 1) * v].fill(0.0);
+        self.queued[r].clear();
     }
 
     /// One fresh sequence per prompt, each prefilled with its prompt.
@@ -197,15 +231,27 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
     }
 
     /// Run `len` bytes for each row in `sel` (ascending), `flat` `[sel.len(), len]`.
+    ///
+    /// A call of a single byte for a single row runs as two identical rows: the CPU `gemm`
+    /// path for `m = 1` rounds differently from the batched one, and a row's result must not
+    /// depend on how many rows share its step.
     fn run_rows(&mut self, sel: &[usize], flat: &[u8], len: usize, which: Logits) -> Vec<f32> {
         let (model, be, p) = (self.model, self.be, self.p);
-        if sel.len() == self.rows() {
+        let pad = sel.len() * len == 1;
+        if sel.len() == self.rows() && !pad {
             return run_call(model, be, p, &mut self.state, flat, sel.len(), len, which);
         }
         let c = &model.cfg;
         let g = c.norm_num_groups;
         let h_width = c.model_dim * c.cema_ndim * 2;
-        let idx: Vec<u32> = sel.iter().map(|&r| r as u32).collect();
+        let real: Vec<u32> = sel.iter().map(|&r| r as u32).collect();
+        let mut idx = real.clone();
+        let mut flat = flat.to_vec();
+        if pad {
+            idx.push(idx[0]);
+            flat.push(flat[0]);
+        }
+        let sel: Vec<usize> = idx.iter().map(|&r| r as usize).collect();
         let mut sub = StreamState {
             layers: self
                 .state
@@ -233,15 +279,27 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
                 .collect(),
             final_norm: gather_stats(be, &self.state.final_norm, &idx, g),
         };
-        let logits = run_call(model, be, p, &mut sub, flat, sel.len(), len, which);
+        let mut logits = run_call(model, be, p, &mut sub, &flat, sel.len(), len, which);
+        if pad {
+            // Drop the padding row's state and logits.
+            let first: Vec<u32> = vec![0];
+            for part in sub.layers.iter_mut() {
+                part.tsn = gather_stats(be, &part.tsn, &first, g);
+                let mut h = be.zeros(h_width);
+                be.gather_rows(&mut h, &part.h, &first, h_width);
+                part.h = h;
+            }
+            sub.final_norm = gather_stats(be, &sub.final_norm, &first, g);
+            logits.truncate(logits.len() / 2);
+        }
         for (st, part) in self.state.layers.iter_mut().zip(&sub.layers) {
-            scatter_stats(be, &mut st.tsn, &part.tsn, &idx, g);
-            be.scatter_rows(&mut st.h, &part.h, &idx, h_width);
-            for (k, &r) in sel.iter().enumerate() {
-                be.chunk_cache_copy_row(&mut st.kv, r, &part.kv, k);
+            scatter_stats(be, &mut st.tsn, &part.tsn, &real, g);
+            be.scatter_rows(&mut st.h, &part.h, &real, h_width);
+            for (k, &r) in real.iter().enumerate() {
+                be.chunk_cache_copy_row(&mut st.kv, r as usize, &part.kv, k);
             }
         }
-        scatter_stats(be, &mut self.state.final_norm, &sub.final_norm, &idx, g);
+        scatter_stats(be, &mut self.state.final_norm, &sub.final_norm, &real, g);
         logits
     }
 }
@@ -305,22 +363,70 @@ fn run_call<B: Backend>(
         }
         _ => (if which == Logits::All { n } else { b }, hn),
     };
+    if rows == 1 {
+        // Two identical rows keep the head's product off the m = 1 path (see run_rows).
+        let mut two = be.zeros(2 * d);
+        be.gather_rows(&mut two, &src, &[0, 0], d);
+        let mut logits = be.zeros(2 * v);
+        model.head(be, p, &mut logits, &two, 2);
+        let mut host = be.download(&logits);
+        host.truncate(v);
+        return host;
+    }
     let mut logits = be.zeros(rows * v);
     model.head(be, p, &mut logits, &src, rows);
     be.download(&logits)
 }
 
 impl<B: Backend> Decoder for MegalodonStream<'_, B> {
-    fn rows(&self) -> usize {
-        MegalodonStream::rows(self)
+    fn capacity(&self) -> usize {
+        self.rows()
+    }
+
+    fn insert(&mut self, slot: usize, prompt: &[u8]) {
+        self.reset_row(slot);
+        self.queued[slot] = prompt.to_vec();
+    }
+
+    fn remove(&mut self, slot: usize) {
+        self.queued[slot].clear();
+    }
+
+    fn push(&mut self, slot: usize, byte: u8) {
+        self.queued[slot].push(byte);
+    }
+
+    fn pending(&self, slot: usize) -> usize {
+        self.queued[slot].len()
+    }
+
+    fn advance(&mut self, work: &[(usize, usize)]) {
+        let mut take = vec![0usize; self.rows()];
+        for &(slot, max) in work {
+            take[slot] = max.min(self.queued[slot].len());
+        }
+        if take.iter().all(|&n| n == 0) {
+            return;
+        }
+        let queued = std::mem::take(&mut self.queued);
+        let tokens: Vec<&[u8]> = queued.iter().zip(&take).map(|(q, &n)| &q[..n]).collect();
+        self.feed(&tokens, Logits::Last);
+        self.queued = queued;
+        for (q, &n) in self.queued.iter_mut().zip(&take) {
+            q.drain(..n);
+        }
+    }
+
+    fn slot_logits(&self, slot: usize) -> &[f32] {
+        let v = self.model.cfg.vocab_size;
+        &self.next_logits[slot * v..(slot + 1) * v]
+    }
+
+    fn cache_positions(&self, _slot: usize, _more: usize) -> usize {
+        0
     }
 
     fn logits(&self) -> &[f32] {
         self.next_logits()
-    }
-
-    fn step(&mut self, next: &[u8]) {
-        let tokens: Vec<&[u8]> = next.iter().map(std::slice::from_ref).collect();
-        self.feed(&tokens, Logits::Last);
     }
 }

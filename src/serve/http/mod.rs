@@ -27,10 +27,11 @@ use tower_http::catch_panic::CatchPanicLayer;
 /// The application: every route, the body limit, status counting and the panic layer.
 pub fn router(app: Arc<AppState>) -> Router {
     let on_panic = {
-        let metrics = app.metrics.clone();
+        let app = app.clone();
         move |_: Box<dyn std::any::Any + Send + 'static>| {
-            metrics.record_panic();
-            metrics.record_status(500);
+            app.metrics.record_panic();
+            app.metrics.record_status(500);
+            app.engine.metrics().record_http_status(500);
             ApiError::internal("The server hit an internal error while handling this request")
                 .into_response()
         }
@@ -58,7 +59,9 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
 
 async fn count_status(State(app): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
-    app.metrics.record_status(resp.status().as_u16());
+    let status = resp.status().as_u16();
+    app.metrics.record_status(status);
+    app.engine.metrics().record_http_status(status);
     resp
 }
 

@@ -1,0 +1,1 @@
+//! `mega batch`: offline generation over a JSONL file (in progress).
