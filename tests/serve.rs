@@ -19,17 +19,44 @@ const PROMPTS: [&str; 4] = [
     "wisdom, it was the worst of times, ",
 ];
 
-/// A MEGABYTE checkpoint (tiny preset with a 128-byte context) trained for 3 steps, shared by
-/// every test of this binary.
+/// Train a tiny checkpoint for 3 steps in `dir/name` with `model_args` (`--config F` or
+/// `--model M --preset P`).
+fn train_tiny(dir: &Path, name: &str, model_args: &[&std::ffi::OsStr]) -> PathBuf {
+    let text = "It was the best of times, it was the worst of times, it was the age of wisdom, \
+                it was the age of foolishness.\n"
+        .repeat(40);
+    let data = dir.join("corpus.txt");
+    std::fs::write(&data, text).unwrap();
+    let out = dir.join(name);
+    let o = Command::new(env!("CARGO_BIN_EXE_mega"))
+        .arg("train")
+        .args(model_args)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .args([
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--warmup",
+            "1",
+            "--seq-len",
+            "32",
+        ])
+        .args(["--quiet", "--sample-bytes", "0", "--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+/// A MEGABYTE checkpoint (tiny preset with a 128-byte context), shared by the tests.
 fn checkpoint() -> &'static Path {
     static CK: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     &CK.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let text = "It was the best of times, it was the worst of times, it was the age of \
-                    wisdom, it was the age of foolishness.\n"
-            .repeat(40);
-        let data = dir.path().join("corpus.txt");
-        std::fs::write(&data, text).unwrap();
         let mut cfg = mega::config::MegabyteConfig::preset("tiny").unwrap();
         cfg.max_seq_len = 128;
         let config = dir.path().join("model.json");
@@ -40,19 +67,23 @@ fn checkpoint() -> &'static Path {
                 .to_string(),
         )
         .unwrap();
-        let out = dir.path().join("tiny-serve");
-        let o = Command::new(env!("CARGO_BIN_EXE_mega"))
-            .args(["train", "--config"])
-            .arg(&config)
-            .arg("--data")
-            .arg(&data)
-            .arg("--out")
-            .arg(&out)
-            .args(["--steps", "3", "--batch-size", "2", "--warmup", "1"])
-            .args(["--quiet", "--sample-bytes", "0", "--threads", "1"])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let out = train_tiny(
+            dir.path(),
+            "tiny-megabyte",
+            &["--config".as_ref(), config.as_os_str()],
+        );
+        (dir, out)
+    })
+    .1
+}
+
+/// A MEGALODON checkpoint (tiny preset).
+fn megalodon_checkpoint() -> &'static Path {
+    static CK: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &CK.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let args = ["--model", "megalodon", "--preset", "tiny"].map(std::ffi::OsStr::new);
+        let out = train_tiny(dir.path(), "tiny-megalodon", &args);
         (dir, out)
     })
     .1
@@ -62,13 +93,19 @@ fn checkpoint() -> &'static Path {
 struct Server {
     child: Child,
     base: String,
+    /// The served model id (the checkpoint directory's name).
+    model: String,
 }
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
+        Self::start_on(checkpoint(), extra)
+    }
+
+    fn start_on(ck: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mega"))
             .args(["--threads", "1", "serve", "--port", "0", "--checkpoint"])
-            .arg(checkpoint())
+            .arg(ck)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -93,7 +130,8 @@ impl Server {
             let mut sink = Vec::new();
             let _ = stderr.read_to_end(&mut sink);
         });
-        Server { child, base }
+        let model = ck.file_name().unwrap().to_string_lossy().into_owned();
+        Server { child, base, model }
     }
 
     fn url(&self, path: &str) -> String {
@@ -126,14 +164,6 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
-fn model_id() -> String {
-    checkpoint()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// Sampling settings of one expected generation.
 #[derive(Clone, Debug)]
 struct Case {
@@ -147,10 +177,10 @@ struct Case {
 }
 
 /// What `mega generate` prints for `case` (prompt and trailing newline removed).
-fn generate_cli(case: &Case) -> Vec<u8> {
+fn generate_cli(ck: &Path, case: &Case) -> Vec<u8> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mega"));
     cmd.args(["--threads", "1", "generate", "--checkpoint"])
-        .arg(checkpoint())
+        .arg(ck)
         .args(["--prompt", case.prompt])
         .args(["--seed", &case.seed.to_string()])
         .args(["--max-bytes", &case.max_bytes.to_string()])
@@ -167,9 +197,9 @@ fn generate_cli(case: &Case) -> Vec<u8> {
     out[case.prompt.len()..out.len() - 1].to_vec()
 }
 
-fn request_body(case: &Case, n: usize, stream: bool) -> Value {
+fn request_body(model: &str, case: &Case, n: usize, stream: bool) -> Value {
     let mut body = json!({
-        "model": model_id(),
+        "model": model,
         "prompt": case.prompt,
         "max_tokens": case.max_bytes,
         "temperature": case.temperature,
@@ -194,11 +224,11 @@ fn b64(s: &str) -> Vec<u8> {
 }
 
 /// The bytes of each choice from a non-streaming answer, after checking its shape.
-fn choices_of_json(v: &Value, n: usize) -> Vec<Vec<u8>> {
+fn choices_of_json(v: &Value, model: &str, n: usize) -> Vec<Vec<u8>> {
     assert_eq!(v["object"], "text_completion");
     assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
     assert!(v["created"].as_u64().is_some());
-    assert_eq!(v["model"], model_id().as_str());
+    assert_eq!(v["model"], model);
     let choices = v["choices"].as_array().unwrap();
     assert_eq!(choices.len(), n);
     let mut out = Vec::new();
@@ -244,7 +274,7 @@ async fn sse_events(resp: reqwest::Response) -> Vec<String> {
 
 /// The bytes of each choice from a stream, after checking every chunk's shape, the text never
 /// splitting a character, the final chunks and `[DONE]`.
-fn choices_of_stream(events: &[String], n: usize) -> Vec<Vec<u8>> {
+fn choices_of_stream(events: &[String], model: &str, n: usize) -> Vec<Vec<u8>> {
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
     let mut bytes = vec![Vec::new(); n];
     let mut text = vec![String::new(); n];
@@ -253,7 +283,7 @@ fn choices_of_stream(events: &[String], n: usize) -> Vec<Vec<u8>> {
     for e in &events[..events.len() - 1] {
         let v: Value = serde_json::from_str(e).unwrap();
         assert_eq!(v["object"], "text_completion");
-        assert_eq!(v["model"], model_id().as_str());
+        assert_eq!(v["model"], model);
         let choices = v["choices"].as_array().unwrap();
         if choices.is_empty() {
             usage = Some(v["usage"].clone());
@@ -284,17 +314,18 @@ fn choices_of_stream(events: &[String], n: usize) -> Vec<Vec<u8>> {
     bytes
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_clients_get_exactly_what_mega_generate_prints() {
-    let server = Server::start(&["--max-running", "16"]);
+/// `clients` concurrent clients (even ones streaming, every seventh with n = 2) over
+/// `n_cases` sampling settings each get exactly the bytes `mega generate` prints.
+async fn matches_mega_generate(ck: &Path, clients: usize, n_cases: usize, extra: &[&str]) {
+    let server = Server::start_on(ck, extra);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-    let cases: Vec<Case> = (0..16)
+    let cases: Vec<Case> = (0..n_cases)
         .map(|i| Case {
             prompt: PROMPTS[i % PROMPTS.len()],
             seed: rng.random_range(0..1000),
             max_bytes: rng.random_range(8..60),
             temperature: [0.0, 0.7, 1.0, 1.3][i % 4],
-            top_k: [0, 5][i / 8],
+            top_k: [0, 5][(i / 8) % 2],
             top_p: [1.0, 0.9][(i / 4) % 2],
             stop: (i % 5 == 3).then_some("e"),
         })
@@ -307,29 +338,30 @@ async fn concurrent_clients_get_exactly_what_mega_generate_prints() {
                 seed: c.seed + 1,
                 ..c.clone()
             };
-            [generate_cli(c), generate_cli(&next)]
+            [generate_cli(ck, c), generate_cli(ck, &next)]
         })
         .collect();
     let http = client();
-    let clients = (0..64).map(|k| {
+    let tasks = (0..clients).map(|k| {
         let case = cases[k % cases.len()].clone();
         let want = expected[k % cases.len()].clone();
         let http = http.clone();
         let url = server.url("/v1/completions");
+        let model = server.model.clone();
         let stream = k % 2 == 0;
         let n = if k % 7 == 0 { 2 } else { 1 };
         tokio::spawn(async move {
             let resp = http
                 .post(&url)
-                .json(&request_body(&case, n, stream))
+                .json(&request_body(&model, &case, n, stream))
                 .send()
                 .await
                 .unwrap();
             let got = if stream {
-                choices_of_stream(&sse_events(resp).await, n)
+                choices_of_stream(&sse_events(resp).await, &model, n)
             } else {
                 assert_eq!(resp.status(), 200);
-                choices_of_json(&resp.json().await.unwrap(), n)
+                choices_of_json(&resp.json().await.unwrap(), &model, n)
             };
             for (j, bytes) in got.iter().enumerate() {
                 assert_eq!(
@@ -342,9 +374,19 @@ async fn concurrent_clients_get_exactly_what_mega_generate_prints() {
             }
         })
     });
-    for c in futures_util::future::join_all(clients).await {
-        c.unwrap();
+    for t in futures_util::future::join_all(tasks).await {
+        t.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn megabyte_concurrent_clients_get_exactly_what_mega_generate_prints() {
+    matches_mega_generate(checkpoint(), 64, 16, &["--max-running", "16"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn megalodon_concurrent_clients_get_exactly_what_mega_generate_prints() {
+    matches_mega_generate(megalodon_checkpoint(), 16, 8, &["--max-running", "4"]).await;
 }
 
 /// The value of an unlabelled metric line `name value`.
@@ -405,12 +447,16 @@ async fn disconnected_clients_free_their_sequences() {
     let mut stream = resp.bytes_stream();
     let first = stream.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "));
-    let m = metrics(&http, &server).await;
-    assert_eq!(metric(&m, RUNNING), 1.0, "{m}");
-    assert_eq!(metric(&m, "mega_http_requests_in_flight"), 1.0);
+    // The engine publishes its gauges at the end of a scheduler step, just after it sent bytes.
+    wait_for_metrics(&http, &server, "the streamed request runs", |m| {
+        metric(m, RUNNING) == 1.0 && metric(m, "mega_http_requests_in_flight") == 1.0
+    })
+    .await;
     drop(stream);
     wait_for_metrics(&http, &server, "the streamed sequence is freed", |m| {
         metric(m, RUNNING) == 0.0
+            && metric(m, "mega_cancellations_total") == 1.0
+            && metric(m, "mega_cache_blocks_used") == 0.0
             && metric(m, "mega_http_requests_in_flight") == 0.0
             && metric(m, "mega_http_client_disconnects_total") == 1.0
     })
@@ -434,7 +480,10 @@ async fn disconnected_clients_free_their_sequences() {
     .await;
     drop(sock);
     wait_for_metrics(&http, &server, "the non-streamed sequence is freed", |m| {
-        metric(m, RUNNING) == 0.0 && metric(m, "mega_http_client_disconnects_total") == 2.0
+        metric(m, RUNNING) == 0.0
+            && metric(m, "mega_cancellations_total") == 2.0
+            && metric(m, "mega_cache_blocks_used") == 0.0
+            && metric(m, "mega_http_client_disconnects_total") == 2.0
     })
     .await;
 
@@ -447,7 +496,7 @@ async fn disconnected_clients_free_their_sequences() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
-    assert_eq!(choices_of_json(&v, 1)[0].len(), 5);
+    assert_eq!(choices_of_json(&v, &server.model, 1)[0].len(), 5);
 }
 
 /// Check the OpenAI error body shape; returns the `code`.
@@ -465,9 +514,9 @@ fn assert_error_body(status: u16, body: &[u8]) -> String {
 }
 
 /// A body that is broken by construction: never a valid completion request.
-fn malformed_body(rng: &mut impl Rng) -> Vec<u8> {
+fn malformed_body(rng: &mut impl Rng, model: &str) -> Vec<u8> {
     let valid = json!({
-        "model": model_id(),
+        "model": model,
         "prompt": "It was",
         "max_tokens": 4,
         "temperature": 0.5,
@@ -583,7 +632,9 @@ async fn malformed_requests_get_4xx_and_the_server_keeps_serving() {
     let mut server = Server::start(&[]);
     let http = client();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2024);
-    let bodies: Vec<Vec<u8>> = (0..2000).map(|_| malformed_body(&mut rng)).collect();
+    let bodies: Vec<Vec<u8>> = (0..2000)
+        .map(|_| malformed_body(&mut rng, &server.model))
+        .collect();
     let url = server.url("/v1/completions");
     let results = futures_util::stream::iter(bodies.into_iter().enumerate())
         .map(|(i, body)| {
@@ -662,7 +713,7 @@ async fn routes_limits_and_error_codes() {
         .await
         .unwrap();
     assert_eq!(v["object"], "list");
-    assert_eq!(v["data"][0]["id"], model_id().as_str());
+    assert_eq!(v["data"][0]["id"], server.model.as_str());
     assert_eq!(v["data"][0]["object"], "model");
 
     let get = http
@@ -773,4 +824,43 @@ async fn routes_limits_and_error_codes() {
     }
     assert_eq!(v["usage"]["prompt_tokens"], 6);
     assert_eq!(v["usage"]["completion_tokens"], 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_running_streams_with_an_error_event_and_exits() {
+    let mut server = Server::start(&["--max-total-bytes", "200000"]);
+    let http = client();
+    let resp = http
+        .post(server.url("/v1/completions"))
+        .json(&json!({"prompt": "It was", "max_tokens": 100000, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut body = stream.next().await.unwrap().unwrap().to_vec();
+    let pid = server.child.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    while let Some(piece) = stream.next().await {
+        body.extend_from_slice(&piece.unwrap());
+    }
+    let text = String::from_utf8(body).unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.last(), Some(&"data: [DONE]"));
+    let error = events[events.len() - 2].strip_prefix("data: ").unwrap();
+    assert_eq!(
+        assert_error_body(503, error.as_bytes()),
+        "shutting_down",
+        "{text}"
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
 }

@@ -9,7 +9,8 @@ use super::error::ApiError;
 use super::metrics::HttpMetrics;
 use super::request::CompletionParams;
 use super::response::{
-    completion_id, finish_reason_str, unix_now, ChoiceBody, Completion, Logprobs, Usage,
+    completion_id, finish_reason_str, unix_now, ChoiceBody, Completion, CompletionChunk, Logprobs,
+    Usage,
 };
 use super::state::AppState;
 use super::utf8_text::Utf8Text;
@@ -22,7 +23,6 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, BoxStream, StreamExt};
-use serde_json::json;
 use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::sync::OwnedSemaphorePermit;
@@ -286,17 +286,15 @@ fn stream_response(
     let created = unix_now();
     let model = app.limits.model_id.clone();
     let chunk = move |choices: Vec<ChoiceBody>, usage: Option<Usage>, with_usage: bool| {
-        let mut v = json!({
-            "id": id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": choices,
-        });
-        if with_usage {
-            v["usage"] = json!(usage);
-        }
-        SseEvent::default().data(v.to_string())
+        let c = CompletionChunk {
+            id: &id,
+            object: "text_completion",
+            created,
+            model: &model,
+            choices,
+            usage: with_usage.then_some(usage),
+        };
+        SseEvent::default().data(serde_json::to_string(&c).expect("chunks serialize"))
     };
     let events = async_stream::stream! {
         let _permit = permit;

@@ -20,6 +20,20 @@ pub struct Completion {
     pub usage: Usage,
 }
 
+/// One server-sent event of a streamed completion: the same fields as [`Completion`], with the
+/// choices holding only what is new.
+#[derive(Serialize, Debug)]
+pub struct CompletionChunk<'a> {
+    pub id: &'a str,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub choices: Vec<ChoiceBody>,
+    /// Absent unless `stream_options.include_usage`; then `null` except in the last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Option<Usage>>,
+}
+
 /// Byte counts: the model's tokens are bytes.
 #[derive(Serialize, Debug, Clone, Copy, Default, PartialEq)]
 pub struct Usage {
