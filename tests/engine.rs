@@ -368,7 +368,7 @@ fn limits_are_enforced_and_shutdown_aborts_running_sequences() {
     let bad = |f: &dyn Fn(&mut Request)| {
         let mut r = long.clone();
         f(&mut r);
-        engine.submit(r).err().expect("refused")
+        engine.submit(r).expect_err("refused")
     };
     assert_eq!(
         bad(&|r| r.prompt = vec![b'x'; 1001]),
