@@ -2,6 +2,9 @@
 //! alone for every request (continuous batching, chunked prefill, preemption and
 //! recomputation change nothing), cancellation frees the cache, limits are enforced.
 
+#[path = "support/checkpoint.rs"]
+mod checkpoint;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -16,7 +19,6 @@ use mega::serve::{
     ByteLogprob, Engine, EngineConfig, Event, FinishReason, Request, RequestHandle, SamplingParams,
     SubmitError,
 };
-use mega::train::checkpoint::{save, Checkpoint, HostTensor};
 
 const SEED: u64 = 3;
 
@@ -43,23 +45,8 @@ fn megalodon_cfg() -> MegalodonConfig {
     MegalodonConfig::preset("tiny").unwrap()
 }
 
-/// Writes an inference-only checkpoint of `cfg` with seeded random weights.
 fn write_checkpoint<M: ModelShape>(dir: &Path, cfg: &ModelConfig, model: &M) {
-    let host = model.layout().init_host(SEED);
-    let tensors = model
-        .layout()
-        .specs
-        .iter()
-        .zip(host)
-        .map(|(s, data)| HostTensor::new(s.name.clone(), s.shape.clone(), data))
-        .collect();
-    let ckpt = Checkpoint {
-        config: serde_json::to_value(cfg).unwrap(),
-        model: tensors,
-        optimizer: None,
-        trainer: None,
-    };
-    save(dir, &ckpt).unwrap();
+    checkpoint::write_checkpoint(dir, cfg, model, SEED);
 }
 
 fn text(seed: usize, len: usize) -> Vec<u8> {
