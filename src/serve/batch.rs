@@ -296,18 +296,14 @@ fn parse_jobs(text: &[u8]) -> Vec<Job> {
             serde_json::from_slice(raw).map_err(|e| format!("invalid JSON: {e}"));
         let (id, request) = match parsed {
             Ok(l) => {
-                let id = match &l.id {
-                    None | Some(Value::Null) => fallback.clone(),
-                    Some(Value::String(s)) => s.clone(),
-                    Some(other) => other.to_string(),
-                };
+                let id = l.id.as_ref().and_then(id_text).unwrap_or(fallback.clone());
                 (id, to_request(l))
             }
             // Keep the id of a line whose fields are bad but whose JSON is fine.
             Err(e) => (
                 serde_json::from_slice::<Value>(raw)
                     .ok()
-                    .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_string))
+                    .and_then(|v| v.get("id").and_then(id_text))
                     .unwrap_or(fallback.clone()),
                 Err(e),
             ),
@@ -325,6 +321,15 @@ fn parse_jobs(text: &[u8]) -> Vec<Job> {
         jobs.push(Job { line, id, request });
     }
     jobs
+}
+
+/// An input id as text: strings as they are, numbers and other values in JSON; none for null.
+fn id_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
 }
 
 fn to_request(l: InputLine) -> Result<Request, String> {
