@@ -190,6 +190,25 @@ enum Command {
         #[arg(long)]
         stop: Vec<String>,
     },
+    /// Generate for every line of a JSONL file through the serving engine; resumable.
+    ///
+    /// Example: mega batch --checkpoint runs/quick --input prompts.jsonl --output results.jsonl
+    Batch {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Requests, one JSON object per line: {"id", "prompt", "max_tokens", "temperature",
+        /// "top_p", "top_k", "seed", "stop", "logprobs"}.
+        #[arg(long)]
+        input: PathBuf,
+        /// Results, one JSON object per line, keyed by id; appended to when it exists.
+        #[arg(long)]
+        output: PathBuf,
+        #[command(flatten)]
+        engine: mega::serve::EngineArgs,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Throughput benchmarks, printed as JSON.
     ///
     /// Example: mega bench train --preset bench --json
@@ -535,6 +554,31 @@ fn run(cmd: Command) -> Result<()> {
             };
             params.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
             sample(&checkpoint, &prompt, max_bytes, params, &stops)?;
+            Ok(())
+        }
+        Command::Batch {
+            checkpoint,
+            input,
+            output,
+            engine,
+            quiet,
+        } => {
+            let s = mega::serve::batch::run_batch(
+                &checkpoint,
+                &input,
+                &output,
+                engine.to_config(),
+                !quiet,
+            )?;
+            eprintln!(
+                "batch: {} results written ({} errors), {} already done, {} bytes generated in {:.1} s ({:.0} bytes/s)",
+                s.written,
+                s.errors,
+                s.skipped,
+                s.generated_bytes,
+                s.elapsed_s,
+                s.generated_bytes as f64 / s.elapsed_s.max(1e-9)
+            );
             Ok(())
         }
         Command::Bench {

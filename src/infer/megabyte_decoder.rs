@@ -376,13 +376,18 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
         if head_rows.is_empty() {
             return;
         }
-        let idx = pad_to_two(&head_rows);
-        let mut last = be.zeros(idx.len() * dl);
-        be.gather_rows(&mut last, &out, &idx, dl);
-        let logits = self.head(&last, idx.len());
         let v = c.vocab_size;
-        for (j, &slot) in head_slots.iter().enumerate() {
-            self.logits[slot * v..(slot + 1) * v].copy_from_slice(&logits[j * v..(j + 1) * v]);
+        for (rows, slots) in head_rows
+            .chunks(HEAD_GROUP)
+            .zip(head_slots.chunks(HEAD_GROUP))
+        {
+            let idx = pad_to_two(rows);
+            let mut last = be.zeros(idx.len() * dl);
+            be.gather_rows(&mut last, &out, &idx, dl);
+            let logits = self.head(&last, idx.len());
+            for (j, &slot) in slots.iter().enumerate() {
+                self.logits[slot * v..(slot + 1) * v].copy_from_slice(&logits[j * v..(j + 1) * v]);
+            }
         }
     }
 
@@ -409,6 +414,10 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
         self.be.download(&logits)
     }
 }
+
+/// The head's product (`trans_b`) runs in groups of at most this many rows, the range in
+/// which the CPU backend's small-row path gives every row the same result whatever the count.
+const HEAD_GROUP: usize = 16;
 
 /// Row indices with a single row repeated, so no matrix product sees `m = 1` (whose `gemm`
 /// path rounds differently from the batched one and would make results batch-dependent).

@@ -166,7 +166,11 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
         prompts: &[&[u8]],
     ) -> Self {
         let mut s = Self::new(model, be, p, prompts.len());
-        s.feed(prompts, Logits::Last);
+        for (slot, prompt) in prompts.iter().enumerate() {
+            s.insert(slot, prompt);
+        }
+        let work: Vec<(usize, usize)> = (0..prompts.len()).map(|r| (r, usize::MAX)).collect();
+        s.advance(&work);
         s
     }
 
@@ -231,27 +235,15 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
     }
 
     /// Run `len` bytes for each row in `sel` (ascending), `flat` `[sel.len(), len]`.
-    ///
-    /// A call of a single byte for a single row runs as two identical rows: the CPU `gemm`
-    /// path for `m = 1` rounds differently from the batched one, and a row's result must not
-    /// depend on how many rows share its step.
     fn run_rows(&mut self, sel: &[usize], flat: &[u8], len: usize, which: Logits) -> Vec<f32> {
         let (model, be, p) = (self.model, self.be, self.p);
-        let pad = sel.len() * len == 1;
-        if sel.len() == self.rows() && !pad {
+        if sel.len() == self.rows() {
             return run_call(model, be, p, &mut self.state, flat, sel.len(), len, which);
         }
         let c = &model.cfg;
         let g = c.norm_num_groups;
         let h_width = c.model_dim * c.cema_ndim * 2;
-        let real: Vec<u32> = sel.iter().map(|&r| r as u32).collect();
-        let mut idx = real.clone();
-        let mut flat = flat.to_vec();
-        if pad {
-            idx.push(idx[0]);
-            flat.push(flat[0]);
-        }
-        let sel: Vec<usize> = idx.iter().map(|&r| r as usize).collect();
+        let idx: Vec<u32> = sel.iter().map(|&r| r as u32).collect();
         let mut sub = StreamState {
             layers: self
                 .state
@@ -279,27 +271,15 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
                 .collect(),
             final_norm: gather_stats(be, &self.state.final_norm, &idx, g),
         };
-        let mut logits = run_call(model, be, p, &mut sub, &flat, sel.len(), len, which);
-        if pad {
-            // Drop the padding row's state and logits.
-            let first: Vec<u32> = vec![0];
-            for part in sub.layers.iter_mut() {
-                part.tsn = gather_stats(be, &part.tsn, &first, g);
-                let mut h = be.zeros(h_width);
-                be.gather_rows(&mut h, &part.h, &first, h_width);
-                part.h = h;
-            }
-            sub.final_norm = gather_stats(be, &sub.final_norm, &first, g);
-            logits.truncate(logits.len() / 2);
-        }
+        let logits = run_call(model, be, p, &mut sub, flat, sel.len(), len, which);
         for (st, part) in self.state.layers.iter_mut().zip(&sub.layers) {
-            scatter_stats(be, &mut st.tsn, &part.tsn, &real, g);
-            be.scatter_rows(&mut st.h, &part.h, &real, h_width);
-            for (k, &r) in real.iter().enumerate() {
-                be.chunk_cache_copy_row(&mut st.kv, r as usize, &part.kv, k);
+            scatter_stats(be, &mut st.tsn, &part.tsn, &idx, g);
+            be.scatter_rows(&mut st.h, &part.h, &idx, h_width);
+            for (k, &r) in sel.iter().enumerate() {
+                be.chunk_cache_copy_row(&mut st.kv, r, &part.kv, k);
             }
         }
-        scatter_stats(be, &mut self.state.final_norm, &sub.final_norm, &real, g);
+        scatter_stats(be, &mut self.state.final_norm, &sub.final_norm, &idx, g);
         logits
     }
 }
@@ -363,16 +343,6 @@ fn run_call<B: Backend>(
         }
         _ => (if which == Logits::All { n } else { b }, hn),
     };
-    if rows == 1 {
-        // Two identical rows keep the head's product off the m = 1 path (see run_rows).
-        let mut two = be.zeros(2 * d);
-        be.gather_rows(&mut two, &src, &[0, 0], d);
-        let mut logits = be.zeros(2 * v);
-        model.head(be, p, &mut logits, &two, 2);
-        let mut host = be.download(&logits);
-        host.truncate(v);
-        return host;
-    }
     let mut logits = be.zeros(rows * v);
     model.head(be, p, &mut logits, &src, rows);
     be.download(&logits)
@@ -400,20 +370,31 @@ impl<B: Backend> Decoder for MegalodonStream<'_, B> {
         self.queued[slot].len()
     }
 
+    /// Runs each slot's bytes in its own calls, one chunk-aligned piece of at most one chunk
+    /// per call, taking the budget up to the next chunk boundary. The pieces of a sequence
+    /// are then fixed by its bytes alone: neither the budget nor the other slots change the
+    /// arithmetic. (Rows are not batched together because the CPU `gemm` rounds a row of a
+    /// `trans_b` product differently for different row counts; see docs/perf.md.)
     fn advance(&mut self, work: &[(usize, usize)]) {
-        let mut take = vec![0usize; self.rows()];
+        let (v, chunk) = (self.model.cfg.vocab_size, self.model.cfg.chunk_size);
         for &(slot, max) in work {
-            take[slot] = max.min(self.queued[slot].len());
-        }
-        if take.iter().all(|&n| n == 0) {
-            return;
-        }
-        let queued = std::mem::take(&mut self.queued);
-        let tokens: Vec<&[u8]> = queued.iter().zip(&take).map(|(q, &n)| &q[..n]).collect();
-        self.feed(&tokens, Logits::Last);
-        self.queued = queued;
-        for (q, &n) in self.queued.iter_mut().zip(&take) {
-            q.drain(..n);
+            let queued = self.queued[slot].len();
+            let mut left = max.min(queued);
+            if left == 0 {
+                continue;
+            }
+            let mut done = 0;
+            while left > 0 {
+                let at = self.consumed[slot] % chunk;
+                let len = (chunk - at).min(queued - done);
+                let piece = self.queued[slot][done..done + len].to_vec();
+                let logits = self.run_rows(&[slot], &piece, len, Logits::Last);
+                self.next_logits[slot * v..(slot + 1) * v].copy_from_slice(&logits[..v]);
+                self.consumed[slot] += len;
+                done += len;
+                left = left.saturating_sub(len);
+            }
+            self.queued[slot].drain(..done);
         }
     }
 

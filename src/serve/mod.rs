@@ -14,7 +14,7 @@ pub mod sequence;
 
 pub use crate::infer::generate::FinishReason;
 pub use crate::infer::sampler::SamplingParams;
-pub use config::{parse_byte_size, EngineConfig};
+pub use config::{parse_byte_size, EngineArgs, EngineConfig};
 pub use engine::Engine;
 pub use metrics::Metrics;
 pub use request::{ByteLogprob, Event, Request, RequestHandle, SubmitError};

@@ -145,14 +145,15 @@ mod tests {
         let admitted = s.admit(|id| if id == 3 { 5 } else { 1 });
         assert!(admitted.is_empty());
         s.retire(1);
-        assert_eq!(s.admit(|id| if id == 3 { 5 } else { 1 }), vec![3]);
-        // Slots: 2 and 3 run, one slot left.
-        assert_eq!(s.admit(|_| 0), vec![4]);
+        // 6 blocks free: 3 takes 5, then 4 the last block and the last slot.
+        assert_eq!(s.admit(|id| if id == 3 { 5 } else { 1 }), vec![3, 4]);
+        assert_eq!(s.blocks_used_total(), (10, 10));
         assert_eq!(
             s.admit(|_| 0),
             Vec::<SeqId>::new(),
             "three running is the limit"
         );
+        assert_eq!(s.running(), &[2, 3, 4]);
     }
 
     #[test]
