@@ -864,3 +864,53 @@ async fn sigterm_ends_running_streams_with_an_error_event_and_exits() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_engine_queue_is_429_with_retry_after() {
+    let server = Server::start(&[
+        "--max-running",
+        "1",
+        "--max-queued",
+        "1",
+        "--max-total-bytes",
+        "200000",
+    ]);
+    let http = client();
+    let long = json!({"prompt": "It", "max_tokens": 100000, "stream": true});
+    let mut held = Vec::new();
+    // The first runs, the second waits in the queue; both stay open.
+    for _ in 0..2 {
+        let resp = http
+            .post(server.url("/v1/completions"))
+            .json(&long)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        held.push(resp);
+    }
+    wait_for_metrics(&http, &server, "one running, one queued", |m| {
+        metric(m, RUNNING) == 1.0 && metric(m, "mega_queue_depth") == 1.0
+    })
+    .await;
+    let third = http
+        .post(server.url("/v1/completions"))
+        .json(&json!({"prompt": "It", "max_tokens": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        third.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    assert_eq!(status_and_code(third).await, (429, "queue_full".into()));
+    drop(held);
+    wait_for_metrics(&http, &server, "both freed", |m| {
+        metric(m, RUNNING) == 0.0 && metric(m, "mega_queue_depth") == 0.0
+    })
+    .await;
+}
