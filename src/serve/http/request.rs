@@ -368,3 +368,97 @@ fn parse_stop(v: Option<&Value>) -> Result<Vec<Vec<u8>>, ApiError> {
     }
     Ok(stops)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> RequestLimits {
+        RequestLimits {
+            model_id: "m".into(),
+            max_prompt_bytes: 10,
+            max_total_bytes: 20,
+        }
+    }
+
+    fn parse(body: &str) -> Result<CompletionParams, ApiError> {
+        CompletionParams::parse(body.as_bytes(), &limits())
+    }
+
+    #[test]
+    fn defaults_follow_openai() {
+        let p = parse(r#"{"prompt": "ab"}"#).unwrap();
+        assert_eq!(p.prompts, vec![b"ab".to_vec()]);
+        assert_eq!(p.max_bytes, DEFAULT_MAX_TOKENS);
+        assert_eq!((p.temperature, p.top_p, p.top_k, p.n), (1.0, 1.0, 0, 1));
+        assert_eq!((p.stream, p.include_usage, p.echo), (false, false, false));
+        assert_eq!((p.seed, p.logprobs), (None, None));
+        assert!(p.stop.is_empty());
+    }
+
+    #[test]
+    fn prompt_shapes_become_bytes() {
+        let p = parse(r#"{"prompt": ["é", "b"], "model": "m", "max_tokens": 3}"#).unwrap();
+        assert_eq!(p.prompts, vec!["é".as_bytes().to_vec(), b"b".to_vec()]);
+        let p = parse(r#"{"prompt": [104, 105, 255]}"#).unwrap();
+        assert_eq!(p.prompts, vec![vec![104, 105, 255]]);
+        let p = parse(r#"{"prompt": [[1], [2, 3]]}"#).unwrap();
+        assert_eq!(p.prompts, vec![vec![1], vec![2, 3]]);
+        for bad in [
+            r#"[256]"#,
+            r#"[[1], "a"]"#,
+            r#"["a", [1]]"#,
+            r#"[[]]"#,
+            r#"{}"#,
+        ] {
+            let e = parse(&format!(r#"{{"prompt": {bad}}}"#)).unwrap_err();
+            assert_eq!(e.status, 400, "{bad}");
+            assert_eq!(e.param.as_deref(), Some("prompt"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn null_means_absent_and_unknown_fields_are_ignored() {
+        let p = parse(
+            r#"{"prompt": "a", "temperature": null, "stop": null, "user": "u", "whatever": [1]}"#,
+        )
+        .unwrap();
+        assert_eq!(p.temperature, 1.0);
+        assert!(p.stop.is_empty());
+    }
+
+    #[test]
+    fn ranges_are_enforced_with_the_field_named() {
+        let cases = [
+            (r#""temperature": 2.5"#, "temperature"),
+            (r#""top_p": 0"#, "top_p"),
+            (r#""n": 0"#, "n"),
+            (r#""max_tokens": 19"#, "max_tokens"),
+            (r#""max_tokens": 1.0"#, "max_tokens"),
+            (r#""logprobs": 6"#, "logprobs"),
+            (r#""seed": -1"#, "seed"),
+            (r#""stop": ["a", "b", "c", "d", "e"]"#, "stop"),
+            (
+                r#""stream_options": {"include_usage": true}"#,
+                "stream_options",
+            ),
+            (r#""presence_penalty": 0.1"#, "presence_penalty"),
+        ];
+        for (field, param) in cases {
+            let e = parse(&format!(r#"{{"prompt": "ab", {field}}}"#)).unwrap_err();
+            assert_eq!(e.status, 400, "{field}");
+            assert_eq!(e.param.as_deref(), Some(param), "{field}");
+        }
+        // 2 prompt bytes + 18 = the 20-byte limit exactly.
+        assert_eq!(
+            parse(r#"{"prompt": "ab", "max_tokens": 18}"#)
+                .unwrap()
+                .max_bytes,
+            18
+        );
+        let e = parse(r#"{"prompt": "01234567890"}"#).unwrap_err();
+        assert_eq!(e.code, "prompt_too_long");
+        let e = parse(r#"{"prompt": "a", "model": "other"}"#).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (404, "model_not_found"));
+    }
+}

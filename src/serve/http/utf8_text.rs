@@ -92,7 +92,6 @@ mod tests {
             while at < bytes.len() {
                 let step = rng.random_range(1..=4).min(bytes.len() - at);
                 let piece = d.push(&bytes[at..at + step]);
-                // A piece never ends in the middle of a character: it is a whole `String`.
                 text.push_str(&piece);
                 at += step;
             }
