@@ -246,7 +246,7 @@ fn preempted_sequences_are_recomputed_to_the_same_bytes() {
     let reqs: Vec<Request> = (0..4)
         .map(|i| Request {
             prompt: text(i, 6 + 3 * i),
-            max_bytes: 40,
+            max_bytes: 150,
             sampling: sampling(1.0, 0, 1.0, 100 + i as u64),
             stop: Vec::new(),
             logprobs: None,

@@ -161,6 +161,37 @@ fn megalodon_logits_do_not_depend_on_the_rest_of_the_batch() {
     assert_bit_equal("megalodon alone vs batch of 5", &a, &b);
 }
 
+/// Eight other sequences: the decode batch then holds more rows than the padding minimum,
+/// so the target's row count really changes from step to step.
+fn many_others() -> Vec<(usize, Vec<u8>)> {
+    (0..9)
+        .filter(|&s| s != 2)
+        .map(|s| (s, text(s + 1, 3 * s)))
+        .collect()
+}
+
+#[test]
+fn megabyte_logits_do_not_depend_on_a_larger_batch() {
+    let (model, be, params) = megabyte_model();
+    let (target, follow) = (text(0, 23), text(5, 47));
+    let mut alone = MegabyteDecoder::with_slots(&model, &be, &params, 1, 4);
+    let a = trace(&mut alone, 0, &target, &follow, &[], usize::MAX);
+    let mut batch = MegabyteDecoder::with_slots(&model, &be, &params, 9, 4);
+    let b = trace(&mut batch, 2, &target, &follow, &many_others(), 5);
+    assert_bit_equal("megabyte alone vs batch of 9", &a, &b);
+}
+
+#[test]
+fn megalodon_logits_do_not_depend_on_a_larger_batch() {
+    let (model, be, params) = megalodon_model();
+    let (target, follow) = (text(0, 23), text(5, 30));
+    let mut alone = MegalodonStream::new(&model, &be, &params, 1);
+    let a = trace(&mut alone, 0, &target, &follow, &[], usize::MAX);
+    let mut batch = MegalodonStream::new(&model, &be, &params, 9);
+    let b = trace(&mut batch, 2, &target, &follow, &many_others(), 5);
+    assert_bit_equal("megalodon alone vs batch of 9", &a, &b);
+}
+
 #[test]
 fn megabyte_chunked_prefill_equals_unchunked() {
     let (model, be, params) = megabyte_model();
