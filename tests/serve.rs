@@ -877,8 +877,9 @@ async fn a_full_engine_queue_is_429_with_retry_after() {
     ]);
     let http = client();
     let long = json!({"prompt": "It", "max_tokens": 100000, "stream": true});
+    // The first runs, the second waits in the queue; both stay open. A request counts as queued
+    // until the engine thread admits it, so the second goes out once the first runs.
     let mut held = Vec::new();
-    // The first runs, the second waits in the queue; both stay open.
     for _ in 0..2 {
         let resp = http
             .post(server.url("/v1/completions"))
@@ -888,6 +889,10 @@ async fn a_full_engine_queue_is_429_with_retry_after() {
             .unwrap();
         assert_eq!(resp.status(), 200);
         held.push(resp);
+        wait_for_metrics(&http, &server, "the first request runs", |m| {
+            metric(m, RUNNING) == 1.0
+        })
+        .await;
     }
     wait_for_metrics(&http, &server, "one running, one queued", |m| {
         metric(m, RUNNING) == 1.0 && metric(m, "mega_queue_depth") == 1.0
