@@ -253,8 +253,11 @@ enum Command {
     ///
     /// Example: mega serve --checkpoint runs/small --port 8080
     Serve {
+        /// Checkpoint directory written by `mega train` (MEGABYTE or MEGALODON); its name is
+        /// the served model id.
         #[arg(long)]
         checkpoint: PathBuf,
+        /// Address to bind.
         #[arg(long, default_value = "127.0.0.1")]
         host: String,
         /// TCP port (0 picks a free one; the bound address is printed on stderr).
