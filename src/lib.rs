@@ -11,4 +11,5 @@ pub mod emu;
 pub mod infer;
 pub mod kernels;
 pub mod model;
+pub mod serve;
 pub mod train;

@@ -1,4 +1,4 @@
-//! The `mega` command line: train, eval, generate, bench, info.
+//! The `mega` command line: train, eval, generate, serve, bench, info.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -190,6 +190,25 @@ enum Command {
         #[arg(long)]
         stop: Vec<String>,
     },
+    /// Generate for every line of a JSONL file through the serving engine; resumable.
+    ///
+    /// Example: mega batch --checkpoint runs/quick --input prompts.jsonl --output results.jsonl
+    Batch {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Requests, one JSON object per line: {"id", "prompt", "max_tokens", "temperature",
+        /// "top_p", "top_k", "seed", "stop", "logprobs"}.
+        #[arg(long)]
+        input: PathBuf,
+        /// Results, one JSON object per line, keyed by id; appended to when it exists.
+        #[arg(long)]
+        output: PathBuf,
+        #[command(flatten)]
+        engine: mega::serve::EngineArgs,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Throughput benchmarks, printed as JSON.
     ///
     /// Example: mega bench train --preset bench --json
@@ -228,6 +247,30 @@ enum Command {
         config: PathBuf,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, /v1/models,
+    /// /health, /metrics) with continuous batching.
+    ///
+    /// Example: mega serve --checkpoint runs/small --port 8080
+    Serve {
+        /// Checkpoint directory written by `mega train` (MEGABYTE or MEGALODON); its name is
+        /// the served model id.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Address to bind.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// TCP port (0 picks a free one; the bound address is printed on stderr).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        #[command(flatten)]
+        engine: mega::serve::EngineArgs,
+        /// Completion requests served at once; more get 429 with Retry-After.
+        #[arg(long, default_value_t = 256)]
+        max_concurrent_requests: usize,
+        /// Largest request body in bytes (larger: 413).
+        #[arg(long, default_value_t = 4 << 20)]
+        max_body_bytes: usize,
     },
     /// Devices, kernel build and presets.
     Info,
@@ -468,6 +511,31 @@ fn run(cmd: Command) -> Result<()> {
             sample(&checkpoint, &prompt, max_bytes, params, &stops)?;
             Ok(())
         }
+        Command::Batch {
+            checkpoint,
+            input,
+            output,
+            engine,
+            quiet,
+        } => {
+            let s = mega::serve::batch::run_batch(
+                &checkpoint,
+                &input,
+                &output,
+                engine.to_config(),
+                !quiet,
+            )?;
+            eprintln!(
+                "batch: {} results written ({} errors), {} already done, {} bytes generated in {:.1} s ({:.0} bytes/s)",
+                s.written,
+                s.errors,
+                s.skipped,
+                s.generated_bytes,
+                s.elapsed_s,
+                s.generated_bytes as f64 / s.elapsed_s.max(1e-9)
+            );
+            Ok(())
+        }
         Command::Bench {
             what,
             model,
@@ -528,6 +596,21 @@ fn run(cmd: Command) -> Result<()> {
             println!("wrote {n} tensors to {}", out.display());
             Ok(())
         }
+        Command::Serve {
+            checkpoint,
+            host,
+            port,
+            engine,
+            max_concurrent_requests,
+            max_body_bytes,
+        } => serve(
+            &checkpoint,
+            &host,
+            port,
+            engine.to_config(),
+            max_concurrent_requests,
+            max_body_bytes,
+        ),
         Command::Info => {
             let m = mega::bench::Machine::detect();
             println!("mega {}", env!("CARGO_PKG_VERSION"));
@@ -568,6 +651,46 @@ fn run(cmd: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `mega serve`: start the engine, bind, serve until SIGINT/SIGTERM.
+fn serve(
+    checkpoint: &std::path::Path,
+    host: &str,
+    port: u16,
+    cfg: mega::serve::EngineConfig,
+    max_concurrent_requests: usize,
+    max_body_bytes: usize,
+) -> Result<()> {
+    use mega::serve::http::{serve, AppState, HttpConfig};
+    if max_concurrent_requests == 0 || max_body_bytes == 0 {
+        bail!("--max-concurrent-requests and --max-body-bytes must be positive");
+    }
+    let http = HttpConfig {
+        max_concurrent_requests,
+        max_body_bytes,
+        max_prompt_bytes: cfg.max_prompt_bytes,
+        max_total_bytes: cfg.max_total_bytes,
+    };
+    let engine = mega::serve::Engine::start(checkpoint, cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((host, port))
+            .await
+            .with_context(|| format!("binding {host}:{port}"))?;
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "serving {} ({}) on http://{addr}/v1 (Ctrl-C to stop)",
+            engine.model_id(),
+            engine.model_kind()
+        );
+        let app = std::sync::Arc::new(AppState::new(engine, http));
+        serve(listener, app).await.context("serving HTTP")
+    })
 }
 
 /// Resolve `--device`, printing the one-line reason for the choice (to stderr).

@@ -35,19 +35,71 @@ pub struct GenerateOutput {
     pub finish_reason: FinishReason,
 }
 
-struct RowRun {
+/// One sequence's output side: its sampler, stop filter and byte budget. The generation loop
+/// and the serving engine both drive sequences through it.
+#[derive(Clone, Debug)]
+pub struct Continuation {
     sampler: Sampler,
     stop: StopFilter,
+    max_bytes: usize,
     /// Bytes released so far (never part of a stop sequence).
     out: Vec<u8>,
-    /// Bytes sampled so far, for the budget.
-    sampled: usize,
+    /// Bytes sampled so far, in order (for the budget and for recomputation).
+    sampled: Vec<u8>,
     done: Option<FinishReason>,
+}
+
+impl Continuation {
+    /// A continuation of at most `max_bytes` bytes (validated sampling, non-empty stops).
+    pub fn new(
+        sampling: SamplingParams,
+        stop: Vec<Vec<u8>>,
+        max_bytes: usize,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            sampler: Sampler::new(sampling).map_err(|e| e.to_string())?,
+            stop: StopFilter::new(stop).map_err(|e| e.to_string())?,
+            max_bytes,
+            out: Vec::new(),
+            sampled: Vec::new(),
+            done: (max_bytes == 0).then_some(FinishReason::Length),
+        })
+    }
+
+    /// Samples the next byte from `logits` and returns it; the bytes it releases are
+    /// `released()[before..]` where `before` was `released().len()` before the call.
+    pub fn sample(&mut self, logits: &[f32]) -> u8 {
+        assert!(self.done.is_none(), "sampling a finished sequence");
+        let b = self.sampler.sample(logits) as u8;
+        self.sampled.push(b);
+        if self.stop.push(b, &mut self.out) {
+            self.done = Some(FinishReason::Stop);
+        } else if self.sampled.len() >= self.max_bytes {
+            self.stop.finish(&mut self.out);
+            self.done = Some(FinishReason::Length);
+        }
+        b
+    }
+
+    /// Bytes released so far.
+    pub fn released(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// Bytes sampled so far (released, withheld and stop sequence).
+    pub fn sampled(&self) -> &[u8] {
+        &self.sampled
+    }
+
+    /// Why the sequence finished, once it has.
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.done
+    }
 }
 
 /// Generate for every request as one batch; `on_bytes(row, bytes)` receives each row's
 /// output incrementally, never including bytes that may still turn out to be part of a stop
-/// sequence.
+/// sequence. Rows leave the batch as they finish.
 pub fn generate<B: Backend, M: LanguageModel<B>>(
     model: &M,
     be: &B,
@@ -57,49 +109,43 @@ pub fn generate<B: Backend, M: LanguageModel<B>>(
 ) -> Result<Vec<GenerateOutput>, String> {
     let mut runs = Vec::with_capacity(reqs.len());
     for r in reqs {
-        r.sampling.validate().map_err(|e| e.to_string())?;
-        runs.push(RowRun {
-            sampler: Sampler::new(r.sampling).map_err(|e| e.to_string())?,
-            stop: StopFilter::new(r.stop.clone()).map_err(|e| e.to_string())?,
-            out: Vec::new(),
-            sampled: 0,
-            done: (r.max_bytes == 0).then_some(FinishReason::Length),
-        });
+        runs.push(Continuation::new(r.sampling, r.stop.clone(), r.max_bytes)?);
     }
     let prompts: Vec<&[u8]> = reqs.iter().map(|r| r.prompt.as_slice()).collect();
     let mut dec = model.decoder(be, params, &prompts);
-    let v = 256;
-    while runs.iter().any(|r| r.done.is_none()) {
-        let logits = dec.logits();
-        let mut next = vec![0u8; runs.len()];
+    for (i, run) in runs.iter().enumerate() {
+        if run.finish_reason().is_some() {
+            dec.remove(i);
+        }
+    }
+    loop {
+        let mut work = Vec::new();
         for (i, run) in runs.iter_mut().enumerate() {
-            if run.done.is_some() {
+            if run.finish_reason().is_some() {
                 continue;
             }
-            let b = run.sampler.sample(&logits[i * v..(i + 1) * v]) as u8;
-            next[i] = b;
-            run.sampled += 1;
-            let before = run.out.len();
-            if run.stop.push(b, &mut run.out) {
-                run.done = Some(FinishReason::Stop);
-            } else if run.sampled >= reqs[i].max_bytes {
-                run.stop.finish(&mut run.out);
-                run.done = Some(FinishReason::Length);
+            let before = run.released().len();
+            let b = run.sample(dec.slot_logits(i));
+            if run.released().len() > before {
+                on_bytes(i, &run.released()[before..]);
             }
-            if run.out.len() > before {
-                on_bytes(i, &run.out[before..]);
+            if run.finish_reason().is_some() {
+                dec.remove(i);
+            } else {
+                dec.push(i, b);
+                work.push((i, usize::MAX));
             }
         }
-        if runs.iter().all(|r| r.done.is_some()) {
+        if work.is_empty() {
             break;
         }
-        dec.step(&next);
+        dec.advance(&work);
     }
     Ok(runs
         .into_iter()
         .map(|r| GenerateOutput {
+            finish_reason: r.finish_reason().unwrap_or(FinishReason::Length),
             bytes: r.out,
-            finish_reason: r.done.unwrap_or(FinishReason::Length),
         })
         .collect())
 }

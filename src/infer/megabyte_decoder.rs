@@ -1,102 +1,203 @@
-//! KV-cached batched MEGABYTE decoding (spec/megabyte.md §5): the global model runs once per
-//! patch, only for the rows that just completed one; the local model runs once per byte for
-//! every row, with a local cache that restarts at each patch boundary. Rows may sit at
-//! different phases (ragged prompts).
+//! KV-cached MEGABYTE decoding over slots (spec/megabyte.md §5), for continuous batching.
+//!
+//! A sequence's work is a series of *events*: event `n` reads the first `n` bytes of its
+//! window and yields the prediction of byte `n`. When `n` is a multiple of `P` the global
+//! model first takes one step at global position `n/P` (the pad patch for `n = 0`, else the
+//! patch just completed), which conditions the `P` local positions of the new patch; then the
+//! local model takes one step at slot `n mod P`. [`MegabyteDecoder::advance`] runs any number
+//! of events for many sequences in one global and one local decode step: events of one
+//! sequence attend to the keys of its earlier ones, so a prompt prefilled in chunks computes
+//! exactly what it computes in one go, and local steps for patches already completed within
+//! the call are skipped (the local cache restarts at every patch).
+//!
+//! Each event's arithmetic is the same whatever else is in the step, provided the matrix
+//! products are batch-invariant. The CPU `gemm` path for a single row (`m = 1`) rounds
+//! differently from the path for `m ≥ 2`, so a step with one row is padded with a throw-away
+//! copy of that row (see [`pad_to_two`]).
+//!
+//! A sequence's global cache grows in quanta of `grow` positions (the serving engine's block
+//! size), so memory follows use. When a window reaches the context length it slides to its
+//! last half and the caches are rebuilt from it.
 
 use crate::backend::{Backend, PAD_ID};
 use crate::model::megabyte::Megabyte;
 use crate::model::transformer::{CacheSet, KvCache};
+use crate::model::Decoder;
 
 /// One sequence's decoding state.
 struct Row<B: Backend> {
-    /// Every byte of the sequence so far (prompt and generated).
-    bytes: Vec<u8>,
-    /// Offset in `bytes` where the model's context window starts (positions restart there).
-    start: usize,
-    /// Global KV cache: one entry per global position (pad patch + each completed patch).
+    /// The bytes of the model's context window (positions restart at its first byte).
+    window: Vec<u8>,
+    /// Events run so far: the caches reflect `window[..events - 1]` (nothing when 0).
+    events: usize,
+    /// Global KV cache `[1, t, D_gw]`, one entry per global position run.
     global: KvCache<B>,
+    /// Local KV cache `[1, P, D_L]` of the current patch.
+    local: KvCache<B>,
 }
 
 impl<B: Backend> Row<B> {
-    fn window(&self) -> &[u8] {
-        &self.bytes[self.start..]
+    /// Events still to run: one per window length `events..=window.len()`.
+    fn pending(&self) -> usize {
+        self.window.len() + 1 - self.events
     }
 }
 
-/// Batched incremental decoder over a fixed set of rows.
+/// Events `first..end` of the sequence in `slot`, planned for one call.
+struct Plan {
+    slot: usize,
+    first: usize,
+    end: usize,
+}
+
+/// Batched incremental MEGABYTE decoder over a fixed number of slots.
 pub struct MegabyteDecoder<'a, B: Backend> {
     model: &'a Megabyte,
     be: &'a B,
     p: &'a [B::Buf],
-    rows: Vec<Row<B>>,
-    /// Local KV cache `[rows, P, D_L]` per local layer.
-    local: KvCache<B>,
-    /// `[rows·P, D_L]`: `W_GL` applied to the P slices of each row's latest global output.
+    slots: Vec<Option<Row<B>>>,
+    /// `[slots·P, D_L]`: `W_GL` applied to the P slices of each slot's latest global output.
     cond: B::Buf,
-    /// `[rows, 256]` next-byte logits, on the host.
+    /// `[slots, 256]` next-byte logits, on the host.
     logits: Vec<f32>,
+    /// Global cache growth quantum in positions.
+    grow: usize,
+    /// One-position caches the padding rows of single-row steps write into.
+    scratch_global: KvCache<B>,
+    scratch_local: KvCache<B>,
 }
 
 impl<'a, B: Backend> MegabyteDecoder<'a, B> {
-    /// Prefill every row with its prompt. Prompts longer than the context keep their last
-    /// `max_seq_len − 1` bytes in the window.
+    /// One sequence per prompt, each prefilled with its prompt. Prompts longer than the
+    /// context keep their last `max_seq_len − 1` bytes in the window.
     pub fn new(model: &'a Megabyte, be: &'a B, p: &'a [B::Buf], prompts: &[&[u8]]) -> Self {
-        let c = &model.cfg;
-        let rows = prompts.len();
-        let mut dec = MegabyteDecoder {
-            model,
-            be,
-            p,
-            rows: Vec::with_capacity(rows),
-            local: model.local.kv_cache(be, rows, c.patch_size),
-            cond: be.zeros(rows * c.patch_size * c.local_dim),
-            logits: vec![0.0; rows * c.vocab_size],
-        };
-        for (i, prompt) in prompts.iter().enumerate() {
-            let start = prompt.len().saturating_sub(c.max_seq_len - 1);
-            dec.rows.push(Row {
-                bytes: prompt.to_vec(),
-                start,
-                global: model.global.kv_cache(be, 1, c.patches()),
-            });
-            dec.prefill(i, dec.rows[i].bytes.len());
+        let mut dec = Self::with_slots(model, be, p, prompts.len(), model.cfg.patches());
+        for (slot, prompt) in prompts.iter().enumerate() {
+            dec.insert(slot, prompt);
         }
+        let work: Vec<(usize, usize)> = (0..prompts.len()).map(|s| (s, usize::MAX)).collect();
+        dec.advance(&work);
         dec
     }
 
-    /// Number of rows.
-    pub fn rows(&self) -> usize {
-        self.rows.len()
+    /// `slots` empty slots; global caches grow `grow` positions at a time.
+    pub fn with_slots(
+        model: &'a Megabyte,
+        be: &'a B,
+        p: &'a [B::Buf],
+        slots: usize,
+        grow: usize,
+    ) -> Self {
+        let c = &model.cfg;
+        MegabyteDecoder {
+            model,
+            be,
+            p,
+            slots: (0..slots).map(|_| None).collect(),
+            cond: be.zeros(slots * c.patch_size * c.local_dim),
+            logits: vec![0.0; slots * c.vocab_size],
+            grow: grow.max(1),
+            scratch_global: model.global.kv_cache(be, 1, 1),
+            scratch_local: model.local.kv_cache(be, 1, 1),
+        }
     }
 
-    /// Next-byte logits of every row, `[rows, 256]`.
+    /// Number of slots.
+    pub fn rows(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// `[slots, 256]` next-byte logits of every slot.
     pub fn logits(&self) -> &[f32] {
         &self.logits
     }
 
-    /// All bytes of row `i` so far.
-    pub fn bytes(&self, i: usize) -> &[u8] {
-        &self.rows[i].bytes
+    /// Append `next[i]` to the sequence in slot `i` (every slot occupied) and compute the
+    /// next logits.
+    pub fn step(&mut self, next: &[u8]) {
+        Decoder::step(self, next)
     }
 
-    /// Run the model on row `i`'s window up to (not including) absolute byte `end`, filling
-    /// its global cache, its conditioning and its local cache, and its logits row.
-    fn prefill(&mut self, i: usize, end: usize) {
+    /// Bytes of the global cache per position (keys and values of every global layer, f32).
+    pub fn global_bytes_per_position(model: &Megabyte) -> usize {
+        2 * model.cfg.global_layers * model.cfg.global_dim * std::mem::size_of::<f32>()
+    }
+
+    /// Fixed bytes per slot: local cache, conditioning and logits.
+    pub fn slot_bytes(model: &Megabyte) -> usize {
+        let c = &model.cfg;
+        let local = 2 * c.local_layers * c.patch_size * c.local_dim;
+        (local + c.patch_size * c.local_dim + c.vocab_size) * std::mem::size_of::<f32>()
+    }
+
+    fn row(&self, slot: usize) -> &Row<B> {
+        self.slots[slot]
+            .as_ref()
+            .unwrap_or_else(|| panic!("slot {slot} is empty"))
+    }
+
+    /// Give `row`'s global cache room for `need` positions.
+    fn reserve_global(&self, row: &mut Row<B>, need: usize) {
+        let old_t = row.global.t_max;
+        if need <= old_t {
+            return;
+        }
+        let cap = self.model.cfg.patches();
+        let new_t = need.div_ceil(self.grow).saturating_mul(self.grow).min(cap);
+        assert!(need <= new_t, "global position beyond the context");
+        let mut grown = self.model.global.kv_cache(self.be, 1, new_t);
+        let width = self.model.global.width;
+        let rows: Vec<u32> = (0..old_t as u32).collect();
+        for (dst, src) in grown.k.iter_mut().zip(&row.global.k) {
+            self.be.scatter_rows(dst, src, &rows, width);
+        }
+        for (dst, src) in grown.v.iter_mut().zip(&row.global.v) {
+            self.be.scatter_rows(dst, src, &rows, width);
+        }
+        row.global = grown;
+    }
+
+    /// Global steps for every event `e ≡ 0 (mod P)` of the plans; refreshes the
+    /// conditioning of each sequence that took one.
+    fn run_global(&mut self, plans: &[Plan]) {
         let (m, be, p) = (self.model, self.be, self.p);
         let c = &m.cfg;
         let e = m.embeds();
         let (pp, dg, dl, pd) = (c.patch_size, c.global_byte_dim, c.local_dim, c.patch_dim());
-        let row = &mut self.rows[i];
-        let w = &row.bytes[row.start..end];
-        let n = w.len();
-        let (ks, ps) = (n / pp, n % pp);
-
-        // Global: positions 0..=ks (pad patch, then the ks completed patches).
-        let gt = (ks + 1) * pp;
-        let mut padded = w[..ks * pp].to_vec();
-        padded.resize(gt, 0);
-        let (ids, pos) = m.global_inputs(&padded, 1, gt);
-        let mut g_in = be.zeros((ks + 1) * pd);
+        // (plan index, global position) of every step, in plan order then position order.
+        let mut steps: Vec<(usize, usize)> = Vec::new();
+        for (k, plan) in plans.iter().enumerate() {
+            let first_patch = plan.first.div_ceil(pp);
+            let last_patch = (plan.end - 1) / pp;
+            steps.extend((first_patch..=last_patch).map(|g| (k, g)));
+        }
+        if steps.is_empty() {
+            return;
+        }
+        for (k, plan) in plans.iter().enumerate() {
+            if let Some(&(_, g)) = steps.iter().rev().find(|s| s.0 == k) {
+                let mut row = self.slots[plan.slot]
+                    .take()
+                    .expect("planned slot is occupied");
+                self.reserve_global(&mut row, g + 1);
+                self.slots[plan.slot] = Some(row);
+            }
+        }
+        let mut ids = Vec::with_capacity(steps.len() * pp);
+        let mut pos = Vec::with_capacity(steps.len() * pp);
+        for &(k, g) in &steps {
+            if g == 0 {
+                ids.extend(std::iter::repeat_n(PAD_ID, pp));
+                pos.extend(std::iter::repeat_n(0u32, pp));
+            } else {
+                let w = &self.row(plans[k].slot).window;
+                ids.extend(w[(g - 1) * pp..g * pp].iter().map(|&x| x as u32));
+                pos.extend(((g - 1) * pp..g * pp).map(|t| t as u32));
+            }
+        }
+        let (ids, pos) = pad_ids(&ids, &pos, pp);
+        let s = ids.len() / pp;
+        let mut g_in = be.zeros(s * pd);
         be.patch_embed_forward(
             &mut g_in,
             &p[e.g_tok],
@@ -107,61 +208,187 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
             pp,
             dg,
         );
-        let mut acts = m.global.acts(be, 1, ks + 1, false);
-        let g_x = project(be, p, e.in_proj, &g_in, ks + 1, pd, c.global_dim);
-        m.global
-            .forward(be, p, &mut acts, g_x.as_ref().unwrap_or(&g_in));
-        m.global
-            .fill_cache_from_forward(be, &acts, &mut row.global, 0);
-        let mut last = be.zeros(c.global_dim);
-        be.gather_rows(&mut last, &acts.out, &[ks as u32], c.global_dim);
-        let last_out = project(be, p, e.out_proj, &last, 1, c.global_dim, pd);
-        let mut cond = be.zeros(pp * dl);
+        let g_x = project(be, p, e.in_proj, &g_in, s, pd, c.global_dim);
+        let mut gpos: Vec<u32> = steps.iter().map(|&(_, g)| g as u32).collect();
+        let g = {
+            let Self {
+                slots,
+                scratch_global,
+                ..
+            } = self;
+            let mut cache_of_plan = vec![usize::MAX; plans.len()];
+            let mut caches: Vec<&mut KvCache<B>> = Vec::new();
+            let mut by_slot: Vec<Option<usize>> = vec![None; slots.len()];
+            for (k, plan) in plans.iter().enumerate() {
+                by_slot[plan.slot] = Some(k);
+            }
+            for (slot, row) in slots.iter_mut().enumerate() {
+                if let (Some(k), Some(row)) = (by_slot[slot], row.as_mut()) {
+                    if steps.iter().any(|st| st.0 == k) {
+                        cache_of_plan[k] = caches.len();
+                        caches.push(&mut row.global);
+                    }
+                }
+            }
+            let mut of_step: Vec<usize> = steps.iter().map(|&(k, _)| cache_of_plan[k]).collect();
+            if s > steps.len() {
+                of_step.push(caches.len());
+                caches.push(scratch_global);
+                gpos.push(0);
+            }
+            m.global.decode_step(
+                be,
+                p,
+                &mut CacheSet::Indexed { caches, of_step },
+                g_x.as_ref().unwrap_or(&g_in),
+                &gpos,
+            )
+        };
+        // The latest global output of every sequence that stepped conditions its patch.
+        let mut last_step = Vec::new();
+        let mut cond_slots = Vec::new();
+        for (k, plan) in plans.iter().enumerate() {
+            if let Some(i) = steps.iter().rposition(|st| st.0 == k) {
+                last_step.push(i as u32);
+                cond_slots.push(plan.slot);
+            }
+        }
+        let r = cond_slots.len();
+        let last_idx = pad_to_two(&last_step);
+        let r2 = last_idx.len();
+        let mut last = be.zeros(r2 * c.global_dim);
+        be.gather_rows(&mut last, &g, &last_idx, c.global_dim);
+        let last_out = project(be, p, e.out_proj, &last, r2, c.global_dim, pd);
+        let mut cond = be.zeros(r2 * pp * dl);
         be.matmul(
             &mut cond,
             last_out.as_ref().unwrap_or(&last),
             &p[e.gl],
-            pp,
+            r2 * pp,
             dg,
             dl,
             false,
             false,
             false,
         );
-        let cond_rows: Vec<u32> = (0..pp).map(|q| (i * pp + q) as u32).collect();
-        be.scatter_rows(&mut self.cond, &cond, &cond_rows, dl);
-
-        // Local: positions 0..=ps of the current patch.
-        let lt = ps + 1;
-        let mut l_in = be.zeros(lt * dl);
-        be.gather_rows(&mut l_in, &self.cond, &cond_rows[..lt], dl);
-        let ids: Vec<u32> = (0..lt)
-            .map(|q| {
-                if q == 0 {
-                    PAD_ID
-                } else {
-                    w[ks * pp + q - 1] as u32
-                }
-            })
+        let mut real = be.zeros(r * pp * dl);
+        let real_rows: Vec<u32> = (0..(r * pp) as u32).collect();
+        be.gather_rows(&mut real, &cond, &real_rows, dl);
+        let dst: Vec<u32> = cond_slots
+            .iter()
+            .flat_map(|&slot| (0..pp).map(move |q| (slot * pp + q) as u32))
             .collect();
-        let slots: Vec<u32> = (0..lt as u32).collect();
+        be.scatter_rows(&mut self.cond, &real, &dst, dl);
+    }
+
+    /// Local steps for the events of each plan's last patch; computes the logits of every
+    /// plan that reaches the end of its window.
+    fn run_local(&mut self, plans: &[Plan]) {
+        let (m, be, p) = (self.model, self.be, self.p);
+        let c = &m.cfg;
+        let e = m.embeds();
+        let (pp, dl) = (c.patch_size, c.local_dim);
+        // (plan index, event) of every local step.
+        let mut steps: Vec<(usize, usize)> = Vec::new();
+        for (k, plan) in plans.iter().enumerate() {
+            let last = plan.end - 1;
+            let from = plan.first.max(last - last % pp);
+            steps.extend((from..=last).map(|ev| (k, ev)));
+        }
+        let mut cond_rows = Vec::with_capacity(steps.len());
+        let mut ids = Vec::with_capacity(steps.len());
+        let mut slots_q = Vec::with_capacity(steps.len());
+        for &(k, ev) in &steps {
+            let q = ev % pp;
+            let slot = plans[k].slot;
+            cond_rows.push((slot * pp + q) as u32);
+            ids.push(if q == 0 {
+                PAD_ID
+            } else {
+                self.row(slot).window[ev - 1] as u32
+            });
+            slots_q.push(q as u32);
+        }
+        let pad = steps.len() == 1;
+        if pad {
+            cond_rows.push(cond_rows[0]);
+            ids.push(ids[0]);
+            slots_q.push(slots_q[0]);
+        }
+        let s = ids.len();
+        let mut l_in = be.zeros(s * dl);
+        be.gather_rows(&mut l_in, &self.cond, &cond_rows, dl);
         be.local_embed_forward(
             &mut l_in,
             &p[e.l_tok],
             &p[e.l_pos],
             &p[e.l_pad],
             &ids,
-            &slots,
+            &slots_q,
             dl,
         );
-        let mut lacts = m.local.acts(be, 1, lt, false);
-        m.local.forward(be, p, &mut lacts, &l_in);
-        m.local
-            .fill_cache_from_forward(be, &lacts, &mut self.local, i);
-        let mut out = be.zeros(dl);
-        be.gather_rows(&mut out, &lacts.out, &[ps as u32], dl);
-        let logits = self.head(&out, 1);
-        self.logits[i * c.vocab_size..(i + 1) * c.vocab_size].copy_from_slice(&logits);
+        let mut lpos = slots_q.clone();
+        let out = {
+            let Self {
+                slots,
+                scratch_local,
+                ..
+            } = self;
+            let mut by_slot: Vec<Option<usize>> = vec![None; slots.len()];
+            for (k, plan) in plans.iter().enumerate() {
+                by_slot[plan.slot] = Some(k);
+            }
+            let mut cache_of_plan = vec![usize::MAX; plans.len()];
+            let mut caches: Vec<&mut KvCache<B>> = Vec::new();
+            for (slot, row) in slots.iter_mut().enumerate() {
+                if let (Some(k), Some(row)) = (by_slot[slot], row.as_mut()) {
+                    cache_of_plan[k] = caches.len();
+                    caches.push(&mut row.local);
+                }
+            }
+            let mut of_step: Vec<usize> = steps.iter().map(|&(k, _)| cache_of_plan[k]).collect();
+            if pad {
+                of_step.push(caches.len());
+                caches.push(scratch_local);
+                lpos[1] = 0;
+            }
+            m.local.decode_step(
+                be,
+                p,
+                &mut CacheSet::Indexed { caches, of_step },
+                &l_in,
+                &lpos,
+            )
+        };
+        // Logits for the plans that finish their window.
+        let mut head_rows = Vec::new();
+        let mut head_slots = Vec::new();
+        for (k, plan) in plans.iter().enumerate() {
+            if plan.end == self.row(plan.slot).window.len() + 1 {
+                let i = steps
+                    .iter()
+                    .rposition(|st| st.0 == k)
+                    .expect("a plan runs its last event locally");
+                head_rows.push(i as u32);
+                head_slots.push(plan.slot);
+            }
+        }
+        if head_rows.is_empty() {
+            return;
+        }
+        let v = c.vocab_size;
+        for (rows, slots) in head_rows
+            .chunks(HEAD_GROUP)
+            .zip(head_slots.chunks(HEAD_GROUP))
+        {
+            let idx = pad_to_two(rows);
+            let mut last = be.zeros(idx.len() * dl);
+            be.gather_rows(&mut last, &out, &idx, dl);
+            let logits = self.head(&last, idx.len());
+            for (j, &slot) in slots.iter().enumerate() {
+                self.logits[slot * v..(slot + 1) * v].copy_from_slice(&logits[j * v..(j + 1) * v]);
+            }
+        }
     }
 
     /// `out · E_lembᵀ` for `rows` rows, on the host.
@@ -186,117 +413,30 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
         }
         self.be.download(&logits)
     }
+}
 
-    /// Append `next[i]` to row `i` for every row and compute the next logits.
-    pub fn step(&mut self, next: &[u8]) {
-        assert_eq!(next.len(), self.rows.len());
-        let (m, be, p) = (self.model, self.be, self.p);
-        let c = &m.cfg;
-        let e = m.embeds();
-        let (pp, dg, dl, pd) = (c.patch_size, c.global_byte_dim, c.local_dim, c.patch_dim());
-        let rows = self.rows.len();
-        for (i, &byte) in next.iter().enumerate() {
-            self.rows[i].bytes.push(byte);
-            if self.rows[i].window().len() == c.max_seq_len {
-                // Context full: slide to the last half and rebuild the caches from the window
-                // minus its newest byte, which the step below then consumes as usual.
-                let row = &mut self.rows[i];
-                row.start = row.bytes.len() - c.max_seq_len / 2;
-                let end = row.bytes.len() - 1;
-                self.prefill(i, end);
-            }
-        }
-        // Rows that just completed a patch take one global step.
-        let lens: Vec<usize> = self.rows.iter().map(|r| r.window().len()).collect();
-        let due: Vec<usize> = (0..rows).filter(|&i| lens[i] % pp == 0).collect();
-        if !due.is_empty() {
-            let s = due.len();
-            let mut ids = Vec::with_capacity(s * pp);
-            let mut pos = Vec::with_capacity(s * pp);
-            for &i in &due {
-                let (w, n) = (self.rows[i].window(), lens[i]);
-                ids.extend(w[n - pp..].iter().map(|&x| x as u32));
-                pos.extend((n - pp..n).map(|t| t as u32));
-            }
-            let mut g_in = be.zeros(s * pd);
-            be.patch_embed_forward(
-                &mut g_in,
-                &p[e.g_tok],
-                &p[e.g_pos],
-                &p[e.g_pad],
-                &ids,
-                &pos,
-                pp,
-                dg,
-            );
-            let g_x = project(be, p, e.in_proj, &g_in, s, pd, c.global_dim);
-            let gpos: Vec<u32> = due.iter().map(|&i| (lens[i] / pp) as u32).collect();
-            let mut caches = Vec::with_capacity(s);
-            let mut due_iter = due.iter().peekable();
-            for (i, r) in self.rows.iter_mut().enumerate() {
-                if due_iter.peek() == Some(&&i) {
-                    caches.push(&mut r.global);
-                    due_iter.next();
-                }
-            }
-            let g = m.global.decode_step(
-                be,
-                p,
-                &mut CacheSet::PerRow(caches),
-                g_x.as_ref().unwrap_or(&g_in),
-                &gpos,
-            );
-            let g_out = project(be, p, e.out_proj, &g, s, c.global_dim, pd);
-            let mut cond = be.zeros(s * pp * dl);
-            be.matmul(
-                &mut cond,
-                g_out.as_ref().unwrap_or(&g),
-                &p[e.gl],
-                s * pp,
-                dg,
-                dl,
-                false,
-                false,
-                false,
-            );
-            let rows_idx: Vec<u32> = due
-                .iter()
-                .flat_map(|&i| (0..pp).map(move |q| (i * pp + q) as u32))
-                .collect();
-            be.scatter_rows(&mut self.cond, &cond, &rows_idx, dl);
-        }
-        // Every row takes one local step at its slot.
-        let slots: Vec<u32> = lens.iter().map(|&n| (n % pp) as u32).collect();
-        let cond_rows: Vec<u32> = (0..rows).map(|i| (i * pp) as u32 + slots[i]).collect();
-        let ids: Vec<u32> = (0..rows)
-            .map(|i| {
-                if slots[i] == 0 {
-                    PAD_ID
-                } else {
-                    self.rows[i].window()[lens[i] - 1] as u32
-                }
-            })
-            .collect();
-        let mut l_in = be.zeros(rows * dl);
-        be.gather_rows(&mut l_in, &self.cond, &cond_rows, dl);
-        be.local_embed_forward(
-            &mut l_in,
-            &p[e.l_tok],
-            &p[e.l_pos],
-            &p[e.l_pad],
-            &ids,
-            &slots,
-            dl,
-        );
-        let out = m.local.decode_step(
-            be,
-            p,
-            &mut CacheSet::Batched(&mut self.local),
-            &l_in,
-            &slots,
-        );
-        self.logits = self.head(&out, rows);
+/// The head's product (`trans_b`) runs in groups of at most this many rows, the range in
+/// which the CPU backend's small-row path gives every row the same result whatever the count.
+const HEAD_GROUP: usize = 16;
+
+/// Row indices with a single row repeated, so no matrix product sees `m = 1` (whose `gemm`
+/// path rounds differently from the batched one and would make results batch-dependent).
+fn pad_to_two(rows: &[u32]) -> Vec<u32> {
+    let mut idx = rows.to_vec();
+    if idx.len() == 1 {
+        idx.push(idx[0]);
     }
+    idx
+}
+
+/// Global inputs of one step padded to two patches (see [`pad_to_two`]).
+fn pad_ids(ids: &[u32], pos: &[u32], pp: usize) -> (Vec<u32>, Vec<u32>) {
+    let (mut ids, mut pos) = (ids.to_vec(), pos.to_vec());
+    if ids.len() == pp {
+        ids.extend_from_within(..pp);
+        pos.extend_from_within(..pp);
+    }
+    (ids, pos)
 }
 
 /// `x · W + b` for an optional projection `(W, b)` of shape `[din, dout]`; `None` when absent.
@@ -317,16 +457,90 @@ fn project<B: Backend>(
     })
 }
 
-impl<B: Backend> crate::model::Decoder for MegabyteDecoder<'_, B> {
-    fn rows(&self) -> usize {
-        MegabyteDecoder::rows(self)
+impl<B: Backend> Decoder for MegabyteDecoder<'_, B> {
+    fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn insert(&mut self, slot: usize, prompt: &[u8]) {
+        assert!(self.slots[slot].is_none(), "slot {slot} is occupied");
+        let c = &self.model.cfg;
+        let start = prompt.len().saturating_sub(c.max_seq_len - 1);
+        self.slots[slot] = Some(Row {
+            window: prompt[start..].to_vec(),
+            events: 0,
+            global: self
+                .model
+                .global
+                .kv_cache(self.be, 1, self.grow.min(c.patches())),
+            local: self.model.local.kv_cache(self.be, 1, c.patch_size),
+        });
+        let v = c.vocab_size;
+        self.logits[slot * v..(slot + 1) * v].fill(0.0);
+    }
+
+    fn remove(&mut self, slot: usize) {
+        self.slots[slot] = None;
+    }
+
+    fn push(&mut self, slot: usize, byte: u8) {
+        let max = self.model.cfg.max_seq_len;
+        let row = self.slots[slot]
+            .as_mut()
+            .unwrap_or_else(|| panic!("slot {slot} is empty"));
+        row.window.push(byte);
+        if row.window.len() == max {
+            // Context full: keep the last half and rebuild the caches from it.
+            row.window.drain(..max - max / 2);
+            row.events = 0;
+        }
+    }
+
+    fn pending(&self, slot: usize) -> usize {
+        self.row(slot).pending()
+    }
+
+    fn advance(&mut self, work: &[(usize, usize)]) {
+        let plans: Vec<Plan> = work
+            .iter()
+            .filter_map(|&(slot, max)| {
+                let row = self.row(slot);
+                let n = max.min(row.pending());
+                (n > 0).then(|| Plan {
+                    slot,
+                    first: row.events,
+                    end: row.events + n,
+                })
+            })
+            .collect();
+        if plans.is_empty() {
+            return;
+        }
+        self.run_global(&plans);
+        self.run_local(&plans);
+        for plan in &plans {
+            if let Some(row) = self.slots[plan.slot].as_mut() {
+                row.events = plan.end;
+            }
+        }
+    }
+
+    fn slot_logits(&self, slot: usize) -> &[f32] {
+        let v = self.model.cfg.vocab_size;
+        &self.logits[slot * v..(slot + 1) * v]
+    }
+
+    fn cache_positions(&self, slot: usize, more: usize) -> usize {
+        let row = self.row(slot);
+        let events = row.events + more.min(row.pending());
+        if events == 0 {
+            0
+        } else {
+            (events - 1) / self.model.cfg.patch_size + 1
+        }
     }
 
     fn logits(&self) -> &[f32] {
-        MegabyteDecoder::logits(self)
-    }
-
-    fn step(&mut self, next: &[u8]) {
-        MegabyteDecoder::step(self, next)
+        &self.logits
     }
 }

@@ -67,6 +67,8 @@ pub struct MegalodonStream<'a, B: Backend> {
     consumed: Vec<usize>,
     /// `[rows, V]`: the prediction after each row's latest byte (zeros before its first).
     next_logits: Vec<f32>,
+    /// Bytes queued per row by the slot interface ([`Decoder`]) and not yet fed.
+    queued: Vec<Vec<u8>>,
 }
 
 impl<B: Backend> StreamState<B> {
@@ -121,7 +123,39 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
             state: StreamState::fresh(model, be, rows),
             consumed: vec![0; rows],
             next_logits: vec![0.0; rows * model.cfg.vocab_size],
+            queued: vec![Vec::new(); rows],
         }
+    }
+
+    /// Bytes of carried state per row (f32): every layer's norm statistics, CEMA state and
+    /// partial-chunk keys and values, plus the final norm and the logits.
+    pub fn slot_bytes(model: &Megalodon) -> usize {
+        let c = &model.cfg;
+        let (d, n, g) = (c.model_dim, c.cema_ndim, c.norm_num_groups);
+        let tsn = 1 + 2 * g;
+        let kv = c.chunk_size * (c.z_dim + c.value_dim) + 1;
+        let layer = tsn + d * n * 2 + kv;
+        (c.num_layers * layer + tsn + c.vocab_size) * std::mem::size_of::<f32>()
+    }
+
+    /// Reset row `r` to a fresh sequence.
+    fn reset_row(&mut self, r: usize) {
+        let (model, be) = (self.model, self.be);
+        let c = &model.cfg;
+        let g = c.norm_num_groups;
+        let fresh = StreamState::fresh(model, be, 1);
+        let h_width = c.model_dim * c.cema_ndim * 2;
+        let idx = [r as u32];
+        for (st, f) in self.state.layers.iter_mut().zip(&fresh.layers) {
+            scatter_stats(be, &mut st.tsn, &f.tsn, &idx, g);
+            be.scatter_rows(&mut st.h, &f.h, &idx, h_width);
+            be.chunk_cache_copy_row(&mut st.kv, r, &f.kv, 0);
+        }
+        scatter_stats(be, &mut self.state.final_norm, &fresh.final_norm, &idx, g);
+        self.consumed[r] = 0;
+        let v = c.vocab_size;
+        self.next_logits[r * v..(r + 1) * v].fill(0.0);
+        self.queued[r].clear();
     }
 
     /// One fresh sequence per prompt, each prefilled with its prompt.
@@ -132,7 +166,11 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
         prompts: &[&[u8]],
     ) -> Self {
         let mut s = Self::new(model, be, p, prompts.len());
-        s.feed(prompts, Logits::Last);
+        for (slot, prompt) in prompts.iter().enumerate() {
+            s.insert(slot, prompt);
+        }
+        let work: Vec<(usize, usize)> = (0..prompts.len()).map(|r| (r, usize::MAX)).collect();
+        s.advance(&work);
         s
     }
 
@@ -198,30 +236,46 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
 
     /// Run `len` bytes for each row in `sel` (ascending), `flat` `[sel.len(), len]`.
     fn run_rows(&mut self, sel: &[usize], flat: &[u8], len: usize, which: Logits) -> Vec<f32> {
+        self.run_rows_padded(sel, flat, len, which, 0)
+    }
+
+    /// [`Self::run_rows`] in a call of at least `min_rows` rows: missing rows are copies of
+    /// the first, whose results are dropped.
+    fn run_rows_padded(
+        &mut self,
+        sel: &[usize],
+        flat: &[u8],
+        len: usize,
+        which: Logits,
+        min_rows: usize,
+    ) -> Vec<f32> {
         let (model, be, p) = (self.model, self.be, self.p);
-        if sel.len() == self.rows() {
-            return run_call(model, be, p, &mut self.state, flat, sel.len(), len, which);
+        let real = sel.len();
+        if real == self.rows() && min_rows <= real {
+            return run_call(model, be, p, &mut self.state, flat, real, len, which);
         }
         let c = &model.cfg;
         let g = c.norm_num_groups;
         let h_width = c.model_dim * c.cema_ndim * 2;
-        let idx: Vec<u32> = sel.iter().map(|&r| r as u32).collect();
+        let rows = real.max(min_rows);
+        let mut all: Vec<usize> = sel.to_vec();
+        all.resize(rows, sel[0]);
+        let mut flat = flat.to_vec();
+        for _ in real..rows {
+            flat.extend_from_within(..len);
+        }
+        let idx: Vec<u32> = all.iter().map(|&r| r as u32).collect();
         let mut sub = StreamState {
             layers: self
                 .state
                 .layers
                 .iter()
                 .map(|st| {
-                    let mut h = be.zeros(sel.len() * h_width);
+                    let mut h = be.zeros(rows * h_width);
                     be.gather_rows(&mut h, &st.h, &idx, h_width);
-                    let mut kv = be.chunk_cache(
-                        sel.len(),
-                        c.num_heads,
-                        c.head_z(),
-                        c.head_v(),
-                        c.chunk_size,
-                    );
-                    for (k, &r) in sel.iter().enumerate() {
+                    let mut kv =
+                        be.chunk_cache(rows, c.num_heads, c.head_z(), c.head_v(), c.chunk_size);
+                    for (k, &r) in all.iter().enumerate() {
                         be.chunk_cache_copy_row(&mut kv, k, &st.kv, r);
                     }
                     LayerState {
@@ -233,16 +287,43 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
                 .collect(),
             final_norm: gather_stats(be, &self.state.final_norm, &idx, g),
         };
-        let logits = run_call(model, be, p, &mut sub, flat, sel.len(), len, which);
+        let mut logits = run_call(model, be, p, &mut sub, &flat, rows, len, which);
+        // Keep the real rows only.
+        let keep: Vec<u32> = (0..real as u32).collect();
+        let real_idx = &idx[..real];
         for (st, part) in self.state.layers.iter_mut().zip(&sub.layers) {
-            scatter_stats(be, &mut st.tsn, &part.tsn, &idx, g);
-            be.scatter_rows(&mut st.h, &part.h, &idx, h_width);
+            let kept = gather_stats(be, &part.tsn, &keep, g);
+            scatter_stats(be, &mut st.tsn, &kept, real_idx, g);
+            let mut h = be.zeros(real * h_width);
+            be.gather_rows(&mut h, &part.h, &keep, h_width);
+            be.scatter_rows(&mut st.h, &h, real_idx, h_width);
             for (k, &r) in sel.iter().enumerate() {
                 be.chunk_cache_copy_row(&mut st.kv, r, &part.kv, k);
             }
         }
-        scatter_stats(be, &mut self.state.final_norm, &sub.final_norm, &idx, g);
+        let kept = gather_stats(be, &sub.final_norm, &keep, g);
+        scatter_stats(be, &mut self.state.final_norm, &kept, real_idx, g);
+        logits.truncate(logits.len() / rows * real);
         logits
+    }
+
+    /// Fewest rows·bytes per call for which the CPU `gemm` gives every row of the model's
+    /// `x·Wᵀ` products the same result whatever the row count: it has a separate path for a
+    /// single row and, for `x·Wᵀ`, one for outputs of at most 256 elements (rows × width).
+    fn min_call_rows_bytes(&self) -> usize {
+        let c = &self.model.cfg;
+        let narrowest = [
+            c.z_dim,
+            c.value_dim,
+            c.model_dim,
+            c.ffn_hidden_dim,
+            c.vocab_size,
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(1)
+        .max(1);
+        (256 / narrowest + 1).max(2)
     }
 }
 
@@ -311,16 +392,84 @@ fn run_call<B: Backend>(
 }
 
 impl<B: Backend> Decoder for MegalodonStream<'_, B> {
-    fn rows(&self) -> usize {
-        MegalodonStream::rows(self)
+    fn capacity(&self) -> usize {
+        self.rows()
+    }
+
+    fn insert(&mut self, slot: usize, prompt: &[u8]) {
+        self.reset_row(slot);
+        self.queued[slot] = prompt.to_vec();
+    }
+
+    fn remove(&mut self, slot: usize) {
+        self.queued[slot].clear();
+    }
+
+    fn push(&mut self, slot: usize, byte: u8) {
+        self.queued[slot].push(byte);
+    }
+
+    fn pending(&self, slot: usize) -> usize {
+        self.queued[slot].len()
+    }
+
+    /// Sequences with one byte queued (decoding) run together in one call; longer queues
+    /// (prefill) run alone, one chunk-aligned piece of at most one chunk per call, taking the
+    /// budget up to the next chunk boundary. Every call holds at least
+    /// [`Self::min_call_rows_bytes`] rows × bytes (padded with copies), so the pieces of a
+    /// sequence depend on its bytes alone and its arithmetic on nothing else: results do not
+    /// depend on the budget or on the other slots.
+    fn advance(&mut self, work: &[(usize, usize)]) {
+        let (v, chunk) = (self.model.cfg.vocab_size, self.model.cfg.chunk_size);
+        let min = self.min_call_rows_bytes();
+        let mut decoding = Vec::new();
+        for &(slot, max) in work {
+            let queued = self.queued[slot].len();
+            let mut left = max.min(queued);
+            if left == 0 {
+                continue;
+            }
+            if queued == 1 {
+                decoding.push(slot);
+                continue;
+            }
+            let mut done = 0;
+            while left > 0 {
+                let at = self.consumed[slot] % chunk;
+                let len = (chunk - at).min(queued - done);
+                let piece = self.queued[slot][done..done + len].to_vec();
+                let logits =
+                    self.run_rows_padded(&[slot], &piece, len, Logits::Last, min.div_ceil(len));
+                self.next_logits[slot * v..(slot + 1) * v].copy_from_slice(&logits[..v]);
+                self.consumed[slot] += len;
+                done += len;
+                left = left.saturating_sub(len);
+            }
+            self.queued[slot].drain(..done);
+        }
+        if decoding.is_empty() {
+            return;
+        }
+        decoding.sort_unstable();
+        let flat: Vec<u8> = decoding.iter().map(|&r| self.queued[r][0]).collect();
+        let logits = self.run_rows_padded(&decoding, &flat, 1, Logits::Last, min);
+        for (k, &r) in decoding.iter().enumerate() {
+            self.next_logits[r * v..(r + 1) * v].copy_from_slice(&logits[k * v..(k + 1) * v]);
+            self.consumed[r] += 1;
+            self.queued[r].clear();
+        }
+    }
+
+    fn slot_logits(&self, slot: usize) -> &[f32] {
+        let v = self.model.cfg.vocab_size;
+        &self.next_logits[slot * v..(slot + 1) * v]
+    }
+
+    fn cache_positions(&self, _slot: usize, _more: usize) -> usize {
+        0
     }
 
     fn logits(&self) -> &[f32] {
         self.next_logits()
-    }
-
-    fn step(&mut self, next: &[u8]) {
-        let tokens: Vec<&[u8]> = next.iter().map(std::slice::from_ref).collect();
-        self.feed(&tokens, Logits::Last);
     }
 }

@@ -69,13 +69,48 @@ pub trait LanguageModel<B: Backend>: ModelShape {
     ) -> Box<dyn Decoder + 'a>;
 }
 
-/// Incremental generation: logits for the next byte of every row, and a step that appends
-/// one byte per row.
+/// Incremental generation over a fixed number of slots, each holding at most one sequence.
+///
+/// A sequence enters a free slot with [`Decoder::insert`], which only queues its prompt;
+/// [`Decoder::advance`] runs queued bytes through the model, a bounded number per slot per
+/// call (chunked prefill), for many slots at once; [`Decoder::push`] queues a sampled byte;
+/// [`Decoder::remove`] frees the slot for reuse. A slot's logits are its next-byte prediction
+/// once nothing is queued. The result for a sequence never depends on the other slots or on
+/// how its bytes were split across `advance` calls.
 pub trait Decoder {
-    /// Number of rows.
-    fn rows(&self) -> usize;
-    /// `[rows, 256]` next-byte logits.
+    /// Number of slots.
+    fn capacity(&self) -> usize;
+    /// Start a sequence with `prompt` in free slot `slot` (nothing is computed yet).
+    fn insert(&mut self, slot: usize, prompt: &[u8]);
+    /// End the sequence in `slot`, freeing it.
+    fn remove(&mut self, slot: usize);
+    /// Queue one more byte (the one just sampled) for `slot`.
+    fn push(&mut self, slot: usize, byte: u8);
+    /// Units of work queued for `slot` and not yet run (bytes, plus one for a MEGABYTE
+    /// sequence's initial pad step); 0 when its logits are current.
+    fn pending(&self, slot: usize) -> usize;
+    /// Run at most `max` queued units of every `(slot, max)` in `work`, batched together.
+    fn advance(&mut self, work: &[(usize, usize)]);
+    /// `[256]` next-byte logits of `slot` (valid when `pending(slot) == 0`).
+    fn slot_logits(&self, slot: usize) -> &[f32];
+    /// Cache positions `slot` holds after running `more` further units (MEGABYTE global
+    /// KV positions; 0 for models whose state has constant size).
+    fn cache_positions(&self, slot: usize, more: usize) -> usize;
+
+    /// Number of rows (slots).
+    fn rows(&self) -> usize {
+        self.capacity()
+    }
+    /// `[rows, 256]` next-byte logits of every slot.
     fn logits(&self) -> &[f32];
-    /// Append `next[i]` to row `i` and compute the next logits.
-    fn step(&mut self, next: &[u8]);
+    /// Append `next[i]` to the sequence in slot `i` (every slot occupied) and compute the
+    /// next logits.
+    fn step(&mut self, next: &[u8]) {
+        assert_eq!(next.len(), self.capacity());
+        for (slot, &b) in next.iter().enumerate() {
+            self.push(slot, b);
+        }
+        let work: Vec<(usize, usize)> = (0..self.capacity()).map(|s| (s, usize::MAX)).collect();
+        self.advance(&work);
+    }
 }

@@ -617,10 +617,11 @@ impl Stack {
                         self.scale(),
                     );
                 }
-                CacheSet::PerRow(cs) => {
-                    assert_eq!(cs.len(), s);
+                CacheSet::Indexed { caches, of_step } => {
+                    assert_eq!(of_step.len(), s);
                     let (mut q1, mut o1) = (be.zeros(3 * d), be.zeros(d));
-                    for (i, c) in cs.iter_mut().enumerate() {
+                    for (i, &ci) in of_step.iter().enumerate() {
+                        let c = &mut *caches[ci];
                         be.gather_rows(&mut q1, &qkv, &[i as u32], 3 * d);
                         be.kv_append(&mut c.k[l], &mut c.v[l], &q1, &pos[i..i + 1], d);
                         be.attention_decode(
@@ -697,7 +698,13 @@ impl Stack {
 pub enum CacheSet<'a, B: Backend> {
     /// One cache whose rows are exactly the step's rows, in order (the local model).
     Batched(&'a mut KvCache<B>),
-    /// One single-row cache per step row (the global model, which steps only the
-    /// sequences that just completed a patch).
-    PerRow(Vec<&'a mut KvCache<B>>),
+    /// Single-row caches (one per sequence), any number of steps each: step `i` reads and appends to
+    /// `caches[of_step[i]]`. Steps sharing a cache must come in increasing position order;
+    /// each then attends to the keys of the ones before it (chunked prefill).
+    Indexed {
+        /// The caches.
+        caches: Vec<&'a mut KvCache<B>>,
+        /// Cache of each step.
+        of_step: Vec<usize>,
+    },
 }

@@ -1,0 +1,246 @@
+//! The slot decoders behind the serving engine: a sequence's logits must not depend on which
+//! other sequences share its batch (batch invariance), nor on how its prompt was split into
+//! prefill chunks. Both are checked bit for bit, on models wide enough that the CPU `gemm`
+//! takes different paths for one row and for several.
+
+use mega::backend::cpu::Cpu;
+use mega::config::{FeedForward, MegabyteConfig, MegalodonConfig};
+use mega::infer::megabyte_decoder::MegabyteDecoder;
+use mega::infer::megalodon_stream::MegalodonStream;
+use mega::model::megabyte::Megabyte;
+use mega::model::megalodon::Megalodon;
+use mega::model::{Decoder, ModelShape};
+
+/// A MEGABYTE small enough for tests but with a 128-wide local model (its head product has
+/// k = 128) and a 1024-wide global feed-forward, and weights large enough for peaked logits.
+fn megabyte_cfg() -> MegabyteConfig {
+    MegabyteConfig {
+        vocab_size: 256,
+        patch_size: 4,
+        max_seq_len: 64,
+        global_byte_dim: 64,
+        global_dim: 256,
+        global_layers: 2,
+        global_heads: 4,
+        local_dim: 128,
+        local_layers: 2,
+        local_heads: 2,
+        ffn_mult: 4,
+        activation: FeedForward::Relu,
+        init_std: 0.05,
+        head_bias: true,
+    }
+}
+
+fn megalodon_cfg() -> MegalodonConfig {
+    let mut c = MegalodonConfig::preset("tiny").unwrap();
+    c.model_dim = 128;
+    c.z_dim = 64;
+    c.value_dim = 128;
+    c.ffn_hidden_dim = 512;
+    c.chunk_size = 8;
+    c
+}
+
+fn text(seed: usize, len: usize) -> Vec<u8> {
+    let src =
+        b"It was the best of times, it was the worst of times; the age of wisdom, of foolishness. ";
+    (0..len)
+        .map(|i| src[(i * 7 + seed * 13) % src.len()])
+        .collect()
+}
+
+/// Logits of `target` (prompt, then `follow` pushed one byte at a time) in slot `slot` of a
+/// decoder whose other slots run `others` (each prompt, then the same continuation bytes as
+/// the target, cycled), each advanced at most `chunk` units per call.
+fn trace(
+    dec: &mut dyn Decoder,
+    slot: usize,
+    target: &[u8],
+    follow: &[u8],
+    others: &[(usize, Vec<u8>)],
+    chunk: usize,
+) -> Vec<Vec<f32>> {
+    dec.insert(slot, target);
+    for (s, p) in others {
+        dec.insert(*s, p);
+    }
+    let mut out = Vec::new();
+    let slots: Vec<usize> = std::iter::once(slot)
+        .chain(others.iter().map(|o| o.0))
+        .collect();
+    let mut step = 0;
+    loop {
+        let work: Vec<(usize, usize)> = slots
+            .iter()
+            .filter(|&&s| dec.pending(s) > 0)
+            .map(|&s| (s, chunk))
+            .collect();
+        dec.advance(&work);
+        if dec.pending(slot) == 0 {
+            out.push(dec.slot_logits(slot).to_vec());
+            if step == follow.len() {
+                return out;
+            }
+            dec.push(slot, follow[step]);
+            step += 1;
+        }
+        // The other rows decode too, so the batch composition keeps changing.
+        for (s, _) in others {
+            if dec.pending(*s) == 0 {
+                dec.push(*s, follow[(step + *s) % follow.len()]);
+            }
+        }
+    }
+}
+
+fn assert_bit_equal(what: &str, a: &[Vec<f32>], b: &[Vec<f32>]) {
+    assert_eq!(a.len(), b.len(), "{what}: number of predictions");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let same = x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+        let worst = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            same,
+            "{what}: prediction {i} differs (max |diff| {worst:e})"
+        );
+    }
+    assert!(
+        a.iter().flatten().any(|&x| x != a[0][0]),
+        "{what}: degenerate logits"
+    );
+}
+
+fn megabyte_model() -> (Megabyte, Cpu<f32>, Vec<Vec<f32>>) {
+    let model = Megabyte::new(&megabyte_cfg());
+    let be = Cpu::<f32>::new();
+    let params = model.layout().upload(&be, &model.layout().init_host(3));
+    (model, be, params)
+}
+
+fn megalodon_model() -> (Megalodon, Cpu<f32>, Vec<Vec<f32>>) {
+    let model = Megalodon::new(&megalodon_cfg());
+    let be = Cpu::<f32>::new();
+    let params = model.layout().upload(&be, &model.layout().init_host(3));
+    (model, be, params)
+}
+
+fn others() -> Vec<(usize, Vec<u8>)> {
+    // Four other prompts of different lengths (one empty) in the other slots.
+    vec![
+        (0, text(1, 9)),
+        (1, text(2, 30)),
+        (3, Vec::new()),
+        (4, text(3, 5)),
+    ]
+}
+
+#[test]
+fn megabyte_logits_do_not_depend_on_the_rest_of_the_batch() {
+    let (model, be, params) = megabyte_model();
+    // 70 bytes in all: the 64-byte window slides once on the way.
+    let (target, follow) = (text(0, 23), text(5, 47));
+    let mut alone = MegabyteDecoder::with_slots(&model, &be, &params, 1, 4);
+    let a = trace(&mut alone, 0, &target, &follow, &[], usize::MAX);
+    let mut batch = MegabyteDecoder::with_slots(&model, &be, &params, 5, 4);
+    let b = trace(&mut batch, 2, &target, &follow, &others(), usize::MAX);
+    assert_bit_equal("megabyte alone vs batch of 5", &a, &b);
+}
+
+#[test]
+fn megalodon_logits_do_not_depend_on_the_rest_of_the_batch() {
+    let (model, be, params) = megalodon_model();
+    let (target, follow) = (text(0, 23), text(5, 30));
+    let mut alone = MegalodonStream::new(&model, &be, &params, 1);
+    let a = trace(&mut alone, 0, &target, &follow, &[], usize::MAX);
+    let mut batch = MegalodonStream::new(&model, &be, &params, 5);
+    let b = trace(&mut batch, 2, &target, &follow, &others(), usize::MAX);
+    assert_bit_equal("megalodon alone vs batch of 5", &a, &b);
+}
+
+/// Eight other sequences: the decode batch then holds more rows than the padding minimum,
+/// so the target's row count really changes from step to step.
+fn many_others() -> Vec<(usize, Vec<u8>)> {
+    (0..9)
+        .filter(|&s| s != 2)
+        .map(|s| (s, text(s + 1, 3 * s)))
+        .collect()
+}
+
+#[test]
+fn megabyte_logits_do_not_depend_on_a_larger_batch() {
+    let (model, be, params) = megabyte_model();
+    let (target, follow) = (text(0, 23), text(5, 47));
+    let mut alone = MegabyteDecoder::with_slots(&model, &be, &params, 1, 4);
+    let a = trace(&mut alone, 0, &target, &follow, &[], usize::MAX);
+    let mut batch = MegabyteDecoder::with_slots(&model, &be, &params, 9, 4);
+    let b = trace(&mut batch, 2, &target, &follow, &many_others(), 5);
+    assert_bit_equal("megabyte alone vs batch of 9", &a, &b);
+}
+
+#[test]
+fn megalodon_logits_do_not_depend_on_a_larger_batch() {
+    let (model, be, params) = megalodon_model();
+    let (target, follow) = (text(0, 23), text(5, 30));
+    let mut alone = MegalodonStream::new(&model, &be, &params, 1);
+    let a = trace(&mut alone, 0, &target, &follow, &[], usize::MAX);
+    let mut batch = MegalodonStream::new(&model, &be, &params, 9);
+    let b = trace(&mut batch, 2, &target, &follow, &many_others(), 5);
+    assert_bit_equal("megalodon alone vs batch of 9", &a, &b);
+}
+
+#[test]
+fn megabyte_chunked_prefill_equals_unchunked() {
+    let (model, be, params) = megabyte_model();
+    let (target, follow) = (text(0, 50), text(5, 6));
+    let mut whole = MegabyteDecoder::with_slots(&model, &be, &params, 1, 4);
+    let a = trace(&mut whole, 0, &target, &follow, &[], usize::MAX);
+    for chunk in [1, 3, 4, 7] {
+        let mut dec = MegabyteDecoder::with_slots(&model, &be, &params, 5, 4);
+        let b = trace(&mut dec, 2, &target, &follow, &others(), chunk);
+        assert_bit_equal(&format!("megabyte prefill in chunks of {chunk}"), &a, &b);
+    }
+}
+
+#[test]
+fn megalodon_chunked_prefill_equals_unchunked() {
+    let (model, be, params) = megalodon_model();
+    let (target, follow) = (text(0, 50), text(5, 6));
+    let mut whole = MegalodonStream::new(&model, &be, &params, 1);
+    let a = trace(&mut whole, 0, &target, &follow, &[], usize::MAX);
+    for chunk in [1, 3, 8, 16] {
+        let mut dec = MegalodonStream::new(&model, &be, &params, 5);
+        let b = trace(&mut dec, 2, &target, &follow, &others(), chunk);
+        assert_bit_equal(&format!("megalodon prefill in chunks of {chunk}"), &a, &b);
+    }
+}
+
+#[test]
+fn megabyte_slots_are_reused_after_removal() {
+    let (model, be, params) = megabyte_model();
+    let (target, follow) = (text(0, 11), text(5, 9));
+    let mut fresh = MegabyteDecoder::with_slots(&model, &be, &params, 2, 4);
+    let a = trace(&mut fresh, 1, &target, &follow, &[], usize::MAX);
+    // The same slot, after another sequence used it and left.
+    let mut reused = MegabyteDecoder::with_slots(&model, &be, &params, 2, 4);
+    let _ = trace(&mut reused, 1, &text(7, 40), &follow, &[], usize::MAX);
+    reused.remove(1);
+    let b = trace(&mut reused, 1, &target, &follow, &[], usize::MAX);
+    assert_bit_equal("megabyte reused slot", &a, &b);
+}
+
+#[test]
+fn megalodon_slots_are_reused_after_removal() {
+    let (model, be, params) = megalodon_model();
+    let (target, follow) = (text(0, 11), text(5, 9));
+    let mut fresh = MegalodonStream::new(&model, &be, &params, 2);
+    let a = trace(&mut fresh, 1, &target, &follow, &[], usize::MAX);
+    let mut reused = MegalodonStream::new(&model, &be, &params, 2);
+    let _ = trace(&mut reused, 1, &text(7, 40), &follow, &[], usize::MAX);
+    reused.remove(1);
+    let b = trace(&mut reused, 1, &target, &follow, &[], usize::MAX);
+    assert_bit_equal("megalodon reused slot", &a, &b);
+}
