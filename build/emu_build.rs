@@ -66,13 +66,41 @@ pub fn build(manifest_dir: &Path, out_dir: &Path) {
         ] {
             build.flag(flag);
         }
-        println!("cargo:rustc-link-arg=-fsanitize=address,undefined");
+        link_sanitizer_runtimes(&build);
         println!("cargo:rustc-cfg=emu_sanitize");
     }
     build.compile("mega_cuemu");
 
     write_kernel_table(out_dir);
     regenerate_bindings(manifest_dir, &emu_dir, out_dir);
+}
+
+/// Links the ASan and UBSan runtimes statically into the crate's tests and binaries. rustc
+/// links with `-nodefaultlibs`, so `-fsanitize` on the link line adds nothing; and a shared
+/// libasan would have to come first in the library list, which rustc's link order does not
+/// give. The static runtime (whole archive, so every interceptor is in) avoids both.
+fn link_sanitizer_runtimes(build: &cc::Build) {
+    let compiler = build.get_compiler();
+    let file_of = |name: &str| {
+        let out = std::process::Command::new(compiler.path())
+            .arg(format!("-print-file-name={name}"))
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", compiler.path().display()));
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            Path::new(&path).is_absolute(),
+            "MEGA_EMU_SANITIZE=1 needs {name} from the C++ compiler's sanitizer runtime (libasan/libubsan packages)"
+        );
+        path
+    };
+    println!("cargo:rustc-link-arg={}", file_of("libasan_preinit.o"));
+    println!("cargo:rustc-link-arg=-Wl,--whole-archive");
+    println!("cargo:rustc-link-arg={}", file_of("libasan.a"));
+    println!("cargo:rustc-link-arg=-Wl,--no-whole-archive");
+    println!("cargo:rustc-link-arg={}", file_of("libubsan.a"));
+    for lib in ["-lstdc++", "-lpthread", "-ldl", "-lrt", "-lm"] {
+        println!("cargo:rustc-link-arg={lib}");
+    }
 }
 
 /// The runtime TU: the runtime itself plus one alias per dynamic shared-memory name (an alias

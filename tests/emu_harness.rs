@@ -460,3 +460,59 @@ fn read_past_end_is_caught_by_address_sanitizer() {
         "{stderr}"
     );
 }
+
+#[test]
+fn wmma_gemm_matches_a_double_precision_product() {
+    use half::bf16;
+    let (m, n, k) = (32usize, 48usize, 32usize);
+    let mut r = rng(12);
+    let a: Vec<bf16> = uniform(&mut r, m * k, -1.0, 1.0)
+        .iter()
+        .map(|&v| bf16::from_f32(v))
+        .collect();
+    let b: Vec<bf16> = uniform(&mut r, k * n, -1.0, 1.0)
+        .iter()
+        .map(|&v| bf16::from_f32(v))
+        .collect();
+    let mut want = vec![0.0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let dot: f64 = (0..k)
+                .map(|p| a[i * k + p].to_f64() * b[p * n + j].to_f64())
+                .sum();
+            want[i * n + j] = dot as f32;
+        }
+    }
+    let (a_buf, b_buf) = (HostBuffer::from_slice(&a), HostBuffer::from_slice(&b));
+    let (m_i, n_i, k_i) = (m as i32, n as i32, k as i32);
+    for_each_schedule(|schedule| {
+        let c = HostBuffer::filled(m * n, f32::NAN);
+        launch(
+            "selftest_wmma_gemm",
+            LaunchConfig::new((n as u32 / 16, m as u32 / 16), 32, 0),
+            &[&c, &a_buf, &b_buf, &m_i, &n_i, &k_i],
+        )
+        .unwrap();
+        emu_support::assert_close(&c.to_vec(), &want, 1e-5, &format!("{schedule:?}"));
+    });
+}
+
+#[test]
+fn misaligned_wmma_load_is_reported_with_its_line() {
+    let line = source_line(
+        SELFTEST,
+        "void selftest_wmma_misaligned",
+        "load_matrix_sync",
+    );
+    let c = HostBuffer::filled(32, f32::NAN);
+    let err = launch(
+        "selftest_wmma_misaligned",
+        LaunchConfig::new(1, 32, 0),
+        &[&c],
+    )
+    .unwrap_err();
+    assert_eq!(err.launch_kind(), Some(LaunchErrorKind::Kernel), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("not 256-bit aligned"), "{text}");
+    assert!(text.contains(&format!("selftest.cu:{line}")), "{text}");
+}

@@ -26,7 +26,14 @@ find_libclang_dir() {
   return 1
 }
 
-if find_libclang_dir >/dev/null && "$VENV/bin/python" -m pip show libclang 2>/dev/null | grep -qx "Version: ${WHEEL#*==}"; then
+installed_version() {
+  # Captured first: `grep -q` closing the pipe early would fail the pipeline under pipefail.
+  local info
+  info="$("$VENV/bin/python" -m pip show libclang 2>/dev/null)" || return 1
+  sed -n 's/^Version: //p' <<<"$info"
+}
+
+if find_libclang_dir >/dev/null && [[ "$(installed_version)" == "${WHEEL#*==}" ]]; then
   echo "install-libclang: pinned $WHEEL already present in $VENV" >&2
 else
   if [[ ! -x "$VENV/bin/python" ]]; then

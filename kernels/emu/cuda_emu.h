@@ -24,6 +24,7 @@
 #include <cstring>
 #include <limits>
 #include <source_location>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -129,6 +130,9 @@ enum class WarpOp : int {
     reduce_xor,
     match_any,
     match_all,
+    // The warp-wide synchronization inside every nvcuda::wmma *_sync call: unlike __syncwarp,
+    // all lanes must be at the same call.
+    wmma,
 };
 
 // Waits at the block barrier; returns the count/and/or result for the predicate variants.
@@ -139,6 +143,8 @@ std::uint64_t warp_collective(WarpOp op, unsigned mask, std::uint64_t value, int
                               int* pred_out, const char* file, unsigned line);
 // Lanes of the caller's warp that exist and have not exited.
 unsigned live_lanes();
+// Stops the launch with CUEMU_ERROR_KERNEL: kernel code broke a rule the emulator checks.
+[[noreturn]] void kernel_error(const char* what, const char* file, unsigned line);
 // A monotonically increasing per-OS-thread counter, for clock64().
 long long clock_ticks();
 
@@ -181,6 +187,9 @@ inline void __threadfence_block() { std::atomic_signal_fence(std::memory_order_s
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __nanosleep(unsigned) {}
+[[noreturn]] inline void __trap(std::source_location loc = std::source_location::current()) {
+    cuemu::kernel_error("__trap()", loc.file_name(), loc.line());
+}
 inline long long clock64() { return cuemu::clock_ticks(); }
 
 // ---- warp collectives ----------------------------------------------------------------------

@@ -52,7 +52,9 @@ typedef enum cuemu_status {
     /** The kernel wrote dynamic shared memory past the launch's shared_mem_bytes. */
     CUEMU_ERROR_SHARED_OVERFLOW = 5,
     /** Wrong number or size of kernel arguments (checked against the kernel signature). */
-    CUEMU_ERROR_ARGUMENTS = 6
+    CUEMU_ERROR_ARGUMENTS = 6,
+    /** Kernel code broke an API rule the emulator checks (wmma alignment, __trap(), ...). */
+    CUEMU_ERROR_KERNEL = 7
 } cuemu_status;
 
 /** One launched kernel: calls the kernel with arguments unpacked from `params`. */

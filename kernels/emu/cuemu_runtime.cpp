@@ -171,7 +171,7 @@ private:
 enum class FiberState : std::uint8_t { runnable, at_barrier, at_warp_op, exited };
 
 // What a fiber asks of the scheduler when it switches back to it.
-enum class Request : std::uint8_t { none, barrier, warp_op, exit };
+enum class Request : std::uint8_t { none, barrier, warp_op, exit, abort };
 
 struct Fiber {
     void* sp = nullptr;
@@ -226,6 +226,7 @@ struct Launch {
     std::uint64_t rng = 0;
     int status = CUEMU_OK;
     std::string message;
+    std::string abort_reason;  // kernel_error's text, until the scheduler reports it
 };
 
 thread_local Settings t_settings;
@@ -292,6 +293,7 @@ const char* op_name(WarpOp op) {
         case WarpOp::reduce_xor: return "__reduce_xor_sync";
         case WarpOp::match_any: return "__match_any_sync";
         case WarpOp::match_all: return "__match_all_sync";
+        case WarpOp::wmma: return "wmma::*_sync";
     }
     return "warp collective";
 }
@@ -461,6 +463,15 @@ void complete_warp_op(Launch& l, unsigned warp, unsigned members) {
             return;
         }
     }
+    if (any.op == WarpOp::wmma) {
+        for (unsigned lane = 0; lane < 32; ++lane) {
+            if (lanes[lane] && (lanes[lane]->line != any.line || std::strcmp(lanes[lane]->file, any.file) != 0)) {
+                fail(l, CUEMU_ERROR_WARP_COLLECTIVE,
+                     "warp " + std::to_string(warp) + " lanes are in different wmma calls: " + describe_waiting(l));
+                return;
+            }
+        }
+    }
     std::uint64_t ballot = 0;
     std::uint32_t sum = 0, band = ~0u, bor = 0, bxor = 0;
     std::uint32_t umin = ~0u, umax = 0;
@@ -502,7 +513,8 @@ void complete_warp_op(Launch& l, unsigned warp, unsigned members) {
             case WarpOp::ballot: f->result = ballot; break;
             case WarpOp::any: f->result = ballot != 0; break;
             case WarpOp::all: f->result = ballot == members; break;
-            case WarpOp::syncwarp: f->result = 0; break;
+            case WarpOp::syncwarp:
+            case WarpOp::wmma: f->result = 0; break;
             case WarpOp::reduce_add: f->result = sum; break;
             case WarpOp::reduce_min_u: f->result = umin; break;
             case WarpOp::reduce_max_u: f->result = umax; break;
@@ -598,6 +610,10 @@ void handle_request(Launch& l, Fiber& f) {
             l.warp_live[warp] &= ~(1u << lane);
             try_complete_warp(l, warp);
             try_complete_barrier(l);
+            break;
+        case Request::abort:
+            fail(l, CUEMU_ERROR_KERNEL,
+                 l.abort_reason + " at " + site(f.file, f.line) + " (thread t" + std::to_string(f.index) + ")");
             break;
         case Request::barrier:
             f.state = FiberState::at_barrier;
@@ -725,6 +741,17 @@ std::uint64_t warp_collective(WarpOp op, unsigned mask, std::uint64_t value, int
     switch_to_scheduler(l, f);
     if (pred_out) *pred_out = f.pred_result;
     return f.result;
+}
+
+void kernel_error(const char* what, const char* file, unsigned line) {
+    Launch& l = *t_launch;
+    Fiber& f = *l.current;
+    l.abort_reason = what;
+    f.request = Request::abort;
+    f.file = file;
+    f.line = line;
+    switch_to_scheduler(l, f);
+    __builtin_trap();  // an aborted launch never resumes its fibers
 }
 
 unsigned live_lanes() {

@@ -7,7 +7,10 @@
 // - selftest_missing_barrier:   no barrier between write and read → wrong sums under greedy schedules
 // - selftest_read_past_end:     a masked one-past-the-end load    → AddressSanitizer report
 // - selftest_shared_overflow:   writes past shared_mem_bytes      → shared-overflow error
+// - selftest_wmma_misaligned:   wmma load from a misaligned pointer → kernel error
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 extern __shared__ __align__(16) unsigned char smem[];
 
@@ -134,4 +137,47 @@ extern "C" __global__ void selftest_warp_ops(unsigned* out, const unsigned* in) 
     row[14] = threadIdx.x | (threadIdx.y << 10) | (threadIdx.z << 20);
     row[15] = blockIdx.x | (blockIdx.y << 10) | (blockIdx.z << 20);
     row[16] = active;
+}
+
+// c[m, n] = a[m, k] · b[k, n] (row-major, bf16 in, f32 out) with one warp per 16×16 tile of c.
+// Launch: block 32, grid (n / 16, m / 16); m, n, k multiples of 16.
+extern "C" __global__ void selftest_wmma_gemm(float* c, const __nv_bfloat16* a, const __nv_bfloat16* b, int m,
+                                              int n, int k) {
+    using namespace nvcuda;
+    __shared__ __align__(32) __nv_bfloat16 sa[16 * 16];
+    __shared__ __align__(32) __nv_bfloat16 sb[16 * 16];
+    __shared__ __align__(32) float sc[16 * 16];
+    const int lane = threadIdx.x;
+    const int row0 = blockIdx.y * 16;
+    const int col0 = blockIdx.x * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int k0 = 0; k0 < k; k0 += 16) {
+        for (int e = lane; e < 256; e += 32) {
+            sa[e] = a[(row0 + e / 16) * k + k0 + e % 16];
+            sb[e] = b[(k0 + e / 16) * n + col0 + e % 16];
+        }
+        __syncwarp();
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
+        wmma::load_matrix_sync(fa, sa, 16);
+        wmma::load_matrix_sync(fb, sb, 16);
+        wmma::mma_sync(acc, fa, fb, acc);
+        __syncwarp();
+    }
+    wmma::store_matrix_sync(sc, acc, 16, wmma::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 256; e += 32) c[(row0 + e / 16) * n + col0 + e % 16] = sc[e];
+    (void)m;
+}
+
+// PLANTED BUG: loads matrix A from a pointer that is not 256-bit aligned.
+extern "C" __global__ void selftest_wmma_misaligned(float* c) {
+    using namespace nvcuda;
+    __shared__ __align__(32) __nv_bfloat16 sa[17 * 16];
+    for (int e = threadIdx.x; e < 17 * 16; e += 32) sa[e] = __float2bfloat16(1.0f);
+    __syncwarp();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, sa + 1, 16);
+    c[threadIdx.x] = __bfloat162float(fa.x[0]);
 }

@@ -43,6 +43,8 @@ pub mod cuemu_status {
     pub const CUEMU_ERROR_SHARED_OVERFLOW: Type = 5;
     #[doc = " Wrong number or size of kernel arguments (checked against the kernel signature)."]
     pub const CUEMU_ERROR_ARGUMENTS: Type = 6;
+    #[doc = " Kernel code broke an API rule the emulator checks (wmma alignment, __trap(), ...)."]
+    pub const CUEMU_ERROR_KERNEL: Type = 7;
 }
 #[doc = " One launched kernel: calls the kernel with arguments unpacked from `params`."]
 pub type cuemu_thunk =

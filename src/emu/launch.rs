@@ -133,6 +133,8 @@ pub enum LaunchErrorKind {
     WarpCollective,
     /// Dynamic shared memory written past the launch's `shared_mem_bytes`.
     SharedOverflow,
+    /// Kernel code broke a rule the emulator checks (wmma alignment, `__trap()`, ...).
+    Kernel,
     /// A status this version does not know.
     Other(i32),
 }
@@ -145,6 +147,7 @@ impl LaunchErrorKind {
             cuemu_status::CUEMU_ERROR_DIVERGENT_BARRIER => Self::DivergentBarrier,
             cuemu_status::CUEMU_ERROR_WARP_COLLECTIVE => Self::WarpCollective,
             cuemu_status::CUEMU_ERROR_SHARED_OVERFLOW => Self::SharedOverflow,
+            cuemu_status::CUEMU_ERROR_KERNEL => Self::Kernel,
             _ => Self::Other(status),
         }
     }

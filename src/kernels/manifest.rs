@@ -124,6 +124,8 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
             "selftest_shared_overflow",
             "selftest_dyn_smem_poison",
             "selftest_warp_ops",
+            "selftest_wmma_gemm",
+            "selftest_wmma_misaligned",
         ],
         ptx: false,
     },
