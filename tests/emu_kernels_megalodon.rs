@@ -202,6 +202,7 @@ fn cema_forward_matches_the_twin_with_carried_state() {
             }
         }
     }
+    print_worst("cema_forward_matches_the_twin_with_carried_state");
 }
 
 /// The chunk states the forward saves for the backward are the twin's state after each
@@ -234,6 +235,7 @@ fn cema_chunk_states_are_the_states_before_each_chunk() {
             );
         }
     }
+    print_worst("cema_chunk_states_are_the_states_before_each_chunk");
 }
 
 /// Two calls chained through h_out → h0 give the one-call result (streaming).
@@ -265,6 +267,7 @@ fn cema_calls_chain_through_the_carried_state() {
         assert_close(&format!("chained y {schedule:?}"), &y, &y_want, F32_TOL);
         assert_close(&format!("chained h {schedule:?}"), &h2, &h_want, F32_TOL);
     }
+    print_worst("cema_calls_chain_through_the_carried_state");
 }
 
 #[test]
@@ -355,6 +358,7 @@ fn cema_backward_matches_the_twin() {
             }
         }
     }
+    print_worst("cema_backward_matches_the_twin");
 }
 
 /// Without dh_out and dh0 (the training case of a fresh sequence) the backward still
@@ -424,6 +428,7 @@ fn cema_backward_without_optional_state() {
             assert_close("param grad", &got.to_vec(), want, F32_TOL);
         }
     }
+    print_worst("cema_backward_without_optional_state");
 }
 
 #[test]
@@ -477,6 +482,7 @@ fn cema_step_matches_the_twin() {
             );
         }
     }
+    print_worst("cema_step_matches_the_twin");
 }
 
 // ---- TimestepNorm ------------------------------------------------------------------------------
@@ -665,6 +671,7 @@ fn timestep_norm_forward_matches_the_twin() {
             }
         }
     }
+    print_worst("timestep_norm_forward_matches_the_twin");
 }
 
 #[test]
@@ -786,6 +793,7 @@ fn timestep_norm_backward_matches_the_twin() {
             }
         }
     }
+    print_worst("timestep_norm_backward_matches_the_twin");
 }
 
 #[test]
@@ -838,4 +846,5 @@ fn timestep_norm_step_matches_the_twin() {
             assert_close(&format!("{what}: var"), &vb.to_vec(), &vw, F32_TOL);
         }
     }
+    print_worst("timestep_norm_step_matches_the_twin");
 }

@@ -128,6 +128,7 @@ fn layernorm_matches_the_twin() {
             }
         }
     }
+    print_worst("layernorm_matches_the_twin");
 }
 
 #[test]
@@ -227,6 +228,7 @@ fn rmsnorm_matches_the_twin() {
             }
         }
     }
+    print_worst("rmsnorm_matches_the_twin");
 }
 
 // ---- activations, SwiGLU -------------------------------------------------------------------
@@ -302,6 +304,7 @@ fn activations_match_the_twin() {
             }
         }
     }
+    print_worst("activations_match_the_twin");
 }
 
 #[test]
@@ -375,6 +378,7 @@ fn swiglu_matches_the_twin() {
             }
         }
     }
+    print_worst("swiglu_matches_the_twin");
 }
 
 // ---- AdamW -----------------------------------------------------------------------------------
@@ -447,6 +451,7 @@ fn adamw_matches_the_twin() {
             }
         }
     }
+    print_worst("adamw_matches_the_twin");
 }
 
 // ---- MEGABYTE gathers ------------------------------------------------------------------------
@@ -613,6 +618,7 @@ fn patch_embed_matches_the_twin() {
             assert_close(&format!("{what}: dpad"), &dpad.to_vec(), &dpad_w, F32_TOL);
         }
     }
+    print_worst("patch_embed_matches_the_twin");
 }
 
 #[test]
@@ -723,6 +729,7 @@ fn local_embed_matches_the_twin() {
             assert_close(&format!("{what}: dpad"), &dpad.to_vec(), &dpad_w, F32_TOL);
         }
     }
+    print_worst("local_embed_matches_the_twin");
 }
 
 /// An id past the table (a caller bug) writes a NaN row instead of reading out of bounds.
@@ -761,6 +768,7 @@ fn gathers_turn_bad_ids_into_nan_rows() {
         out[d..].iter().all(|v| v.is_nan()),
         "rows 1-2: id 7 and slot 5 are out of range"
     );
+    print_worst("gathers_turn_bad_ids_into_nan_rows");
 }
 
 // ---- RoPE ------------------------------------------------------------------------------------
@@ -841,4 +849,5 @@ fn rope_matches_the_definition() {
             );
         }
     }
+    print_worst("rope_matches_the_definition");
 }
