@@ -69,6 +69,9 @@ pub struct MegalodonStream<'a, B: Backend> {
     next_logits: Vec<f32>,
     /// Bytes queued per row by the slot interface ([`Decoder`]) and not yet fed.
     queued: Vec<Vec<u8>>,
+    /// Throw-away rows after the real ones in `state`, so that a call over every row holds
+    /// at least [`min_call_rows_bytes`] rows without copying the state.
+    pad_rows: usize,
 }
 
 impl<B: Backend> StreamState<B> {
@@ -116,11 +119,13 @@ fn scatter_stats<B: Backend>(
 impl<'a, B: Backend> MegalodonStream<'a, B> {
     /// `rows` fresh sequences.
     pub fn new(model: &'a Megalodon, be: &'a B, p: &'a [B::Buf], rows: usize) -> Self {
+        let pad_rows = min_call_rows_bytes(model).saturating_sub(rows);
         MegalodonStream {
             model,
             be,
             p,
-            state: StreamState::fresh(model, be, rows),
+            state: StreamState::fresh(model, be, rows + pad_rows),
+            pad_rows,
             consumed: vec![0; rows],
             next_logits: vec![0.0; rows * model.cfg.vocab_size],
             queued: vec![Vec::new(); rows],
@@ -251,8 +256,16 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
     ) -> Vec<f32> {
         let (model, be, p) = (self.model, self.be, self.p);
         let real = sel.len();
-        if real == self.rows() && min_rows <= real {
-            return run_call(model, be, p, &mut self.state, flat, real, len, which);
+        let all = real + self.pad_rows;
+        if real == self.rows() && min_rows <= all {
+            // Every row: run on the state in place; padding rows get copies of row 0's bytes.
+            let mut flat = flat.to_vec();
+            for _ in real..all {
+                flat.extend_from_within(..len);
+            }
+            let mut logits = run_call(model, be, p, &mut self.state, &flat, all, len, which);
+            logits.truncate(logits.len() / all * real);
+            return logits;
         }
         let c = &model.cfg;
         let g = c.norm_num_groups;
@@ -306,25 +319,25 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
         logits.truncate(logits.len() / rows * real);
         logits
     }
+}
 
-    /// Fewest rows·bytes per call for which the CPU `gemm` gives every row of the model's
-    /// `x·Wᵀ` products the same result whatever the row count: it has a separate path for a
-    /// single row and, for `x·Wᵀ`, one for outputs of at most 256 elements (rows × width).
-    fn min_call_rows_bytes(&self) -> usize {
-        let c = &self.model.cfg;
-        let narrowest = [
-            c.z_dim,
-            c.value_dim,
-            c.model_dim,
-            c.ffn_hidden_dim,
-            c.vocab_size,
-        ]
-        .into_iter()
-        .min()
-        .unwrap_or(1)
-        .max(1);
-        (256 / narrowest + 1).max(2)
-    }
+/// Fewest rows·bytes per call for which the CPU `gemm` gives every row of the model's
+/// `x·Wᵀ` products the same result whatever the row count: it has a separate path for a
+/// single row and, for `x·Wᵀ`, one for outputs of at most 256 elements (rows × width).
+fn min_call_rows_bytes(model: &Megalodon) -> usize {
+    let c = &model.cfg;
+    let narrowest = [
+        c.z_dim,
+        c.value_dim,
+        c.model_dim,
+        c.ffn_hidden_dim,
+        c.vocab_size,
+    ]
+    .into_iter()
+    .min()
+    .unwrap_or(1)
+    .max(1);
+    (256 / narrowest + 1).max(2)
 }
 
 /// One legal call of `l` bytes for each of the `b` rows of `state`; returns the host logits
@@ -416,12 +429,12 @@ impl<B: Backend> Decoder for MegalodonStream<'_, B> {
     /// Sequences with one byte queued (decoding) run together in one call; longer queues
     /// (prefill) run alone, one chunk-aligned piece of at most one chunk per call, taking the
     /// budget up to the next chunk boundary. Every call holds at least
-    /// [`Self::min_call_rows_bytes`] rows × bytes (padded with copies), so the pieces of a
+    /// [`min_call_rows_bytes`] rows × bytes (padded with copies), so the pieces of a
     /// sequence depend on its bytes alone and its arithmetic on nothing else: results do not
     /// depend on the budget or on the other slots.
     fn advance(&mut self, work: &[(usize, usize)]) {
         let (v, chunk) = (self.model.cfg.vocab_size, self.model.cfg.chunk_size);
-        let min = self.min_call_rows_bytes();
+        let min = min_call_rows_bytes(self.model);
         let mut decoding = Vec::new();
         for &(slot, max) in work {
             let queued = self.queued[slot].len();
