@@ -69,6 +69,11 @@ pub struct MegalodonStream<'a, B: Backend> {
     next_logits: Vec<f32>,
     /// Bytes queued per row by the slot interface ([`Decoder`]) and not yet fed.
     queued: Vec<Vec<u8>>,
+    /// Throw-away rows after the real ones in `state`, so that a call over every row holds
+    /// at least [`min_call_rows_bytes`] rows without copying the state.
+    pad_rows: usize,
+    /// Chunk position of the padding rows (they only need to agree with the row they copy).
+    pad_at: usize,
 }
 
 impl<B: Backend> StreamState<B> {
@@ -116,11 +121,14 @@ fn scatter_stats<B: Backend>(
 impl<'a, B: Backend> MegalodonStream<'a, B> {
     /// `rows` fresh sequences.
     pub fn new(model: &'a Megalodon, be: &'a B, p: &'a [B::Buf], rows: usize) -> Self {
+        let pad_rows = min_call_rows_bytes(model).saturating_sub(rows);
         MegalodonStream {
             model,
             be,
             p,
-            state: StreamState::fresh(model, be, rows),
+            state: StreamState::fresh(model, be, rows + pad_rows),
+            pad_rows,
+            pad_at: 0,
             consumed: vec![0; rows],
             next_logits: vec![0.0; rows * model.cfg.vocab_size],
             queued: vec![Vec::new(); rows],
@@ -136,6 +144,27 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
         let kv = c.chunk_size * (c.z_dim + c.value_dim) + 1;
         let layer = tsn + d * n * 2 + kv;
         (c.num_layers * layer + tsn + c.vocab_size) * std::mem::size_of::<f32>()
+    }
+
+    /// Copy the carried state of state row `from` into state row `to`.
+    fn copy_row_state(&mut self, from: usize, to: usize) {
+        let (model, be) = (self.model, self.be);
+        let c = &model.cfg;
+        let g = c.norm_num_groups;
+        let h_width = c.model_dim * c.cema_ndim * 2;
+        let (src, dst) = ([from as u32], [to as u32]);
+        let mut tmp = be.chunk_cache(1, c.num_heads, c.head_z(), c.head_v(), c.chunk_size);
+        let mut h = be.zeros(h_width);
+        for st in self.state.layers.iter_mut() {
+            let stats = gather_stats(be, &st.tsn, &src, g);
+            scatter_stats(be, &mut st.tsn, &stats, &dst, g);
+            be.gather_rows(&mut h, &st.h, &src, h_width);
+            be.scatter_rows(&mut st.h, &h, &dst, h_width);
+            be.chunk_cache_copy_row(&mut tmp, 0, &st.kv, from);
+            be.chunk_cache_copy_row(&mut st.kv, to, &tmp, 0);
+        }
+        let stats = gather_stats(be, &self.state.final_norm, &src, g);
+        scatter_stats(be, &mut self.state.final_norm, &stats, &dst, g);
     }
 
     /// Reset row `r` to a fresh sequence.
@@ -251,8 +280,25 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
     ) -> Vec<f32> {
         let (model, be, p) = (self.model, self.be, self.p);
         let real = sel.len();
-        if real == self.rows() && min_rows <= real {
-            return run_call(model, be, p, &mut self.state, flat, real, len, which);
+        let all = real + self.pad_rows;
+        if real == self.rows() && min_rows <= all {
+            // Every row: run on the state in place; padding rows get copies of row 0's bytes,
+            // after a copy of its state when their chunk position has drifted from its own.
+            let chunk = model.cfg.chunk_size;
+            let at = self.consumed[sel[0]] % chunk;
+            if self.pad_rows > 0 && self.pad_at != at {
+                for q in real..all {
+                    self.copy_row_state(sel[0], q);
+                }
+            }
+            self.pad_at = (at + len) % chunk;
+            let mut flat = flat.to_vec();
+            for _ in real..all {
+                flat.extend_from_within(..len);
+            }
+            let mut logits = run_call(model, be, p, &mut self.state, &flat, all, len, which);
+            logits.truncate(logits.len() / all * real);
+            return logits;
         }
         let c = &model.cfg;
         let g = c.norm_num_groups;
@@ -306,25 +352,25 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
         logits.truncate(logits.len() / rows * real);
         logits
     }
+}
 
-    /// Fewest rows·bytes per call for which the CPU `gemm` gives every row of the model's
-    /// `x·Wᵀ` products the same result whatever the row count: it has a separate path for a
-    /// single row and, for `x·Wᵀ`, one for outputs of at most 256 elements (rows × width).
-    fn min_call_rows_bytes(&self) -> usize {
-        let c = &self.model.cfg;
-        let narrowest = [
-            c.z_dim,
-            c.value_dim,
-            c.model_dim,
-            c.ffn_hidden_dim,
-            c.vocab_size,
-        ]
-        .into_iter()
-        .min()
-        .unwrap_or(1)
-        .max(1);
-        (256 / narrowest + 1).max(2)
-    }
+/// Fewest rows·bytes per call for which the CPU `gemm` gives every row of the model's
+/// `x·Wᵀ` products the same result whatever the row count: it has a separate path for a
+/// single row and, for `x·Wᵀ`, one for outputs of at most 256 elements (rows × width).
+fn min_call_rows_bytes(model: &Megalodon) -> usize {
+    let c = &model.cfg;
+    let narrowest = [
+        c.z_dim,
+        c.value_dim,
+        c.model_dim,
+        c.ffn_hidden_dim,
+        c.vocab_size,
+    ]
+    .into_iter()
+    .min()
+    .unwrap_or(1)
+    .max(1);
+    (256 / narrowest + 1).max(2)
 }
 
 /// One legal call of `l` bytes for each of the `b` rows of `state`; returns the host logits
@@ -416,12 +462,12 @@ impl<B: Backend> Decoder for MegalodonStream<'_, B> {
     /// Sequences with one byte queued (decoding) run together in one call; longer queues
     /// (prefill) run alone, one chunk-aligned piece of at most one chunk per call, taking the
     /// budget up to the next chunk boundary. Every call holds at least
-    /// [`Self::min_call_rows_bytes`] rows × bytes (padded with copies), so the pieces of a
+    /// [`min_call_rows_bytes`] rows × bytes (padded with copies), so the pieces of a
     /// sequence depend on its bytes alone and its arithmetic on nothing else: results do not
     /// depend on the budget or on the other slots.
     fn advance(&mut self, work: &[(usize, usize)]) {
         let (v, chunk) = (self.model.cfg.vocab_size, self.model.cfg.chunk_size);
-        let min = self.min_call_rows_bytes();
+        let min = min_call_rows_bytes(self.model);
         let mut decoding = Vec::new();
         for &(slot, max) in work {
             let queued = self.queued[slot].len();
@@ -438,8 +484,13 @@ impl<B: Backend> Decoder for MegalodonStream<'_, B> {
                 let at = self.consumed[slot] % chunk;
                 let len = (chunk - at).min(queued - done);
                 let piece = self.queued[slot][done..done + len].to_vec();
-                let logits =
-                    self.run_rows_padded(&[slot], &piece, len, Logits::Last, min.div_ceil(len));
+                let logits = self.run_rows_padded(
+                    &[slot],
+                    &piece,
+                    len,
+                    Logits::Last,
+                    min.div_ceil(len).max(2),
+                );
                 self.next_logits[slot * v..(slot + 1) * v].copy_from_slice(&logits[..v]);
                 self.consumed[slot] += len;
                 done += len;
