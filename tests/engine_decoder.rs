@@ -192,6 +192,23 @@ fn megalodon_logits_do_not_depend_on_a_larger_batch() {
     assert_bit_equal("megalodon alone vs batch of 9", &a, &b);
 }
 
+/// Twenty rows: more than the CPU matmul's few-row kernel takes at once, so the decode batch
+/// must be split without changing any row's arithmetic.
+#[test]
+fn megalodon_logits_do_not_depend_on_a_batch_of_twenty() {
+    let (model, be, params) = megalodon_model();
+    let (target, follow) = (text(0, 23), text(5, 30));
+    let mut alone = MegalodonStream::new(&model, &be, &params, 1);
+    let a = trace(&mut alone, 0, &target, &follow, &[], usize::MAX);
+    let crowd: Vec<(usize, Vec<u8>)> = (0..20)
+        .filter(|&s| s != 7)
+        .map(|s| (s, text(s + 1, s % 6)))
+        .collect();
+    let mut batch = MegalodonStream::new(&model, &be, &params, 20);
+    let b = trace(&mut batch, 7, &target, &follow, &crowd, 5);
+    assert_bit_equal("megalodon alone vs batch of 20", &a, &b);
+}
+
 #[test]
 fn megabyte_chunked_prefill_equals_unchunked() {
     let (model, be, params) = megabyte_model();

@@ -121,7 +121,7 @@ fn scatter_stats<B: Backend>(
 impl<'a, B: Backend> MegalodonStream<'a, B> {
     /// `rows` fresh sequences.
     pub fn new(model: &'a Megalodon, be: &'a B, p: &'a [B::Buf], rows: usize) -> Self {
-        let pad_rows = min_call_rows_bytes(model).saturating_sub(rows);
+        let pad_rows = decode_min_rows(model).saturating_sub(rows);
         MegalodonStream {
             model,
             be,
@@ -354,6 +354,22 @@ impl<'a, B: Backend> MegalodonStream<'a, B> {
     }
 }
 
+/// Most decoding rows in one model call: the CPU backend computes `x·Wᵀ` products of up to
+/// this many rows with its few-row kernel (`backend::cpu::matmul::small_m::MAX_ROWS`), whose
+/// rows are independent of each other; more rows go to gemm, whose per-row sums differ.
+const DECODE_GROUP_ROWS: usize = crate::backend::cpu::matmul::small_m::MAX_ROWS;
+
+/// Fewest rows per decoding call: none extra when the few-row kernel covers the padding
+/// minimum (its rows never depend on the row count), else [`min_call_rows_bytes`].
+fn decode_min_rows(model: &Megalodon) -> usize {
+    let min = min_call_rows_bytes(model);
+    if min <= DECODE_GROUP_ROWS {
+        1
+    } else {
+        min
+    }
+}
+
 /// Fewest rows·bytes per call for which the CPU `gemm` gives every row of the model's
 /// `x·Wᵀ` products the same result whatever the row count: it has a separate path for a
 /// single row and, for `x·Wᵀ`, one for outputs of at most 256 elements (rows × width).
@@ -468,6 +484,10 @@ impl<B: Backend> Decoder for MegalodonStream<'_, B> {
     fn advance(&mut self, work: &[(usize, usize)]) {
         let (v, chunk) = (self.model.cfg.vocab_size, self.model.cfg.chunk_size);
         let min = min_call_rows_bytes(self.model);
+        // Prefill calls always hold more rows·bytes than the few-row kernel takes, so every
+        // prefill product goes through gemm whatever the piece length.
+        let prefill_min = min.max(DECODE_GROUP_ROWS + 1);
+        let decode_min = decode_min_rows(self.model);
         let mut decoding = Vec::new();
         for &(slot, max) in work {
             let queued = self.queued[slot].len();
@@ -489,7 +509,7 @@ impl<B: Backend> Decoder for MegalodonStream<'_, B> {
                     &piece,
                     len,
                     Logits::Last,
-                    min.div_ceil(len).max(2),
+                    prefill_min.div_ceil(len).max(2),
                 );
                 self.next_logits[slot * v..(slot + 1) * v].copy_from_slice(&logits[..v]);
                 self.consumed[slot] += len;
@@ -502,12 +522,17 @@ impl<B: Backend> Decoder for MegalodonStream<'_, B> {
             return;
         }
         decoding.sort_unstable();
-        let flat: Vec<u8> = decoding.iter().map(|&r| self.queued[r][0]).collect();
-        let logits = self.run_rows_padded(&decoding, &flat, 1, Logits::Last, min);
-        for (k, &r) in decoding.iter().enumerate() {
-            self.next_logits[r * v..(r + 1) * v].copy_from_slice(&logits[k * v..(k + 1) * v]);
-            self.consumed[r] += 1;
-            self.queued[r].clear();
+        // Groups of at most DECODE_GROUP_ROWS rows: a call's row count then never crosses from
+        // the CPU matmul's few-row kernel into gemm (whose per-row sums differ), so a row's
+        // bytes do not depend on how many other rows decode with it.
+        for group in decoding.chunks(DECODE_GROUP_ROWS) {
+            let flat: Vec<u8> = group.iter().map(|&r| self.queued[r][0]).collect();
+            let logits = self.run_rows_padded(group, &flat, 1, Logits::Last, decode_min);
+            for (k, &r) in group.iter().enumerate() {
+                self.next_logits[r * v..(r + 1) * v].copy_from_slice(&logits[k * v..(k + 1) * v]);
+                self.consumed[r] += 1;
+                self.queued[r].clear();
+            }
         }
     }
 
