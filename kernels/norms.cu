@@ -24,7 +24,7 @@
 using mega::from_float;
 using mega::to_float;
 
-namespace {
+namespace mega_norms {
 
 // Rows [*r0, *r1) of this block when n rows are split into gridDim.x contiguous chunks.
 __device__ __forceinline__ void row_chunk(int n, int* r0, int* r1) {
@@ -152,7 +152,11 @@ __device__ void rmsnorm_backward(
     for (int j = threadIdx.x; j < d; j += blockDim.x) out[j] = acc[j];
 }
 
-}  // namespace
+}  // namespace mega_norms
+
+// A named namespace, not an anonymous one: nvcc mangles anonymous-namespace names with a hash
+// of the source path, which would make the committed PTX depend on where it was compiled.
+using namespace mega_norms;
 
 // The one dynamic shared-memory array of this file (see common.cuh).
 extern __shared__ __align__(16) unsigned char smem[];

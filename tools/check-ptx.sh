@@ -105,6 +105,14 @@ if (( update )); then
 fi
 
 stale=0
+# nvcc names anonymous-namespace symbols after a hash of the source's absolute path, so such
+# names make the PTX differ between checkouts: kernels use named namespaces instead.
+for fresh in "$tmp"/*.ptx; do
+  if grep -q '_INTERNAL_' "$fresh"; then
+    echo "STALE: $(basename "$fresh") holds path-dependent _INTERNAL_ names (an anonymous namespace around a kernel helper with static shared memory); use a named namespace"
+    stale=1
+  fi
+done
 for fresh in "$tmp"/*.ptx; do
   name="$(basename "$fresh")"
   committed="$COMMITTED/$name"
