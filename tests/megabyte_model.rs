@@ -11,6 +11,8 @@ use rand::{Rng, SeedableRng};
 
 #[path = "support/gradcheck.rs"]
 mod gradcheck;
+#[path = "support/overfit.rs"]
+mod overfit;
 
 fn tiny() -> MegabyteConfig {
     MegabyteConfig::preset("tiny").unwrap()
@@ -214,44 +216,9 @@ fn batched_rows_at_mixed_phases_decode_like_the_full_forward() {
 
 #[test]
 fn overfits_one_batch() {
-    let cfg = tiny();
-    let model = Megabyte::new(&cfg);
-    let be = Cpu::<f32>::new();
-    let mut st = mega::train::trainer::TrainState {
-        params: model.layout.upload(&be, &model.layout.init_host(0)),
-        grads: model.layout.zeros(&be),
-        m: model.layout.zeros(&be),
-        v: model.layout.zeros(&be),
-    };
-    let hp = mega::train::trainer::TrainHparams {
-        batch_size: 2,
-        seq_len: 16,
-        total_steps: 300,
-        lr: 1e-2,
-        min_lr: 1e-3,
-        warmup_steps: 10,
-        weight_decay: 0.0,
-        beta1: 0.9,
-        beta2: 0.98,
-        eps: 1e-8,
-        grad_clip: 1.0,
-        seed: 0,
-        valid_fraction: 0.0,
-    };
-    let bytes = b"hello world, hello megabyte model".repeat(2)[..32].to_vec();
-    let mut ws = model.workspace(&be, 2, 16, true);
-    let mut first = 0.0;
-    let mut last = 0.0;
-    for step in 0..300 {
-        st.grads.iter_mut().for_each(|g| be.fill_zero(g));
-        let loss = model.forward(&be, &st.params, &mut ws, &bytes);
-        model.backward(&be, &st.params, &mut st.grads, &mut ws);
-        mega::train::trainer::optimizer_step(&be, &model, &mut st, &hp, 1e-2, step);
-        if step == 0 {
-            first = loss;
-        }
-        last = loss;
-    }
+    let model = Megabyte::new(&tiny());
+    let windows = b"hello world, hello megabyte model".repeat(2)[..32].to_vec();
+    let (first, last) = overfit::memorise_one_batch(&model, &windows, 300);
     assert!(
         (first - (256f64).ln()).abs() < 0.05,
         "initial loss {first} should be ≈ ln 256"

@@ -3,7 +3,6 @@
 //! decoder) against the full forward, causality, initialization, and one-batch training.
 
 use mega::backend::cpu::Cpu;
-use mega::backend::Backend;
 use mega::config::MegalodonConfig;
 use mega::infer::megalodon_stream::{piece_len, Logits, MegalodonStream};
 use mega::model::megalodon::Megalodon;
@@ -13,6 +12,8 @@ use rand_chacha::ChaCha8Rng;
 
 #[path = "support/gradcheck.rs"]
 mod gradcheck;
+#[path = "support/overfit.rs"]
+mod overfit;
 
 fn tiny() -> MegalodonConfig {
     MegalodonConfig::preset("tiny").unwrap()
@@ -403,43 +404,9 @@ fn initialization_follows_the_official_code() {
 
 #[test]
 fn overfits_one_batch() {
-    let cfg = tiny();
-    let model = Megalodon::new(&cfg);
-    let be = Cpu::<f32>::new();
-    let mut st = mega::train::trainer::TrainState {
-        params: model.layout.upload(&be, &model.layout.init_host(0)),
-        grads: model.layout.zeros(&be),
-        m: model.layout.zeros(&be),
-        v: model.layout.zeros(&be),
-    };
-    let hp = mega::train::trainer::TrainHparams {
-        batch_size: 2,
-        seq_len: 16,
-        total_steps: 200,
-        lr: 1e-2,
-        min_lr: 1e-3,
-        warmup_steps: 10,
-        weight_decay: 0.0,
-        beta1: 0.9,
-        beta2: 0.98,
-        eps: 1e-8,
-        grad_clip: 1.0,
-        seed: 0,
-        valid_fraction: 0.0,
-    };
+    let model = Megalodon::new(&tiny());
     let windows = b"hello world, hello megalodon model!".repeat(2)[..34].to_vec();
-    let mut ws = model.workspace(&be, 2, 16, true);
-    let (mut first, mut last) = (0.0, 0.0);
-    for step in 0..200 {
-        st.grads.iter_mut().for_each(|g| be.fill_zero(g));
-        let loss = model.forward(&be, &st.params, &mut ws, &windows);
-        model.backward(&be, &st.params, &mut st.grads, &mut ws);
-        mega::train::trainer::optimizer_step(&be, &model, &mut st, &hp, 1e-2, step);
-        if step == 0 {
-            first = loss;
-        }
-        last = loss;
-    }
+    let (first, last) = overfit::memorise_one_batch(&model, &windows, 200);
     println!("one-batch loss {first:.3} → {last:.3}");
     assert!(first > 4.0, "initial loss {first} should be near ln 256");
     assert!(last < 0.2, "one batch not memorised: loss {first} → {last}");
