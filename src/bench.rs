@@ -1,6 +1,6 @@
-//! `mega bench`: reproducible throughput figures (JSON) for training and generation, with
-//! the machine's f32 GEMM rate measured in the same run so that every figure can be read as
-//! a fraction of the hardware's matmul peak.
+//! `mega bench`: reproducible throughput figures (JSON) for training and generation on any
+//! backend, with the backend's f32 GEMM rate measured in the same run so that every figure can
+//! be read as a fraction of the hardware's matmul peak.
 
 use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
@@ -76,10 +76,38 @@ pub fn gemm_gflops(n: usize, threads: usize, runs: usize) -> f64 {
     })
 }
 
+/// Blocks until the work issued on `be` so far has finished: a one-float download, which on a
+/// device with one stream returns only after everything before it (a no-op cost on the CPU).
+fn wait_for<B: Backend>(be: &B, fence: &B::Buf) {
+    be.download(fence);
+}
+
+/// f32 GEMM rate of backend `be` on an `n³` product, GFLOP/s (median of `runs` after one
+/// warm-up); on the CPU backend this uses the global rayon pool.
+pub fn backend_gemm_gflops<B: Backend>(be: &B, n: usize, runs: usize) -> f64 {
+    let a = be.upload(&vec![0.5; n * n]);
+    let b = be.upload(&vec![0.25; n * n]);
+    let mut c = be.zeros(n * n);
+    let fence = be.zeros(1);
+    be.matmul(&mut c, &a, &b, n, n, n, false, false, false);
+    wait_for(be, &fence);
+    let rates: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            be.matmul(&mut c, &a, &b, n, n, n, false, false, false);
+            wait_for(be, &fence);
+            2.0 * (n * n * n) as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .collect();
+    median(&rates)
+}
+
 /// Result of `mega bench train`.
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainBench {
     pub bench: &'static str,
+    /// The backend that ran it ([`Backend::name`]: `cpu`, `cuda:0`, ...).
+    pub device: String,
     pub config: serde_json::Value,
     pub batch_size: usize,
     pub seq_len: usize,
@@ -92,15 +120,18 @@ pub struct TrainBench {
     /// Analytic training FLOPs per byte (3 × forward).
     pub train_flops_per_byte: f64,
     pub achieved_gflops: f64,
-    /// f32 GEMM rate (2048³) on one thread and on all threads, measured in this run.
+    /// f32 GEMM rate (2048³) of the CPU on one thread, and of the benchmarked backend (all
+    /// threads on the CPU), measured in this run.
     pub gemm_gflops_1t: f64,
     pub gemm_gflops: f64,
     pub fraction_of_gemm: f64,
     pub machine: Machine,
 }
 
-/// Time full training steps of a randomly initialized model; `config` is echoed in the report.
-pub fn bench_train<M: LanguageModel<Cpu>>(
+/// Time full training steps of a randomly initialized model on `be`; `config` is echoed in the
+/// report.
+pub fn bench_train<B: Backend, M: LanguageModel<B>>(
+    be: &B,
     model: &M,
     config: serde_json::Value,
     batch: usize,
@@ -108,14 +139,14 @@ pub fn bench_train<M: LanguageModel<Cpu>>(
     warmup: usize,
     runs: usize,
 ) -> TrainBench {
-    let be = Cpu::<f32>::new();
     let layout = model.layout();
     let mut st = TrainState {
-        params: layout.upload(&be, &layout.init_host(0)),
-        grads: layout.zeros(&be),
-        m: layout.zeros(&be),
-        v: layout.zeros(&be),
+        params: layout.upload(be, &layout.init_host(0)),
+        grads: layout.zeros(be),
+        m: layout.zeros(be),
+        v: layout.zeros(be),
     };
+    let fence = be.zeros(1);
     let hp = TrainHparams {
         batch_size: batch,
         seq_len,
@@ -131,7 +162,7 @@ pub fn bench_train<M: LanguageModel<Cpu>>(
         seed: 0,
         valid_fraction: 0.0,
     };
-    let mut ws = model.workspace(&be, batch, seq_len, true);
+    let mut ws = model.workspace(be, batch, seq_len, true);
     // A model may read more bytes per window than it scores (MEGALODON reads t + 1).
     let window = model.window_len(seq_len);
     let bytes: Vec<u8> = (0..batch * window)
@@ -141,9 +172,10 @@ pub fn bench_train<M: LanguageModel<Cpu>>(
     for step in 0..warmup + runs {
         let t = Instant::now();
         st.grads.iter_mut().for_each(|g| be.fill_zero(g));
-        model.forward(&be, &st.params, &mut ws, &bytes);
-        model.backward(&be, &st.params, &mut st.grads, &mut ws);
-        optimizer_step(&be, model, &mut st, &hp, 1e-4, step as u64);
+        model.forward(be, &st.params, &mut ws, &bytes);
+        model.backward(be, &st.params, &mut st.grads, &mut ws);
+        optimizer_step(be, model, &mut st, &hp, 1e-4, step as u64);
+        wait_for(be, &fence);
         if step >= warmup {
             rates.push((batch * seq_len) as f64 / t.elapsed().as_secs_f64());
         }
@@ -157,9 +189,10 @@ pub fn bench_train<M: LanguageModel<Cpu>>(
     let achieved = med * train_flops_per_byte / 1e9;
     let threads = rayon::current_num_threads();
     let gemm_1t = gemm_gflops(2048, 1, 3);
-    let gemm_all = gemm_gflops(2048, threads, 3);
+    let gemm_all = backend_gemm_gflops(be, 2048, 3);
     TrainBench {
         bench: "train",
+        device: be.name(),
         config,
         batch_size: batch,
         seq_len,
@@ -181,6 +214,8 @@ pub fn bench_train<M: LanguageModel<Cpu>>(
 #[derive(Clone, Debug, Serialize)]
 pub struct GenerateBench {
     pub bench: &'static str,
+    /// The backend that ran it.
+    pub device: String,
     pub config: serde_json::Value,
     pub params: usize,
     pub batch_size: usize,
@@ -193,8 +228,10 @@ pub struct GenerateBench {
     pub machine: Machine,
 }
 
-/// Time KV-cached generation of `gen_len` bytes after `prompt_len`-byte prompts.
-pub fn bench_generate<M: LanguageModel<Cpu>>(
+/// Time KV-cached generation of `gen_len` bytes after `prompt_len`-byte prompts on `be`.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_generate<B: Backend, M: LanguageModel<B>>(
+    be: &B,
     model: &M,
     config: serde_json::Value,
     batch: usize,
@@ -203,8 +240,7 @@ pub fn bench_generate<M: LanguageModel<Cpu>>(
     warmup: usize,
     runs: usize,
 ) -> GenerateBench {
-    let be = Cpu::<f32>::new();
-    let params = model.layout().upload(&be, &model.layout().init_host(0));
+    let params = model.layout().upload(be, &model.layout().init_host(0));
     let prompts: Vec<Vec<u8>> = (0..batch)
         .map(|r| {
             (0..prompt_len)
@@ -216,7 +252,7 @@ pub fn bench_generate<M: LanguageModel<Cpu>>(
     let mut rates = Vec::new();
     for run in 0..warmup + runs {
         let t = Instant::now();
-        let mut dec = model.decoder(&be, &params, &refs);
+        let mut dec = model.decoder(be, &params, &refs);
         let mut samplers: Vec<Sampler> = (0..batch)
             .map(|r| {
                 Sampler::new(SamplingParams {
@@ -241,6 +277,7 @@ pub fn bench_generate<M: LanguageModel<Cpu>>(
     }
     GenerateBench {
         bench: "generate",
+        device: be.name(),
         config,
         params: model.layout().numel(),
         batch_size: batch,
@@ -278,6 +315,8 @@ pub struct StreamPoint {
 #[derive(Clone, Debug, Serialize)]
 pub struct StreamBench {
     pub bench: &'static str,
+    /// The backend that ran it.
+    pub device: String,
     pub config: serde_json::Value,
     pub params: usize,
     pub call_len: usize,
@@ -290,21 +329,21 @@ pub struct StreamBench {
     pub machine: Machine,
 }
 
-/// Stream `total` pseudo-text bytes through a MEGALODON model in calls of `call_len` bytes
-/// (one row), recording time and peak memory at fixed byte counts.
-pub fn bench_stream(
+/// Stream `total` pseudo-text bytes through a MEGALODON model on `be` in calls of `call_len`
+/// bytes (one row), recording time and peak memory at fixed byte counts.
+pub fn bench_stream<B: Backend>(
+    be: &B,
     cfg: &crate::config::MegalodonConfig,
     config: serde_json::Value,
     total: usize,
     call_len: usize,
 ) -> StreamBench {
     use crate::infer::megalodon_stream::{Logits, MegalodonStream};
-    let be = Cpu::<f32>::new();
     let model = crate::model::megalodon::Megalodon::new(cfg);
-    let params = model.layout().upload(&be, &model.layout().init_host(0));
+    let params = model.layout().upload(be, &model.layout().init_host(0));
     let marks = [8_192usize, 10_000, 65_536, 100_000, 1_000_000];
     let text = b"It was the best of times, it was the worst of times, it was the age of wisdom. ";
-    let mut stream = MegalodonStream::new(&model, &be, &params, 1);
+    let mut stream = MegalodonStream::new(&model, be, &params, 1);
     let mut points = Vec::new();
     let t0 = Instant::now();
     let mut done = 0usize;
@@ -340,6 +379,7 @@ pub fn bench_stream(
         .then(|| *rss.iter().max().unwrap() as f64 / *rss.iter().min().unwrap() as f64);
     StreamBench {
         bench: "stream",
+        device: be.name(),
         config,
         params: model.layout().numel(),
         call_len,

@@ -1,17 +1,22 @@
-//! Which backend runs the work: `--device auto|cpu|cuda[:N]` (design.md §3).
+//! Which backend runs the work: `--device auto|cpu|cuda[:N]` (design.md §3), plus the
+//! debugging choice `--device emu`.
 //!
 //! Every query of the CUDA driver first checks that `libcuda.so.1` can be loaded at all:
 //! cudarc loads the driver lazily and *panics* on the first driver call when it is missing
-//! (spec/cuda-and-crates.md §1.3). `auto` falls back to the CPU backend and says why in one
-//! line; an explicit `cuda` request that cannot be met is an error.
+//! (spec/cuda-and-crates.md §1.3). `auto` takes CUDA device 0 when it opens, else falls back
+//! to the CPU backend and says why in one line; an explicit `cuda` request that cannot be met
+//! is an error. `emu` runs the CUDA backend over the CPU emulator ([`EmulatedDevice`]): very
+//! slow, but the whole CUDA code path of every command then runs on a machine without a GPU.
 //!
-//! This version of mega has no CUDA backend yet, so a usable CUDA device still resolves to an
-//! error (for `cuda`) or to the CPU backend (for `auto`), each saying so.
+//! [`resolve`] opens the device; [`with_backend!`](crate::with_backend) turns the result into
+//! a backend value and runs one generic body on it, so each command is written once.
 
 use std::fmt;
 use std::str::FromStr;
 
 use cudarc::driver::{result as cu, sys};
+
+use crate::backend::cuda::cudarc_device::CudarcDevice;
 
 /// A device request, as given on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -23,6 +28,8 @@ pub enum DeviceSpec {
     Cpu,
     /// CUDA device with this ordinal (`cuda` means `cuda:0`).
     Cuda(usize),
+    /// Debugging: the CUDA backend on the CPU emulator (`emu`, also spelled `cuda-emu`).
+    Emulated,
 }
 
 impl FromStr for DeviceSpec {
@@ -34,6 +41,7 @@ impl FromStr for DeviceSpec {
             "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda(0)),
+            "emu" | "cuda-emu" => Ok(Self::Emulated),
             other => {
                 let ordinal = other.strip_prefix("cuda:").ok_or_else(invalid)?;
                 // Digits only: `usize::from_str` would also accept a leading `+`.
@@ -52,17 +60,29 @@ impl fmt::Display for DeviceSpec {
             Self::Auto => f.write_str("auto"),
             Self::Cpu => f.write_str("cpu"),
             Self::Cuda(ordinal) => write!(f, "cuda:{ordinal}"),
+            Self::Emulated => f.write_str("emu"),
         }
     }
 }
 
-/// The backend a [`DeviceSpec`] resolved to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The backend a [`DeviceSpec`] resolved to, with the one line that says why. A CUDA device
+/// is already open (context, stream, cuBLAS handle), so every driver error surfaced here.
 pub enum Resolved {
-    /// The CPU backend, with a one-line reason for the log (why not CUDA, or that it was asked
-    /// for).
+    /// The CPU backend.
     Cpu {
         /// e.g. `no NVIDIA driver (libcuda.so.1) found; using the CPU backend`.
+        reason: String,
+    },
+    /// The CUDA backend on an opened GPU.
+    Cuda {
+        /// The device, ready for [`crate::backend::cuda::CudaBackend::new`].
+        device: CudarcDevice,
+        /// e.g. `using CUDA device 0 (NVIDIA H100 80GB HBM3, compute capability 9.0, 79.1 GiB)`.
+        reason: String,
+    },
+    /// The CUDA backend on the CPU emulator (debugging).
+    Emulated {
+        /// States that this is the slow debugging path.
         reason: String,
     },
 }
@@ -71,15 +91,62 @@ impl Resolved {
     /// The one line to print at start-up.
     pub fn reason(&self) -> &str {
         match self {
-            Self::Cpu { reason } => reason,
+            Self::Cpu { reason } | Self::Cuda { reason, .. } | Self::Emulated { reason } => reason,
         }
     }
+
+    /// `cpu`, `cuda` or `emu`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Cpu { .. } => "cpu",
+            Self::Cuda { .. } => "cuda",
+            Self::Emulated { .. } => "emu",
+        }
+    }
+}
+
+impl fmt::Debug for Resolved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The opened device has no useful Debug form; its description is in the reason.
+        write!(f, "Resolved::{}({:?})", self.kind(), self.reason())
+    }
+}
+
+/// Runs `$body` with `$be` bound to the backend a [`Resolved`] names, owned by the body:
+/// `Cpu<f32>`, `CudaBackend<CudarcDevice>` or `CudaBackend<EmulatedDevice>`. The body is
+/// compiled once per backend type (as [`with_model!`](crate::with_model) does per model), so a
+/// command is written once, generically, and this is its only dispatch point.
+///
+/// ```no_run
+/// use mega::backend::Backend;
+/// let resolved = mega::device::resolve(mega::device::DeviceSpec::Auto).unwrap();
+/// let name = mega::with_backend!(resolved, |be| be.name());
+/// ```
+#[macro_export]
+macro_rules! with_backend {
+    ($resolved:expr, |$be:ident| $body:expr) => {
+        match $resolved {
+            $crate::device::Resolved::Cpu { .. } => {
+                let $be = $crate::backend::cpu::Cpu::<f32>::new();
+                $body
+            }
+            $crate::device::Resolved::Cuda { device, .. } => {
+                let $be = $crate::backend::cuda::CudaBackend::new(device);
+                $body
+            }
+            $crate::device::Resolved::Emulated { .. } => {
+                let $be =
+                    $crate::backend::cuda::CudaBackend::new($crate::emu::EmulatedDevice::new());
+                $body
+            }
+        }
+    };
 }
 
 /// Why a device request cannot be met. Each message is one line.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceError {
-    /// The text is not `auto`, `cpu`, `cuda` or `cuda:N`.
+    /// The text is not `auto`, `cpu`, `cuda` or `cuda:N` (nor the debugging `emu`).
     #[error("invalid device {0:?}: expected auto, cpu, cuda or cuda:N (N = device number)")]
     InvalidSpec(String),
     /// CUDA was requested but the driver library is not loadable.
@@ -91,7 +158,8 @@ pub enum DeviceError {
         /// The request, e.g. `cuda:0`.
         spec: DeviceSpec,
     },
-    /// The driver loaded but reported an error (no GPU, driver/library mismatch, ...).
+    /// The driver loaded but reported an error while listing devices (no GPU,
+    /// driver/library mismatch, ...).
     #[error("--device {spec}: the CUDA driver reported {message}")]
     Driver {
         /// The request.
@@ -107,21 +175,24 @@ pub enum DeviceError {
         /// Devices the driver reports.
         count: usize,
     },
-    /// The device is usable but this build cannot run on it.
-    #[error(
-        "CUDA device {ordinal} ({name}) is available, but the CUDA backend is not built yet in \
-         this version of mega; use --device cpu"
-    )]
-    CudaBackendNotBuilt {
+    /// The device exists but could not be opened (context creation, cuBLAS missing, ...).
+    #[error("--device cuda:{ordinal} ({name}) could not be opened: {message}")]
+    Open {
         /// The device's ordinal.
         ordinal: usize,
         /// The device's name.
         name: String,
+        /// What failed, e.g. `CUDA: cuBLAS (libcublas.so.13) not found`.
+        message: String,
     },
 }
 
 /// The reason printed when `auto` finds no driver.
 pub const NO_DRIVER_REASON: &str = "no NVIDIA driver (libcuda.so.1) found; using the CPU backend";
+
+/// The reason printed for `--device emu`.
+pub const EMULATED_REASON: &str =
+    "using the CUDA backend on the CPU emulator (--device emu, a debugging mode: very slow)";
 
 /// Whether the CUDA driver library can be loaded. Must be true before any other driver call.
 pub fn driver_present() -> bool {
@@ -129,55 +200,78 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
-/// Resolves a request to a backend, or explains in one line why it cannot be met.
+/// Resolves a request to a backend (opening a CUDA device when one is chosen), or explains in
+/// one line why it cannot be met. `auto` never fails.
 pub fn resolve(spec: DeviceSpec) -> Result<Resolved, DeviceError> {
     match spec {
         DeviceSpec::Cpu => Ok(Resolved::Cpu {
             reason: "using the CPU backend (--device cpu)".to_string(),
         }),
-        DeviceSpec::Cuda(ordinal) => Err(resolve_cuda(spec, ordinal)),
+        DeviceSpec::Emulated => Ok(Resolved::Emulated {
+            reason: EMULATED_REASON.to_string(),
+        }),
+        DeviceSpec::Cuda(ordinal) => open_cuda(spec, ordinal),
         DeviceSpec::Auto => {
             if !driver_present() {
                 return Ok(Resolved::Cpu {
                     reason: NO_DRIVER_REASON.to_string(),
                 });
             }
-            let why = match resolve_cuda(spec, 0) {
-                DeviceError::CudaBackendNotBuilt { ordinal, name } => format!(
-                    "CUDA device {ordinal} ({name}) found, but this version of mega has no CUDA \
-                     backend yet; using the CPU backend"
-                ),
-                DeviceError::NoSuchDevice { .. } => {
-                    "the NVIDIA driver reports no CUDA device; using the CPU backend".to_string()
-                }
-                DeviceError::Driver { message, .. } => {
-                    format!("CUDA initialisation failed ({message}); using the CPU backend")
-                }
-                other => format!("{other}; using the CPU backend"),
-            };
-            Ok(Resolved::Cpu { reason: why })
+            Ok(open_cuda(spec, 0).unwrap_or_else(|e| Resolved::Cpu {
+                reason: auto_fallback_reason(&e),
+            }))
         }
     }
 }
 
-/// What the driver says about CUDA device `ordinal`, as the error that stops using it (every
-/// outcome is an error while the CUDA backend does not exist).
-fn resolve_cuda(spec: DeviceSpec, ordinal: usize) -> DeviceError {
-    if !driver_present() {
-        return DeviceError::NoDriver { spec };
-    }
-    let devices = match cuda_devices() {
-        Ok(devices) => devices,
-        Err(message) => return DeviceError::Driver { spec, message },
-    };
-    let count = devices.len();
-    match devices.into_iter().nth(ordinal) {
-        Some(device) => DeviceError::CudaBackendNotBuilt {
+/// The one line `auto` prints when it cannot use CUDA device 0.
+fn auto_fallback_reason(e: &DeviceError) -> String {
+    match e {
+        DeviceError::NoSuchDevice { .. } => {
+            "the NVIDIA driver reports no CUDA device; using the CPU backend".to_string()
+        }
+        DeviceError::Driver { message, .. } => {
+            format!("CUDA initialisation failed ({message}); using the CPU backend")
+        }
+        DeviceError::Open {
             ordinal,
-            name: device.name,
-        },
-        None => DeviceError::NoSuchDevice { ordinal, count },
+            name,
+            message,
+        } => format!(
+            "CUDA device {ordinal} ({name}) could not be opened ({message}); using the CPU backend"
+        ),
+        DeviceError::NoDriver { .. } => NO_DRIVER_REASON.to_string(),
+        other => format!("{other}; using the CPU backend"),
     }
+}
+
+/// Opens CUDA device `ordinal`, or says why not.
+fn open_cuda(spec: DeviceSpec, ordinal: usize) -> Result<Resolved, DeviceError> {
+    if !driver_present() {
+        return Err(DeviceError::NoDriver { spec });
+    }
+    let devices = cuda_devices().map_err(|message| DeviceError::Driver { spec, message })?;
+    let count = devices.len();
+    let info = devices
+        .into_iter()
+        .nth(ordinal)
+        .ok_or(DeviceError::NoSuchDevice { ordinal, count })?;
+    // A panic inside cudarc (a symbol missing from an old driver) becomes an error too.
+    let opened = std::panic::catch_unwind(|| CudarcDevice::new(ordinal))
+        .unwrap_or_else(|_| {
+            Err(crate::emu::DeviceError::Driver(
+                "a panic inside the CUDA bindings".to_string(),
+            ))
+        })
+        .map_err(|e| DeviceError::Open {
+            ordinal,
+            name: info.name.clone(),
+            message: e.to_string(),
+        })?;
+    Ok(Resolved::Cuda {
+        device: opened,
+        reason: format!("using CUDA device {ordinal} ({})", info.describe()),
+    })
 }
 
 /// One CUDA device as the driver reports it.
@@ -188,6 +282,18 @@ struct CudaDeviceInfo {
     total_memory_bytes: usize,
 }
 
+impl CudaDeviceInfo {
+    /// e.g. `NVIDIA H100 80GB HBM3, compute capability 9.0, 79.1 GiB`.
+    fn describe(&self) -> String {
+        format!(
+            "{}, compute capability {}.{}, {:.1} GiB",
+            self.name,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.total_memory_bytes as f64 / (1u64 << 30) as f64
+        )
+    }
+}
 /// Lists the CUDA devices. Call only when [`driver_present`] is true. A panic inside cudarc
 /// (e.g. a symbol missing from an old driver) is turned into an error, not propagated.
 fn cuda_devices() -> Result<Vec<CudaDeviceInfo>, String> {
@@ -224,7 +330,8 @@ fn query_cuda_devices() -> Result<Vec<CudaDeviceInfo>, String> {
 }
 
 /// Human-readable lines about the compute devices of this host, for `mega info`: the CPU
-/// (model, logical cores, rayon threads), then CUDA (devices, or why there are none).
+/// (model, logical cores, rayon threads), then CUDA (devices, or why there are none), then the
+/// debugging emulator.
 pub fn describe_devices() -> Vec<String> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get().to_string())
@@ -235,29 +342,41 @@ pub fn describe_devices() -> Vec<String> {
         cores,
         rayon::current_num_threads()
     )];
+    lines.extend(describe_cuda());
+    lines.push(
+        "emu: the CUDA backend on the CPU emulator, available for debugging \
+         (--device emu; very slow)"
+            .to_string(),
+    );
+    lines
+}
+
+/// The CUDA lines of [`describe_devices`].
+fn describe_cuda() -> Vec<String> {
     if !driver_present() {
-        lines.push("cuda: none (no driver)".to_string());
-        return lines;
+        return vec![
+            "cuda: unavailable: no NVIDIA driver (libcuda.so.1 not found on the library path)"
+                .to_string(),
+        ];
     }
     match cuda_devices() {
         Ok(devices) if devices.is_empty() => {
-            lines.push("cuda: none (driver present, no device)".to_string())
+            vec!["cuda: unavailable: the driver is present but reports no device".to_string()]
         }
         Ok(devices) => {
-            lines.push(format!("cuda: {} device(s)", devices.len()));
-            for (ordinal, device) in devices.iter().enumerate() {
-                lines.push(format!(
-                    "cuda:{ordinal}: {} (compute capability {}.{}, {:.1} GiB)",
-                    device.name,
-                    device.compute_capability.0,
-                    device.compute_capability.1,
-                    device.total_memory_bytes as f64 / (1u64 << 30) as f64
-                ));
-            }
+            let mut lines = vec![format!("cuda: {} device(s)", devices.len())];
+            lines.extend(
+                devices
+                    .iter()
+                    .enumerate()
+                    .map(|(ordinal, device)| format!("cuda:{ordinal}: {}", device.describe())),
+            );
+            lines
         }
-        Err(message) => lines.push(format!("cuda: none (driver present, but {message})")),
+        Err(message) => vec![format!(
+            "cuda: unavailable: the driver is present, but reported {message}"
+        )],
     }
-    lines
 }
 
 /// The first `model name` in /proc/cpuinfo (Linux x86); `None` elsewhere.

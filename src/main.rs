@@ -2,14 +2,16 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use mega::backend::cpu::Cpu;
+use mega::backend::Backend;
 use mega::config::{MegabyteConfig, MegalodonConfig, ModelConfig};
+use mega::device::{DeviceSpec, Resolved};
 use mega::infer::generate::{generate, GenerateRequest};
 use mega::infer::sampler::SamplingParams;
 use mega::model::ModelShape;
-use mega::train::eval::{evaluate, EvalMode};
+use mega::train::checkpoint::HostTensor;
+use mega::train::eval::{evaluate, EvalMode, EvalResult};
 use mega::train::trainer::{load_checkpoint, open_split, train, TrainHparams, TrainOptions};
-use mega::with_model;
+use mega::{with_backend, with_model};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,7 +20,13 @@ use std::time::Duration;
 #[command(
     name = "mega",
     version,
-    about = "Train, evaluate and run byte-level MEGA-family language models"
+    about = "Train, evaluate and run byte-level MEGA-family language models",
+    after_help = "Devices: train, eval, generate and bench take --device auto|cpu|cuda[:N] \
+                  (default auto: CUDA device 0 when a driver and a GPU are usable, else the CPU, \
+                  saying why in one line); `mega info` lists them.\n\
+                  Debugging: --device emu runs the CUDA backend on the CPU emulator (the CUDA \
+                  kernels compiled for the host): very slow, for checking the CUDA code path \
+                  without a GPU."
 )]
 struct Cli {
     /// Worker threads (default: all logical cores).
@@ -33,6 +41,24 @@ enum ModelKind {
     Megabyte,
     Megalodon,
     Hybrid,
+}
+
+/// `--device`, shared by every command that runs a model.
+#[derive(clap::Args, Clone, Copy)]
+struct DeviceArgs {
+    /// Backend: auto (CUDA device 0 when usable, else the CPU), cpu, cuda, cuda:N.
+    /// Debugging: emu runs the CUDA backend on the CPU emulator (very slow).
+    #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda[:N]")]
+    device: DeviceSpec,
+}
+
+impl DeviceArgs {
+    /// Resolves the request, printing the one-line reason for the choice (to stderr).
+    fn select(self) -> Result<Resolved> {
+        let resolved = mega::device::resolve(self.device)?;
+        eprintln!("device: {}", resolved.reason());
+        Ok(resolved)
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -131,9 +157,8 @@ enum Command {
         /// with --resume.
         #[arg(long)]
         stop_at_step: Option<u64>,
-        /// Device: auto, cpu, cuda, cuda:N.
-        #[arg(long, default_value = "auto")]
-        device: String,
+        #[command(flatten)]
+        device: DeviceArgs,
         /// After training, generate this many bytes from the start of the validation text.
         #[arg(long, default_value_t = 300)]
         sample_bytes: usize,
@@ -163,6 +188,8 @@ enum Command {
         /// Only evaluate the first N bytes.
         #[arg(long)]
         max_bytes: Option<usize>,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// Generate bytes from a checkpoint, streaming them to stdout.
     ///
@@ -189,6 +216,8 @@ enum Command {
         /// Stop sequence (repeatable).
         #[arg(long)]
         stop: Vec<String>,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// Generate for every line of a JSONL file through the serving engine; resumable.
     ///
@@ -235,6 +264,8 @@ enum Command {
         /// Print JSON only (always JSON; kept for scripts that pass it).
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// Make a checkpoint from a safetensors file of weights (MEGALODON: the official
     /// state-dict names and shapes) and its hyper-parameters (config JSON).
@@ -361,7 +392,6 @@ fn run(cmd: Command) -> Result<()> {
             } else {
                 model.resolve("small")?
             };
-            select_device(&device)?;
             let max_seq_len = with_model!(&cfg, |m| m.max_seq_len());
             let opts = TrainOptions {
                 data: data.clone(),
@@ -395,41 +425,13 @@ fn run(cmd: Command) -> Result<()> {
             if batch_size == 0 {
                 bail!("--batch-size must be positive");
             }
-            let be = Cpu::<f32>::new();
-            let s = train(&be, &cfg, &opts)?;
-            println!(
-                "trained {} steps in {:.0}s ({:.0} bytes/s, {} parameters)",
-                s.steps, s.elapsed_s, s.bytes_per_s, s.params
-            );
-            println!(
-                "validation: {:.3} bits per byte (unigram entropy of the corpus: {:.3} bits per byte)",
-                s.final_valid_bpb, s.unigram_entropy_bits
-            );
-            println!(
-                "checkpoint: {}   loss curve: {}",
-                out.display(),
-                out.join("loss.svg").display()
-            );
-            if sample_bytes > 0 {
-                let split = open_split(&data, opts.valid.as_deref(), 0.05)?;
-                let prompt: Vec<u8> = split
-                    .valid_windows(64, 1)
-                    .into_iter()
-                    .next()
-                    .unwrap_or_default();
-                println!("--- sample (prompt from the validation text, temperature 0.8) ---");
-                sample(
-                    &out,
-                    &prompt,
-                    sample_bytes,
-                    SamplingParams {
-                        temperature: 0.8,
-                        ..Default::default()
-                    },
-                    &[],
-                )?;
-            }
-            Ok(())
+            let resolved = device.select()?;
+            with_backend!(resolved, |be| train_and_report(
+                &be,
+                &cfg,
+                &opts,
+                sample_bytes
+            ))
         }
         Command::Eval {
             checkpoint,
@@ -439,46 +441,20 @@ fn run(cmd: Command) -> Result<()> {
             batch_size,
             seq_len,
             max_bytes,
+            device,
         } => {
             let (cfg, tensors) = load_checkpoint(&checkpoint)?;
             let corpus = mega::train::data::ByteCorpus::open(&data)?;
             let n = max_bytes.unwrap_or(corpus.len()).min(corpus.len());
             let bytes = corpus.bytes(0..n);
-            let be = Cpu::<f32>::new();
-            let r = with_model!(&cfg, |model| {
-                if strided && model.patch_size().is_none() {
-                    bail!("--strided needs a patch-based model (MEGABYTE)");
-                }
-                let host = model
-                    .layout()
-                    .host_from_named(&tensors)
-                    .map_err(anyhow::Error::msg)?;
-                let params = model.layout().upload(&be, &host);
-                let t = seq_len.unwrap_or_else(|| model.max_seq_len());
-                model
-                    .check_seq_len(t)
-                    .map_err(|e| anyhow::anyhow!("--seq-len: {e}"))?;
-                if bytes.len() < model.window_len(t) {
-                    bail!(
-                        "{} has {} bytes; one window needs {}",
-                        data.display(),
-                        bytes.len(),
-                        model.window_len(t)
-                    );
-                }
-                let mut ws = model.workspace(&be, batch_size.max(1), t, false);
-                evaluate(
-                    &be,
-                    &model,
-                    &params,
-                    &mut ws,
-                    &bytes,
-                    EvalMode {
-                        strided,
-                        sliding_window,
-                    },
-                )
-            });
+            let resolved = device.select()?;
+            let mode = EvalMode {
+                strided,
+                sliding_window,
+            };
+            let r = with_backend!(resolved, |be| evaluate_checkpoint(
+                &be, &cfg, &tensors, &bytes, &data, mode, batch_size, seq_len
+            ))?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())
         }
@@ -492,6 +468,7 @@ fn run(cmd: Command) -> Result<()> {
             top_p,
             seed,
             stop,
+            device,
         } => {
             let prompt = match (prompt, prompt_file) {
                 (Some(p), _) => p.into_bytes(),
@@ -508,8 +485,11 @@ fn run(cmd: Command) -> Result<()> {
                 seed,
             };
             params.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-            sample(&checkpoint, &prompt, max_bytes, params, &stops)?;
-            Ok(())
+            let (cfg, tensors) = load_checkpoint(&checkpoint)?;
+            let resolved = device.select()?;
+            with_backend!(resolved, |be| sample(
+                &be, &cfg, &tensors, &prompt, max_bytes, params, &stops
+            ))
         }
         Command::Batch {
             checkpoint,
@@ -547,44 +527,28 @@ fn run(cmd: Command) -> Result<()> {
             gen_len,
             bytes,
             json: _,
+            device,
         } => {
             let cfg = model.resolve("bench")?;
-            if let BenchKind::Stream = what {
-                let ModelConfig::Megalodon(m) = &cfg else {
-                    bail!("bench stream needs --model megalodon");
-                };
-                let r = mega::bench::bench_stream(m, cfg.to_json(), bytes, m.chunk_size);
-                println!("{}", serde_json::to_string_pretty(&r)?);
-                return Ok(());
-            }
             if runs == 0 {
                 bail!("--runs must be positive");
             }
-            let config = cfg.to_json();
-            let out = with_model!(&cfg, |m| match what {
-                BenchKind::Train => {
-                    let t = seq_len.unwrap_or_else(|| m.max_seq_len());
-                    m.check_seq_len(t)
-                        .map_err(|e| anyhow::anyhow!("--seq-len: {e}"))?;
-                    let b = batch_size.unwrap_or(4).max(1);
-                    serde_json::to_string_pretty(&mega::bench::bench_train(
-                        &m, config, b, t, warmup, runs,
-                    ))?
+            let resolved = device.select()?;
+            let report = with_backend!(resolved, |be| bench(
+                &be,
+                &cfg,
+                what,
+                BenchSizes {
+                    batch_size,
+                    seq_len,
+                    warmup,
+                    runs,
+                    prompt_len,
+                    gen_len,
+                    bytes,
                 }
-                BenchKind::Stream => unreachable!("handled above"),
-                BenchKind::Generate => {
-                    if prompt_len + gen_len >= m.max_seq_len() {
-                        eprintln!(
-                            "note: prompt + generation exceed the context; the window slides"
-                        );
-                    }
-                    let b = batch_size.unwrap_or(1).max(1);
-                    serde_json::to_string_pretty(&mega::bench::bench_generate(
-                        &m, config, b, prompt_len, gen_len, warmup, runs,
-                    ))?
-                }
-            });
-            println!("{out}");
+            ))?;
+            println!("{report}");
             Ok(())
         }
         Command::Convert {
@@ -672,6 +636,9 @@ fn serve(
         max_prompt_bytes: cfg.max_prompt_bytes,
         max_total_bytes: cfg.max_total_bytes,
     };
+    // Still on the CPU: with `Engine::start_on(backend, checkpoint, cfg)` this becomes
+    // `with_backend!(device.select()?, |be| Engine::start_on(be, checkpoint, cfg))?` plus a
+    // `DeviceArgs` on the command, as for train/eval/generate/bench (likewise `mega batch`).
     let engine = mega::serve::Engine::start(checkpoint, cfg)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -693,24 +660,152 @@ fn serve(
     })
 }
 
-/// Resolve `--device`, printing the one-line reason for the choice (to stderr).
-fn select_device(spec: &str) -> Result<()> {
-    let spec: mega::device::DeviceSpec = spec.parse()?;
-    let resolved = mega::device::resolve(spec)?;
-    eprintln!("device: {}", resolved.reason());
+/// `mega train` on backend `be`: train, print the summary, and sample from the result.
+fn train_and_report<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    opts: &TrainOptions,
+    sample_bytes: usize,
+) -> Result<()> {
+    let s = train(be, cfg, opts)?;
+    println!(
+        "trained {} steps in {:.0}s ({:.0} bytes/s, {} parameters)",
+        s.steps, s.elapsed_s, s.bytes_per_s, s.params
+    );
+    println!(
+        "validation: {:.3} bits per byte (unigram entropy of the corpus: {:.3} bits per byte)",
+        s.final_valid_bpb, s.unigram_entropy_bits
+    );
+    println!(
+        "checkpoint: {}   loss curve: {}",
+        opts.out.display(),
+        opts.out.join("loss.svg").display()
+    );
+    if sample_bytes > 0 {
+        let split = open_split(&opts.data, opts.valid.as_deref(), 0.05)?;
+        let prompt: Vec<u8> = split
+            .valid_windows(64, 1)
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        println!("--- sample (prompt from the validation text, temperature 0.8) ---");
+        let (cfg, tensors) = load_checkpoint(&opts.out)?;
+        let sampling = SamplingParams {
+            temperature: 0.8,
+            ..Default::default()
+        };
+        sample(be, &cfg, &tensors, &prompt, sample_bytes, sampling, &[])?;
+    }
     Ok(())
 }
 
-/// Generate from a checkpoint and stream the bytes to stdout.
-fn sample(
-    checkpoint: &std::path::Path,
+/// `mega eval` on backend `be`.
+#[allow(clippy::too_many_arguments)]
+fn evaluate_checkpoint<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    tensors: &[HostTensor],
+    bytes: &[u8],
+    data: &std::path::Path,
+    mode: EvalMode,
+    batch_size: usize,
+    seq_len: Option<usize>,
+) -> Result<EvalResult> {
+    with_model!(cfg, |model| {
+        if mode.strided && model.patch_size().is_none() {
+            bail!("--strided needs a patch-based model (MEGABYTE)");
+        }
+        let host = model
+            .layout()
+            .host_from_named(tensors)
+            .map_err(anyhow::Error::msg)?;
+        let params = model.layout().upload(be, &host);
+        let t = seq_len.unwrap_or_else(|| model.max_seq_len());
+        model
+            .check_seq_len(t)
+            .map_err(|e| anyhow::anyhow!("--seq-len: {e}"))?;
+        if bytes.len() < model.window_len(t) {
+            bail!(
+                "{} has {} bytes; one window needs {}",
+                data.display(),
+                bytes.len(),
+                model.window_len(t)
+            );
+        }
+        let mut ws = model.workspace(be, batch_size.max(1), t, false);
+        Ok(evaluate(be, &model, &params, &mut ws, bytes, mode))
+    })
+}
+
+/// The sizes `mega bench` takes from the command line.
+struct BenchSizes {
+    batch_size: Option<usize>,
+    seq_len: Option<usize>,
+    warmup: usize,
+    runs: usize,
+    prompt_len: usize,
+    gen_len: usize,
+    bytes: usize,
+}
+
+/// `mega bench` on backend `be`: the report as pretty JSON.
+fn bench<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    what: BenchKind,
+    sizes: BenchSizes,
+) -> Result<String> {
+    let config = cfg.to_json();
+    if let BenchKind::Stream = what {
+        let ModelConfig::Megalodon(m) = cfg else {
+            bail!("bench stream needs --model megalodon");
+        };
+        let r = mega::bench::bench_stream(be, m, config, sizes.bytes, m.chunk_size);
+        return Ok(serde_json::to_string_pretty(&r)?);
+    }
+    if sizes.runs == 0 {
+        bail!("--runs must be positive");
+    }
+    let BenchSizes {
+        warmup,
+        runs,
+        prompt_len,
+        gen_len,
+        ..
+    } = sizes;
+    with_model!(cfg, |m| Ok(match what {
+        BenchKind::Train => {
+            let t = sizes.seq_len.unwrap_or_else(|| m.max_seq_len());
+            m.check_seq_len(t)
+                .map_err(|e| anyhow::anyhow!("--seq-len: {e}"))?;
+            let b = sizes.batch_size.unwrap_or(4).max(1);
+            serde_json::to_string_pretty(&mega::bench::bench_train(
+                be, &m, config, b, t, warmup, runs,
+            ))?
+        }
+        BenchKind::Stream => unreachable!("handled above"),
+        BenchKind::Generate => {
+            if prompt_len + gen_len >= m.max_seq_len() {
+                eprintln!("note: prompt + generation exceed the context; the window slides");
+            }
+            let b = sizes.batch_size.unwrap_or(1).max(1);
+            serde_json::to_string_pretty(&mega::bench::bench_generate(
+                be, &m, config, b, prompt_len, gen_len, warmup, runs,
+            ))?
+        }
+    }))
+}
+
+/// Generate from a checkpoint's tensors on backend `be` and stream the bytes to stdout.
+fn sample<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    tensors: &[HostTensor],
     prompt: &[u8],
     max_bytes: usize,
     sampling: SamplingParams,
     stop: &[Vec<u8>],
 ) -> Result<()> {
-    let (cfg, tensors) = load_checkpoint(checkpoint)?;
-    let be = Cpu::<f32>::new();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     out.write_all(prompt)?;
@@ -722,13 +817,13 @@ fn sample(
         stop: stop.to_vec(),
     };
     let mut io_err = None;
-    with_model!(&cfg, |model| {
+    with_model!(cfg, |model| {
         let host = model
             .layout()
-            .host_from_named(&tensors)
+            .host_from_named(tensors)
             .map_err(anyhow::Error::msg)?;
-        let params = model.layout().upload(&be, &host);
-        generate(&model, &be, &params, &[req], |_, bytes| {
+        let params = model.layout().upload(be, &host);
+        generate(&model, be, &params, &[req], |_, bytes| {
             if let Err(e) = out.write_all(bytes).and_then(|_| out.flush()) {
                 io_err.get_or_insert(e);
             }

@@ -359,8 +359,12 @@ fn megalodon_trains_resumes_generates_and_evaluates_through_the_same_cli() {
 }
 
 #[test]
-fn bench_reports_json_for_both_model_families() {
-    for model in ["megabyte", "megalodon"] {
+fn bench_reports_json_for_both_model_families_and_the_backend_that_ran_it() {
+    for (model, device, backend) in [
+        ("megabyte", "cpu", "cpu"),
+        ("megalodon", "cpu", "cpu"),
+        ("megabyte", "emu", "cuda (CPU emulator)"),
+    ] {
         let o = mega(&[
             "bench",
             "train",
@@ -368,6 +372,8 @@ fn bench_reports_json_for_both_model_families() {
             model,
             "--preset",
             "tiny",
+            "--device",
+            device,
             "--batch-size",
             "1",
             "--seq-len",
@@ -379,12 +385,367 @@ fn bench_reports_json_for_both_model_families() {
             "--threads",
             "1",
         ]);
-        assert!(o.status.success(), "{model}: {}", stderr(&o));
+        assert!(o.status.success(), "{model} on {device}: {}", stderr(&o));
         let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert!(
             r["bytes_per_s_median"].as_f64().unwrap() > 0.0,
             "{model}: {r}"
         );
         assert_eq!(r["config"]["model"], model);
+        assert_eq!(r["device"], backend, "{r}");
+    }
+}
+
+// ---- device selection (docs/cuda-backend.md, "Selecting the device") ----------------------
+
+fn driver_present() -> bool {
+    // Independent of mega's own check, so the tests see which branch the binary should take.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// The `device: ...` lines a command printed.
+fn device_lines(o: &Output) -> Vec<String> {
+    stderr(o)
+        .lines()
+        .filter(|l| l.starts_with("device:"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Tolerances of the emulated CUDA backend against the CPU through the CLI
+/// (docs/cuda-backend.md): per-step training loss and validation bits per byte, and the
+/// parameters after the run.
+const CLI_LOSS_TOL: f32 = 1e-4;
+const CLI_PARAM_ABS_TOL: f32 = 1e-4;
+const CLI_PARAM_REL_TOL: f32 = 1e-4;
+
+fn tiny_train_args<'a>(
+    model: &'a str,
+    device: &'a str,
+    data: &'a str,
+    out: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model",
+        model,
+        "--preset",
+        "tiny",
+        "--device",
+        device,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-every",
+        "1",
+        "--eval-windows",
+        "2",
+        "--warmup",
+        "1",
+        "--lr",
+        "1e-2",
+        "--quiet",
+        "--sample-bytes",
+        "0",
+        "--threads",
+        "1",
+    ]
+}
+
+/// The value printed on the `validation: X bits per byte` line.
+fn printed_validation(o: &Output) -> f32 {
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("validation: "))
+        .unwrap_or_else(|| panic!("no validation line in {stdout}"));
+    line.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn auto_without_a_driver_trains_on_the_cpu_and_says_why_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let out = dir.path().join("auto");
+    let o = mega(&tiny_train_args(
+        "megabyte",
+        "auto",
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = device_lines(&o);
+    assert_eq!(lines.len(), 1, "exactly one device line: {}", stderr(&o));
+    if !driver_present() {
+        assert_eq!(
+            lines[0],
+            "device: no NVIDIA driver (libcuda.so.1) found; using the CPU backend"
+        );
+    }
+    assert_eq!(
+        mega::train::checkpoint::load(&out)
+            .unwrap()
+            .trainer
+            .unwrap()
+            .step,
+        2
+    );
+}
+
+#[test]
+fn unusable_cuda_requests_fail_in_one_line_and_bad_specs_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let data = data.to_str().unwrap();
+    let out = dir.path().join("o");
+    let out = out.to_str().unwrap();
+    let requests: &[&str] = if driver_present() {
+        // Only the ordinal no host has is certain to fail where a driver exists.
+        &["cuda:1000"]
+    } else {
+        &["cuda", "cuda:3"]
+    };
+    for &device in requests {
+        let o = mega(&tiny_train_args("megabyte", device, data, out));
+        let needle = if driver_present() {
+            "--device cuda:1000".to_string()
+        } else {
+            let ordinal = if device == "cuda" { "cuda:0" } else { device };
+            assert!(stderr(&o).contains("libcuda.so.1"), "{}", stderr(&o));
+            format!("--device {ordinal} needs the NVIDIA driver")
+        };
+        assert_clean_error(&o, &needle);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(!out_exists(out), "nothing was trained");
+    }
+    for args in [
+        vec!["train", "--preset", "tiny", "--data", data, "--out", out],
+        vec!["eval", "--checkpoint", out, "--data", data],
+        vec!["generate", "--checkpoint", out, "--prompt", "a"],
+        vec!["bench", "train", "--preset", "tiny"],
+    ] {
+        let mut args = args.clone();
+        args.extend(["--device", "gpu"]);
+        let o = mega(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "clap's usage-error status: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            err.starts_with("error: invalid value 'gpu' for '--device"),
+            "{err}"
+        );
+        assert!(err.contains("expected auto, cpu, cuda or cuda:N"), "{err}");
+    }
+}
+
+fn out_exists(out: &str) -> bool {
+    Path::new(out).exists()
+}
+
+#[test]
+fn info_lists_the_devices_and_the_kernel_build() {
+    let o = mega(&["info"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let line = |prefix: &str| {
+        stdout
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line starting {prefix:?} in {stdout}"))
+            .to_string()
+    };
+    if !driver_present() {
+        assert!(line("cuda: ").contains("no NVIDIA driver"), "{stdout}");
+    }
+    assert!(
+        line("emu: ").contains("available for debugging"),
+        "{stdout}"
+    );
+    // The kernel line names what the committed PTX headers say: ISA, target and compiler.
+    let kernels = line("kernels: ");
+    let ptx = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/ptx/adamw.ptx"),
+    )
+    .unwrap();
+    let header = |directive: &str| {
+        ptx.lines()
+            .find_map(|l| l.trim().strip_prefix(directive))
+            .unwrap_or_else(|| panic!("adamw.ptx has no {directive}"))
+            .trim()
+            .to_string()
+    };
+    assert!(
+        kernels.contains(&format!("PTX ISA {}", header(".version"))),
+        "{kernels}"
+    );
+    assert!(kernels.contains(&header(".target")), "{kernels}");
+    let nvcc = ptx
+        .lines()
+        .find_map(|l| l.split_once("Cuda compilation tools, "))
+        .map(|(_, v)| v.rsplit(", ").next().unwrap().trim().to_string())
+        .expect("adamw.ptx names its compiler");
+    assert!(kernels.contains(&nvcc), "{kernels} should name {nvcc}");
+}
+
+#[test]
+fn help_documents_the_device_flag_and_the_debugging_emulator() {
+    let o = mega(&["--help"]);
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(help.contains("--device auto|cpu|cuda[:N]"), "{help}");
+    assert!(help.contains("Debugging: --device emu"), "{help}");
+    for cmd in ["train", "eval", "generate", "bench"] {
+        let o = mega(&[cmd, "--help"]);
+        let help = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            help.contains("--device <auto|cpu|cuda[:N]>"),
+            "{cmd}: {help}"
+        );
+        assert!(help.contains("emu"), "{cmd}: {help}");
+    }
+}
+
+/// Largest `|a − b| / (abs + rel·|b|)` over two checkpoints' parameters (≤ 1 passes).
+fn worst_param_ratio(a: &Path, b: &Path) -> f32 {
+    let a = mega::train::checkpoint::load(a).unwrap();
+    let b = mega::train::checkpoint::load(b).unwrap();
+    assert_eq!(a.model.len(), b.model.len());
+    let mut worst = 0.0f32;
+    for (x, y) in a.model.iter().zip(&b.model) {
+        assert_eq!(x.name, y.name);
+        for (p, q) in x.data.iter().zip(&y.data) {
+            let ratio = (p - q).abs() / (CLI_PARAM_ABS_TOL + CLI_PARAM_REL_TOL * q.abs());
+            assert!(ratio.is_finite(), "{}: {p} vs {q}", x.name);
+            worst = worst.max(ratio);
+        }
+    }
+    worst
+}
+
+#[test]
+fn emulated_cuda_backend_trains_evaluates_and_generates_like_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let data = data.to_str().unwrap();
+    for model in ["megabyte", "megalodon"] {
+        let run = |device: &str| {
+            let out = dir.path().join(format!("{model}-{device}"));
+            let o = mega(&tiny_train_args(model, device, data, out.to_str().unwrap()));
+            assert!(o.status.success(), "{model} on {device}: {}", stderr(&o));
+            (o, out)
+        };
+        let (cpu, cpu_dir) = run("cpu");
+        let (emu, emu_dir) = run("emu");
+        assert_eq!(
+            device_lines(&emu),
+            ["device: using the CUDA backend on the CPU emulator (--device emu, a debugging mode: very slow)"]
+        );
+        // Printed with three decimals: equal up to one unit in the last place.
+        let (a, b) = (printed_validation(&cpu), printed_validation(&emu));
+        assert!((a - b).abs() <= 1.0001e-3, "{model}: printed {a} vs {b}");
+        let history = |dir: &Path| {
+            mega::train::checkpoint::load(dir)
+                .unwrap()
+                .trainer
+                .unwrap()
+                .history
+        };
+        let (hc, he) = (history(&cpu_dir), history(&emu_dir));
+        assert_eq!(hc.len(), 2);
+        assert_eq!(he.len(), 2);
+        for (c, e) in hc.iter().zip(&he) {
+            let (lc, le) = (c.train_loss.unwrap(), e.train_loss.unwrap());
+            let (vc, ve) = (c.valid_bpb.unwrap(), e.valid_bpb.unwrap());
+            assert!(
+                (lc - le).abs() <= CLI_LOSS_TOL,
+                "{model} step {}: loss {lc} vs {le}",
+                c.step
+            );
+            assert!(
+                (vc - ve).abs() <= CLI_LOSS_TOL,
+                "{model} step {}: valid {vc} vs {ve}",
+                c.step
+            );
+        }
+        // The run did learn something, so the comparison is not of two untouched models.
+        assert!(
+            hc[1].train_loss.unwrap() < hc[0].train_loss.unwrap(),
+            "{hc:?}"
+        );
+        let worst = worst_param_ratio(&emu_dir, &cpu_dir);
+        assert!(
+            worst <= 1.0,
+            "{model}: parameters differ by {worst}× the tolerance"
+        );
+
+        // The CPU-trained checkpoint, evaluated and sampled on both backends.
+        let ck = cpu_dir.to_str().unwrap();
+        let evaluate = |device: &str| {
+            let o = mega(&[
+                "eval",
+                "--device",
+                device,
+                "--checkpoint",
+                ck,
+                "--data",
+                data,
+                "--seq-len",
+                "16",
+                "--max-bytes",
+                "96",
+            ]);
+            assert!(
+                o.status.success(),
+                "{model} eval on {device}: {}",
+                stderr(&o)
+            );
+            let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            r["bits_per_byte"].as_f64().unwrap()
+        };
+        let (ec, ee) = (evaluate("cpu"), evaluate("emu"));
+        assert!(
+            (ec - ee).abs() <= CLI_LOSS_TOL as f64,
+            "{model} eval: {ec} vs {ee}"
+        );
+        let generate = |device: &str, extra: &[&str]| {
+            let mut args = vec![
+                "generate",
+                "--device",
+                device,
+                "--checkpoint",
+                ck,
+                "--prompt",
+                "It was",
+                "--max-bytes",
+                "16",
+            ];
+            args.extend(extra);
+            let o = mega(&args);
+            assert!(
+                o.status.success(),
+                "{model} generate on {device}: {}",
+                stderr(&o)
+            );
+            o.stdout
+        };
+        for sampling in [
+            &["--seed", "5", "--top-k", "40"][..],
+            &["--temperature", "0"],
+        ] {
+            let (gc, ge) = (generate("cpu", sampling), generate("emu", sampling));
+            assert_eq!(gc.len(), "It was".len() + 16 + 1);
+            assert_eq!(
+                String::from_utf8_lossy(&gc),
+                String::from_utf8_lossy(&ge),
+                "{model} {sampling:?}"
+            );
+        }
     }
 }

@@ -1,7 +1,9 @@
-//! Device selection: parsing `--device`, and resolution on this host (with or without driver).
+//! Device selection: parsing `--device`, resolution on this host (with or without driver),
+//! and the dispatch from a resolved device to a backend.
 
+use mega::backend::Backend;
 use mega::device::{
-    describe_devices, resolve, DeviceError, DeviceSpec, Resolved, NO_DRIVER_REASON,
+    describe_devices, resolve, DeviceError, DeviceSpec, Resolved, EMULATED_REASON, NO_DRIVER_REASON,
 };
 
 fn driver_present() -> bool {
@@ -20,6 +22,9 @@ fn parses_every_accepted_spelling() {
         ("cuda:12", DeviceSpec::Cuda(12)),
         (" CUDA:1 ", DeviceSpec::Cuda(1)),
         ("CPU", DeviceSpec::Cpu),
+        ("emu", DeviceSpec::Emulated),
+        ("cuda-emu", DeviceSpec::Emulated),
+        (" EMU", DeviceSpec::Emulated),
     ];
     for (text, expected) in cases {
         assert_eq!(text.parse::<DeviceSpec>(), Ok(expected), "{text:?}");
@@ -41,6 +46,9 @@ fn rejects_anything_else_with_a_clear_message() {
         "cuda 1",
         "cpu:0",
         "cuda:99999999999999999999999",
+        "emu:0",
+        "emulator",
+        "cuda-emu:1",
     ] {
         let err = text.parse::<DeviceSpec>().unwrap_err();
         assert_eq!(err, DeviceError::InvalidSpec(text.to_string()));
@@ -61,6 +69,7 @@ fn display_round_trips_through_parse() {
         DeviceSpec::Cpu,
         DeviceSpec::Cuda(0),
         DeviceSpec::Cuda(3),
+        DeviceSpec::Emulated,
     ] {
         assert_eq!(spec.to_string().parse::<DeviceSpec>(), Ok(spec));
     }
@@ -71,6 +80,7 @@ fn display_round_trips_through_parse() {
 fn cpu_request_always_resolves_to_cpu() {
     let resolved = resolve(DeviceSpec::Cpu).unwrap();
     assert!(matches!(resolved, Resolved::Cpu { .. }));
+    assert_eq!(resolved.kind(), "cpu");
     assert!(
         resolved.reason().contains("CPU backend"),
         "{}",
@@ -79,16 +89,46 @@ fn cpu_request_always_resolves_to_cpu() {
 }
 
 #[test]
-fn auto_falls_back_to_cpu_and_says_why() {
+fn emulated_request_always_resolves_to_the_emulator_and_says_it_is_for_debugging() {
+    let resolved = resolve(DeviceSpec::Emulated).unwrap();
+    assert!(matches!(resolved, Resolved::Emulated { .. }));
+    assert_eq!(resolved.kind(), "emu");
+    assert_eq!(resolved.reason(), EMULATED_REASON);
+    assert!(resolved.reason().contains("debugging"), "{resolved:?}");
+}
+
+#[test]
+fn with_backend_hands_the_body_the_backend_that_was_resolved() {
+    let cpu = mega::with_backend!(resolve(DeviceSpec::Cpu).unwrap(), |be| be.name());
+    assert_eq!(cpu, "cpu");
+    // The emulated device runs the CUDA backend (its name says so), and ops really run on it.
+    let (name, sum) = mega::with_backend!(resolve(DeviceSpec::Emulated).unwrap(), |be| {
+        let buf = be.upload(&[1.0, 2.0, 3.5]);
+        (be.name(), be.sum(&buf))
+    });
+    assert_eq!(name, "cuda (CPU emulator)");
+    assert_eq!(sum, 6.5);
+}
+
+#[test]
+fn auto_falls_back_to_cpu_or_opens_cuda_and_says_why() {
     let resolved = resolve(DeviceSpec::Auto).expect("auto never fails");
-    let Resolved::Cpu { reason } = &resolved;
+    let reason = resolved.reason().to_string();
     assert!(!reason.contains('\n'), "{reason}");
     if driver_present() {
-        // Without a CUDA backend in this version, a driver still means CPU, for a stated reason.
-        assert_ne!(reason, NO_DRIVER_REASON);
-        assert!(reason.contains("CUDA"), "{reason}");
-        assert!(reason.ends_with("using the CPU backend"), "{reason}");
+        match resolved {
+            Resolved::Cuda { .. } => {
+                assert!(reason.starts_with("using CUDA device 0 ("), "{reason}")
+            }
+            Resolved::Cpu { .. } => {
+                assert_ne!(reason, NO_DRIVER_REASON);
+                assert!(reason.contains("CUDA"), "{reason}");
+                assert!(reason.ends_with("using the CPU backend"), "{reason}");
+            }
+            Resolved::Emulated { .. } => panic!("auto never picks the emulator"),
+        }
     } else {
+        assert!(matches!(resolved, Resolved::Cpu { .. }));
         assert_eq!(
             reason,
             "no NVIDIA driver (libcuda.so.1) found; using the CPU backend"
@@ -97,25 +137,34 @@ fn auto_falls_back_to_cpu_and_says_why() {
 }
 
 #[test]
-fn explicit_cuda_is_an_error_until_the_backend_exists() {
+fn explicit_cuda_opens_the_device_or_says_in_one_line_why_not() {
     for ordinal in [0, 1000] {
-        let err = resolve(DeviceSpec::Cuda(ordinal)).unwrap_err();
-        let message = err.to_string();
-        assert!(!message.contains('\n'), "{message}");
+        let result = resolve(DeviceSpec::Cuda(ordinal));
         if driver_present() {
-            match &err {
-                DeviceError::CudaBackendNotBuilt { ordinal: o, .. } => {
-                    assert_eq!(*o, ordinal);
-                    assert!(message.contains("not built yet"), "{message}");
+            match result {
+                Ok(resolved) => {
+                    assert_eq!(ordinal, 0, "no host has 1001 GPUs");
+                    assert!(matches!(resolved, Resolved::Cuda { .. }));
+                    assert!(resolved.reason().starts_with("using CUDA device 0 ("));
                 }
-                DeviceError::NoSuchDevice { ordinal: o, count } => {
-                    assert_eq!(*o, ordinal);
-                    assert!(ordinal >= *count);
+                Err(err) => {
+                    let message = err.to_string();
+                    assert!(!message.contains('\n'), "{message}");
+                    match &err {
+                        DeviceError::NoSuchDevice { ordinal: o, count } => {
+                            assert_eq!(*o, ordinal);
+                            assert!(ordinal >= *count);
+                        }
+                        DeviceError::Open { ordinal: o, .. } => assert_eq!(*o, ordinal),
+                        DeviceError::Driver { message: m, .. } => assert!(!m.is_empty()),
+                        other => panic!("unexpected error with a driver present: {other:?}"),
+                    }
                 }
-                DeviceError::Driver { message: m, .. } => assert!(!m.is_empty()),
-                other => panic!("unexpected error with a driver present: {other:?}"),
             }
         } else {
+            let err = result.unwrap_err();
+            let message = err.to_string();
+            assert!(!message.contains('\n'), "{message}");
             assert_eq!(
                 err,
                 DeviceError::NoDriver {
@@ -132,9 +181,9 @@ fn explicit_cuda_is_an_error_until_the_backend_exists() {
 }
 
 #[test]
-fn describe_devices_names_cpu_then_cuda() {
+fn describe_devices_names_cpu_then_cuda_then_the_emulator() {
     let lines = describe_devices();
-    assert!(lines.len() >= 2, "{lines:?}");
+    assert!(lines.len() >= 3, "{lines:?}");
     assert!(lines[0].starts_with("cpu: "), "{lines:?}");
     let cores = std::thread::available_parallelism().unwrap().get();
     assert!(
@@ -145,10 +194,18 @@ fn describe_devices_names_cpu_then_cuda() {
         lines[0].contains(&format!("{} rayon threads", rayon::current_num_threads())),
         "{lines:?}"
     );
+    let cuda = &lines[1..lines.len() - 1];
     if driver_present() {
-        assert!(lines[1].starts_with("cuda: "), "{lines:?}");
-        assert_ne!(lines[1], "cuda: none (no driver)");
+        assert!(cuda[0].starts_with("cuda: "), "{lines:?}");
+        assert!(!cuda[0].contains("no NVIDIA driver"), "{lines:?}");
     } else {
-        assert_eq!(lines[1..], ["cuda: none (no driver)".to_string()]);
+        assert_eq!(
+            cuda,
+            ["cuda: unavailable: no NVIDIA driver (libcuda.so.1 not found on the library path)"]
+        );
     }
+    let emu = lines.last().unwrap();
+    assert!(emu.starts_with("emu: "), "{lines:?}");
+    assert!(emu.contains("available for debugging"), "{emu}");
+    assert!(emu.contains("--device emu"), "{emu}");
 }
