@@ -684,6 +684,12 @@ fn emulated_cuda_backend_trains_evaluates_and_generates_like_the_cpu() {
             worst <= 1.0,
             "{model}: parameters differ by {worst}× the tolerance"
         );
+        // The kernels reduce in other orders than the CPU loops, so bit-identical parameters
+        // would mean `--device emu` never reached the CUDA backend.
+        assert!(
+            worst > 0.0,
+            "{model}: the emulated run matched the CPU bit for bit"
+        );
 
         // The CPU-trained checkpoint, evaluated and sampled on both backends.
         let ck = cpu_dir.to_str().unwrap();
