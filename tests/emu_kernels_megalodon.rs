@@ -766,7 +766,7 @@ fn timestep_norm_forward_matches_the_twin() {
                     .iter()
                     .zip(out.iter().zip(&out_want))
                 {
-                    checks.close(&format!("{name}"), got, want, F32_TOL);
+                    checks.close(name, got, want, F32_TOL);
                 }
             });
         },

@@ -13,7 +13,7 @@ use mega::backend::cpu::{activation, adamw, layernorm, megabyte_embed, rmsnorm, 
 use mega::backend::{Activation, AdamW, PAD_ID};
 use mega::cuda::launch::{self as shapes, norms::Norm};
 use mega::cuda::scatter_plan::{local_embed_plans, patch_embed_plans, RowScatterPlan};
-use mega::emu::HostBuffer;
+use mega::emu::{HostBuffer, KernelArg, Schedule};
 use rand::Rng;
 
 /// Widths around the 256-thread block, and primes.
@@ -297,51 +297,64 @@ fn activations_match_the_twin() {
         let tol = if storage_bf16 { BF16_TOL } else { F32_TOL };
         schedules.each(|schedule, checks| {
             let shape = shapes::activations::activation(n);
-            let (out, dx) = if storage_bf16 {
-                let (out, xb, doutb, dx) = (
-                    bf16_buf(&vec![f32::NAN; n]),
-                    bf16_buf(&x),
-                    bf16_buf(&dout),
-                    bf16_buf(&dx0),
-                );
-                run(
-                    "activation_forward_bf16",
-                    shape,
-                    &[&out, &xb, &ni, &id],
-                    schedule,
-                );
-                run(
-                    "activation_backward_bf16",
-                    shape,
-                    &[&dx, &xb, &doutb, &ni, &id],
-                    schedule,
-                );
-                (bf16_values(&out), bf16_values(&dx))
-            } else {
-                let (out, xb, doutb, dx) = (
-                    nan_buf(n),
-                    HostBuffer::from_slice(&x),
-                    HostBuffer::from_slice(&dout),
-                    HostBuffer::from_slice(&dx0),
-                );
-                run(
-                    "activation_forward_f32",
-                    shape,
-                    &[&out, &xb, &ni, &id],
-                    schedule,
-                );
-                run(
-                    "activation_backward_f32",
-                    shape,
-                    &[&dx, &xb, &doutb, &ni, &id],
-                    schedule,
-                );
-                (out.to_vec(), dx.to_vec())
-            };
+            let (out, dx) = forward_backward(
+                "activation",
+                shape,
+                storage_bf16,
+                n,
+                [&x, &dout, &dx0],
+                &[&ni, &id],
+                schedule,
+            );
             checks.close("out", &out, &out_w, tol);
             checks.close("dx", &dx, &dx_w, tol);
         });
     });
+}
+
+/// Runs `{op}_forward_{storage}` with `(out, x, scalars…)` and `{op}_backward_{storage}` with
+/// `(dx, x, dout, scalars…)`, every buffer in the storage type (bf16 or f32; `out` of
+/// `out_len` NaNs, `dx` starting from `dx0`), and returns `out` and `dx` as f32.
+#[allow(clippy::too_many_arguments)]
+fn forward_backward(
+    op: &str,
+    shape: shapes::LaunchShape,
+    storage_bf16: bool,
+    out_len: usize,
+    [x, dout, dx0]: [&[f32]; 3],
+    scalars: &[&dyn KernelArg],
+    schedule: Schedule,
+) -> (Vec<f32>, Vec<f32>) {
+    let launch =
+        |out: &dyn KernelArg, dx: &dyn KernelArg, xb: &dyn KernelArg, doutb: &dyn KernelArg| {
+            let storage = if storage_bf16 { "bf16" } else { "f32" };
+            run(
+                &format!("{op}_forward_{storage}"),
+                shape,
+                &[&[out, xb], scalars].concat(),
+                schedule,
+            );
+            run(
+                &format!("{op}_backward_{storage}"),
+                shape,
+                &[&[dx, xb, doutb], scalars].concat(),
+                schedule,
+            );
+        };
+    if storage_bf16 {
+        let (out, dx) = (bf16_buf(&vec![f32::NAN; out_len]), bf16_buf(dx0));
+        launch(&out, &dx, &bf16_buf(x), &bf16_buf(dout));
+        (bf16_values(&out), bf16_values(&dx))
+    } else {
+        let (out, dx) = (nan_buf(out_len), HostBuffer::from_slice(dx0));
+        launch(
+            &out,
+            &dx,
+            &HostBuffer::from_slice(x),
+            &HostBuffer::from_slice(dout),
+        );
+        (out.to_vec(), dx.to_vec())
+    }
 }
 
 #[test]
@@ -383,47 +396,15 @@ fn swiglu_matches_the_twin() {
         let tol = if storage_bf16 { BF16_TOL } else { F32_TOL };
         schedules.each(|schedule, checks| {
             let shape = shapes::activations::swiglu(n, h);
-            let (out, dx) = if storage_bf16 {
-                let (out, xb, doutb, dx) = (
-                    bf16_buf(&vec![f32::NAN; n * h]),
-                    bf16_buf(&x),
-                    bf16_buf(&dout),
-                    bf16_buf(&dx0),
-                );
-                run(
-                    "swiglu_forward_bf16",
-                    shape,
-                    &[&out, &xb, &ni, &hi],
-                    schedule,
-                );
-                run(
-                    "swiglu_backward_bf16",
-                    shape,
-                    &[&dx, &xb, &doutb, &ni, &hi],
-                    schedule,
-                );
-                (bf16_values(&out), bf16_values(&dx))
-            } else {
-                let (out, xb, doutb, dx) = (
-                    nan_buf(n * h),
-                    HostBuffer::from_slice(&x),
-                    HostBuffer::from_slice(&dout),
-                    HostBuffer::from_slice(&dx0),
-                );
-                run(
-                    "swiglu_forward_f32",
-                    shape,
-                    &[&out, &xb, &ni, &hi],
-                    schedule,
-                );
-                run(
-                    "swiglu_backward_f32",
-                    shape,
-                    &[&dx, &xb, &doutb, &ni, &hi],
-                    schedule,
-                );
-                (out.to_vec(), dx.to_vec())
-            };
+            let (out, dx) = forward_backward(
+                "swiglu",
+                shape,
+                storage_bf16,
+                n * h,
+                [&x, &dout, &dx0],
+                &[&ni, &hi],
+                schedule,
+            );
             checks.close("out", &out, &out_w, tol);
             checks.close("dx", &dx, &dx_w, tol);
         });

@@ -257,8 +257,22 @@ impl Checks<'_> {
             if got.len() != want.len() {
                 return format!("length {} vs {}", got.len(), want.len());
             }
-            let (i, g, w) = worst_entry(got.iter().zip(want).map(|(&g, &w)| (g as f64, w)));
-            format!("largest at [{i}]: got {g}, want {w}")
+            // The entry with the largest |got − want|, or the first that is not finite.
+            let distance = |(&g, &w): (&f32, &f64)| {
+                if g.is_finite() {
+                    (g as f64 - w).abs()
+                } else {
+                    f64::INFINITY
+                }
+            };
+            let (at, _) = got.iter().zip(want).map(distance).enumerate().fold(
+                (0, -1.0f64),
+                |worst, (i, d)| if d > worst.1 { (i, d) } else { worst },
+            );
+            match (got.get(at), want.get(at)) {
+                (Some(g), Some(w)) => format!("largest at [{at}]: got {g}, want {w}"),
+                _ => String::new(),
+            }
         };
         self.note(output, tol, err, detail);
     }
@@ -267,31 +281,33 @@ impl Checks<'_> {
     /// twins run in f32 (tests/emu_kernels.rs). The error is the largest
     /// `|got − want| / (1 + |want|)`.
     pub fn close_elementwise(&mut self, output: &str, got: &[f32], want: &[f32], tol: f64) {
-        let mut err = if got.len() == want.len() {
-            0.0f64
-        } else {
-            f64::INFINITY
-        };
-        for (&g, &w) in got.iter().zip(want) {
-            let e = if w.is_nan() || g.is_nan() {
-                if w.is_nan() && g.is_nan() {
-                    0.0
-                } else {
-                    f64::INFINITY
-                }
-            } else {
-                (g as f64 - w as f64).abs() / (1.0 + (w as f64).abs())
-            };
-            err = err.max(e);
-        }
-        let detail = || {
-            if got.len() != want.len() {
-                return format!("length {} vs {}", got.len(), want.len());
+        let element_error = |(&g, &w): (&f32, &f32)| {
+            if g.is_nan() && w.is_nan() {
+                return 0.0;
             }
-            let (i, g, w) = worst_entry(got.iter().zip(want).map(|(&g, &w)| (g as f64, w as f64)));
-            format!("largest at [{i}]: got {g}, want {w}")
+            let e = (g as f64 - w as f64).abs() / (1.0 + (w as f64).abs());
+            // A NaN on one side only, or an infinity (∞/∞), fails.
+            if e.is_nan() {
+                f64::INFINITY
+            } else {
+                e
+            }
         };
-        self.note(output, tol, err, detail);
+        let (at, err) = got.iter().zip(want).map(element_error).enumerate().fold(
+            (0, 0.0f64),
+            |worst, (i, e)| if e > worst.1 { (i, e) } else { worst },
+        );
+        let (err, detail) = if got.len() != want.len() {
+            (
+                f64::INFINITY,
+                format!("length {} vs {}", got.len(), want.len()),
+            )
+        } else {
+            let detail = (at < got.len())
+                .then(|| format!("largest at [{at}]: got {}, want {}", got[at], want[at]));
+            (err, detail.unwrap_or_default())
+        };
+        self.note(output, tol, err, || detail);
     }
 
     /// Equal element for element (bit-exact for floats other than NaN). The error is 0 or
@@ -318,7 +334,7 @@ impl Checks<'_> {
         if failed {
             entry.failed += 1;
         }
-        // The worst error, and among failures (when any) the worst failure.
+        // A failure's error exceeds every pass's, so the worst is a failure when there is one.
         let counts_as_worse = err > entry.err || entry.case.is_empty();
         if counts_as_worse {
             entry.err = err;
@@ -327,27 +343,6 @@ impl Checks<'_> {
             entry.detail = if failed { detail() } else { String::new() };
         }
     }
-}
-
-/// Index and values of the entry with the largest |got − want| (the first non-finite one,
-/// when any).
-fn worst_entry(pairs: impl Iterator<Item = (f64, f64)>) -> (usize, f64, f64) {
-    let mut worst = (0, f64::NAN, f64::NAN);
-    let mut largest = -1.0f64;
-    for (i, (g, w)) in pairs.enumerate() {
-        let d = if g.is_finite() {
-            (g - w).abs()
-        } else {
-            f64::INFINITY
-        };
-        if d > largest {
-            (largest, worst) = (d, (i, g, w));
-        }
-        if d.is_infinite() {
-            break;
-        }
-    }
-    worst
 }
 
 /// One output's worst error over a sweep.
