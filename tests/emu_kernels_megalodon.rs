@@ -117,6 +117,53 @@ impl Cema {
         (y, h_out)
     }
 
+    /// The f64 twin's backward from parameter gradients `g0` (accumulated into):
+    /// (dx, [dα, dδ, dθ, dγ, dω], dh0 — asked for exactly when `h0` is given).
+    #[allow(clippy::type_complexity)]
+    fn twin_backward(
+        &self,
+        dy: &[f32],
+        x: &[f32],
+        h0: Option<&[f32]>,
+        dh_out: Option<&[f32]>,
+        g0: &[Vec<f32>; 5],
+    ) -> (Vec<f64>, [Vec<f64>; 5], Option<Vec<f64>>) {
+        let [alpha, delta, theta, gamma, omega] = self.wide();
+        let p = CemaParams {
+            alpha: &alpha,
+            delta: &delta,
+            theta: &theta,
+            gamma: &gamma,
+            omega: &omega,
+        };
+        let mut g = g0.clone().map(|v| widen(&v));
+        let mut dx = vec![0.0; self.act_len()];
+        let mut dh0 = h0.map(|_| vec![0.0; self.state_len()]);
+        let [ga, gd, gt, gg, go] = &mut g;
+        let mut grads = CemaGrads {
+            alpha: ga,
+            delta: gd,
+            theta: gt,
+            gamma: gg,
+            omega: go,
+        };
+        cema::backward(
+            &mut dx,
+            &mut grads,
+            dh0.as_deref_mut(),
+            &widen(dy),
+            dh_out.map(widen).as_deref(),
+            &widen(x),
+            &p,
+            h0.map(widen).as_deref(),
+            self.b,
+            self.l,
+            self.d,
+            self.n,
+        );
+        (dx, g, dh0)
+    }
+
     /// Launches cema_forward_f32; returns (y, h_out, chunk_states).
     fn kernel_forward(
         &self,
@@ -346,41 +393,9 @@ fn cema_backward_matches_the_twin() {
                 uniform(&mut r, d, 0.0, 1.0),
             ];
 
-            let [alpha, delta, theta, gamma, omega] = c.wide();
-            let p = CemaParams {
-                alpha: &alpha,
-                delta: &delta,
-                theta: &theta,
-                gamma: &gamma,
-                omega: &omega,
-            };
-            let mut want_g = g0.clone().map(|v| widen(&v));
-            let mut want_dx = vec![0.0; c.act_len()];
-            let mut want_dh0 = vec![0.0; c.state_len()];
-            {
-                let [ga, gd, gt, gg, go] = &mut want_g;
-                let mut grads = CemaGrads {
-                    alpha: ga,
-                    delta: gd,
-                    theta: gt,
-                    gamma: gg,
-                    omega: go,
-                };
-                cema::backward(
-                    &mut want_dx,
-                    &mut grads,
-                    Some(&mut want_dh0),
-                    &widen(&dy),
-                    Some(&widen(&dh_out)),
-                    &widen(&x),
-                    &p,
-                    Some(&widen(&h0)),
-                    b,
-                    l,
-                    d,
-                    n,
-                );
-            }
+            let (want_dx, want_g, want_dh0) =
+                c.twin_backward(&dy, &x, Some(&h0), Some(&dh_out), &g0);
+            let want_dh0 = want_dh0.expect("h0 given");
 
             schedules.each(|schedule, checks| {
                 let (_, _, states) = c.kernel_forward(&x, Some(&h0), schedule);
@@ -438,40 +453,8 @@ fn cema_backward_without_optional_state() {
             let c = Cema::new(&mut r, b, l, d, n);
             let x = uniform(&mut r, c.act_len(), 0.0, 1.0);
             let dy = uniform(&mut r, c.act_len(), 0.0, 1.0);
-            let [alpha, delta, theta, gamma, omega] = c.wide();
-            let p = CemaParams {
-                alpha: &alpha,
-                delta: &delta,
-                theta: &theta,
-                gamma: &gamma,
-                omega: &omega,
-            };
-            let mut want_g = [d * n, d * n, d, d * n * 2, d].map(|k| vec![0.0f64; k]);
-            let mut want_dx = vec![0.0; c.act_len()];
-            {
-                let [ga, gd, gt, gg, go] = &mut want_g;
-                let mut grads = CemaGrads {
-                    alpha: ga,
-                    delta: gd,
-                    theta: gt,
-                    gamma: gg,
-                    omega: go,
-                };
-                cema::backward(
-                    &mut want_dx,
-                    &mut grads,
-                    None,
-                    &widen(&dy),
-                    None,
-                    &widen(&x),
-                    &p,
-                    None,
-                    b,
-                    l,
-                    d,
-                    n,
-                );
-            }
+            let zeros = [d * n, d * n, d, d * n * 2, d].map(|k| vec![0.0f32; k]);
+            let (want_dx, want_g, _) = c.twin_backward(&dy, &x, None, None, &zeros);
             schedules.each(|schedule, checks| {
                 let (_, _, states) = c.kernel_forward(&x, None, schedule);
                 let states = HostBuffer::from_slice(&states);
