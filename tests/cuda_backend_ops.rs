@@ -34,20 +34,44 @@ fn ids(r: &mut ChaCha8Rng, n: usize, rows: usize) -> Vec<u32> {
     (0..n).map(|_| r.random_range(0..rows as u32)).collect()
 }
 
-/// Runs `case` on the CPU and the emulated CUDA backend and compares every returned tensor.
+/// Runs `case` on the CPU and the emulated CUDA backend and compares every returned tensor;
+/// prints the worst error (with `--nocapture`: the figures docs/perf.md §8.1 quotes).
 fn check(what: &str, tol: f32, case: impl Fn(&dyn Runner) -> Vec<Vec<f32>>) {
     let want = case(&OnCpu(Cpu::<f32>::new()));
     let got = case(&OnCuda(Cuda::new(EmulatedDevice::new())));
-    assert_eq!(want.len(), got.len());
-    for (t, (w, g)) in want.iter().zip(&got).enumerate() {
-        assert_eq!(w.len(), g.len(), "{what}: output {t} length");
+    match compare(what, tol, &want, &got) {
+        Ok(worst) => eprintln!("worst error, {what}: {worst:.1e} (tol {tol:.0e})"),
+        Err(failure) => panic!("{failure}"),
+    }
+}
+
+/// The worst `|cuda − cpu| / (1 + |cpu|)` over every element of every output, or the first
+/// element above `tol` (NaN only matches NaN).
+fn compare(what: &str, tol: f32, want: &[Vec<f32>], got: &[Vec<f32>]) -> Result<f32, String> {
+    if want.len() != got.len() {
+        return Err(format!("{what}: {} outputs vs {}", got.len(), want.len()));
+    }
+    let mut worst = 0.0f32;
+    for (t, (w, g)) in want.iter().zip(got).enumerate() {
+        if w.len() != g.len() {
+            return Err(format!(
+                "{what}: output {t} length {} vs {}",
+                g.len(),
+                w.len()
+            ));
+        }
         for (i, (&w, &g)) in w.iter().zip(g).enumerate() {
-            assert!(
-                (w - g).abs() <= tol * (1.0 + w.abs()) || (w.is_nan() && g.is_nan()),
-                "{what}: output {t}[{i}]: cuda {g} vs cpu {w}"
-            );
+            if w.is_nan() && g.is_nan() {
+                continue;
+            }
+            let within = (w - g).abs() <= tol * (1.0 + w.abs());
+            if !within {
+                return Err(format!("{what}: output {t}[{i}]: cuda {g} vs cpu {w}"));
+            }
+            worst = worst.max((w - g).abs() / (1.0 + w.abs()));
         }
     }
+    Ok(worst)
 }
 
 /// A generic case cannot be a closure over `B: Backend`; each case is a `Case` impl run by
@@ -596,4 +620,66 @@ fn cudarc_device_fails_cleanly_without_a_driver() {
         (true, Ok(dev)) => assert!(dev.name().starts_with("cuda:0")),
         (true, Err(e)) => assert!(e.to_string().starts_with("CUDA: "), "{e}"),
     }
+}
+
+/// The comparison above can fail: planted errors are reported (by output and element) and an
+/// error just inside the tolerance is not. An RMSNorm launched with a wrong `eps` on the CUDA
+/// side stands for a kernel given a wrong argument; the other plants edit one downloaded
+/// element of a correct run.
+#[test]
+fn comparison_reports_planted_errors() {
+    fn rmsnorm_with<B: Backend>(be: &B, eps: f32) -> Vec<Vec<f32>> {
+        let mut r = rng(5);
+        let (n, d) = (6usize, 131usize);
+        let x = be.upload(&uniform(&mut r, n * d, 0.2, 2.0));
+        let w = be.upload(&uniform(&mut r, d, 1.0, 0.5));
+        let (mut out, mut rstd) = (be.zeros(n * d), be.zeros(n));
+        be.rmsnorm_forward(&mut out, &mut rstd, &x, &w, n, d, eps);
+        vec![be.download(&out), be.download(&rstd)]
+    }
+    /// Correct on the CPU, `eps` 1e-3 instead of 1e-5 in the CUDA launch.
+    struct WrongEps;
+    impl Case for WrongEps {
+        fn cpu(&self, be: &Cpu<f32>) -> Vec<Vec<f32>> {
+            rmsnorm_with(be, 1e-5)
+        }
+        fn cuda(&self, be: &Cuda) -> Vec<Vec<f32>> {
+            rmsnorm_with(be, 1e-3)
+        }
+    }
+    let cpu = Cpu::<f32>::new();
+    let cuda = Cuda::new(EmulatedDevice::new());
+    let want = rmsnorm_with(&cpu, 1e-5);
+    let got = rmsnorm_with(&cuda, 1e-5);
+    let clean = compare("rmsnorm", KERNEL_TOL, &want, &got).expect("the real run matches");
+
+    let wrong_eps = OnCuda(Cuda::new(EmulatedDevice::new())).run(&WrongEps);
+    let failure = compare("wrong eps", KERNEL_TOL, &want, &wrong_eps).unwrap_err();
+    assert!(failure.starts_with("wrong eps: output 0["), "{failure}");
+
+    // One element of `rstd` moved to 1.5× and to 0.5× the tolerance from the CPU value.
+    let (t, i) = (1usize, 4usize);
+    let w = want[t][i];
+    let planted = |by: f32| {
+        let mut got = got.clone();
+        got[t][i] = w + by * KERNEL_TOL * (1.0 + w.abs());
+        got
+    };
+    let failure = compare("over", KERNEL_TOL, &want, &planted(1.5)).unwrap_err();
+    assert!(failure.starts_with("over: output 1[4]: cuda"), "{failure}");
+    let inside = compare("inside", KERNEL_TOL, &want, &planted(0.5)).expect("inside tolerance");
+    assert!(
+        inside >= clean && inside < KERNEL_TOL,
+        "{inside} vs {clean}"
+    );
+    let mut nan = got.clone();
+    nan[0][7] = f32::NAN;
+    let failure = compare("nan", KERNEL_TOL, &want, &nan).unwrap_err();
+    assert!(
+        failure.starts_with("nan: output 0[7]: cuda NaN"),
+        "{failure}"
+    );
+    let mut short = got;
+    short[0].pop();
+    assert!(compare("short", KERNEL_TOL, &want, &short).is_err());
 }

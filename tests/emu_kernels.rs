@@ -1,10 +1,14 @@
 //! The shipped CUDA kernels, run on the CPU emulator, against their Rust twins (the CPU
 //! backend's ops) on random inputs: sizes 1, tile−1, tile, tile+1 and primes, NaN-filled
-//! exact-size outputs, under every schedule of `Schedule::TEST_MATRIX`.
+//! exact-size outputs, under every schedule of `Schedule::TEST_MATRIX` (through
+//! `emu_check::sweep`).
 
+#[path = "support/emu_check.rs"]
+mod emu_check;
 mod emu_support;
 
-use emu_support::{assert_close, for_each_schedule, ids, rng, uniform};
+use emu_check::sweep;
+use emu_support::{ids, rng, uniform};
 use half::bf16;
 use mega::backend::cpu::{embedding, loss};
 use mega::emu::{launch, HostBuffer, LaunchConfig};
@@ -17,6 +21,29 @@ fn to_bf16(x: &[f32]) -> Vec<bf16> {
 
 fn from_bf16(x: &[bf16]) -> Vec<f32> {
     x.iter().map(|v| v.to_f32()).collect()
+}
+
+/// A forward case: `n` tokens of embedding width `d`.
+#[derive(Debug)]
+struct Rows {
+    n: usize,
+    d: usize,
+}
+
+/// A backward case: `n` rows of width `d` into a table of `vocab` rows, in `chunks` chunks.
+#[derive(Debug)]
+struct Scatter {
+    vocab: usize,
+    n: usize,
+    d: usize,
+    chunks: u32,
+}
+
+/// A cross-entropy case: `rows` rows of `v` logits.
+#[derive(Debug)]
+struct Logits {
+    rows: usize,
+    v: usize,
 }
 
 // ---- embedding forward ----------------------------------------------------------------------
@@ -43,74 +70,80 @@ fn fwd_config() -> LaunchConfig {
 #[test]
 fn embedding_forward_f32_matches_cpu() {
     let mut r = rng(1);
-    for (n, d) in FWD_SHAPES {
-        let table = uniform(&mut r, VOCAB * d, -1.0, 1.0);
-        let tokens = ids(&mut r, n, VOCAB as u32);
-        let base = uniform(&mut r, n * d, -1.0, 1.0);
-        let (table_buf, ids_buf) = (
-            HostBuffer::from_slice(&table),
-            HostBuffer::from_slice(&tokens),
-        );
-        let (n_i, d_i, v_i) = (n as i32, d as i32, VOCAB as i32);
-        for accumulate in [0i32, 1] {
-            let mut want = base.clone();
-            embedding::forward(&mut want, &table, &tokens, d, accumulate == 1);
-            for_each_schedule(|schedule| {
-                let out = if accumulate == 1 {
-                    HostBuffer::from_slice(&base)
-                } else {
-                    HostBuffer::filled(n * d, f32::NAN)
-                };
-                launch(
-                    "embedding_forward_f32",
-                    fwd_config(),
-                    &[&out, &table_buf, &ids_buf, &n_i, &d_i, &v_i, &accumulate],
-                )
-                .unwrap();
-                assert_eq!(
-                    out.to_vec(),
-                    want,
-                    "n={n} d={d} acc={accumulate} {schedule:?}"
-                );
-            });
-        }
-    }
+    let cases = FWD_SHAPES.map(|(n, d)| Rows { n, d });
+    sweep(
+        "embedding_forward_f32_matches_cpu",
+        cases,
+        |&Rows { n, d }, schedules| {
+            let table = uniform(&mut r, VOCAB * d, -1.0, 1.0);
+            let tokens = ids(&mut r, n, VOCAB as u32);
+            let base = uniform(&mut r, n * d, -1.0, 1.0);
+            let (table_buf, ids_buf) = (
+                HostBuffer::from_slice(&table),
+                HostBuffer::from_slice(&tokens),
+            );
+            let (n_i, d_i, v_i) = (n as i32, d as i32, VOCAB as i32);
+            for accumulate in [0i32, 1] {
+                let mut want = base.clone();
+                embedding::forward(&mut want, &table, &tokens, d, accumulate == 1);
+                schedules.each(|_, checks| {
+                    let out = if accumulate == 1 {
+                        HostBuffer::from_slice(&base)
+                    } else {
+                        HostBuffer::filled(n * d, f32::NAN)
+                    };
+                    launch(
+                        "embedding_forward_f32",
+                        fwd_config(),
+                        &[&out, &table_buf, &ids_buf, &n_i, &d_i, &v_i, &accumulate],
+                    )
+                    .unwrap();
+                    checks.exact(&format!("out acc={accumulate}"), &out.to_vec(), &want);
+                });
+            }
+        },
+    );
 }
 
 #[test]
 fn embedding_forward_bf16_matches_cpu() {
     let mut r = rng(2);
-    for (n, d) in FWD_SHAPES {
-        let table = to_bf16(&uniform(&mut r, VOCAB * d, -1.0, 1.0));
-        let tokens = ids(&mut r, n, VOCAB as u32);
-        let base = to_bf16(&uniform(&mut r, n * d, -1.0, 1.0));
-        let (table_buf, ids_buf) = (
-            HostBuffer::from_slice(&table),
-            HostBuffer::from_slice(&tokens),
-        );
-        let (n_i, d_i, v_i) = (n as i32, d as i32, VOCAB as i32);
-        for accumulate in [0i32, 1] {
-            // The kernel adds in f32 and rounds once to bf16.
-            let mut sum = from_bf16(&base);
-            embedding::forward(&mut sum, &from_bf16(&table), &tokens, d, accumulate == 1);
-            let want: Vec<u16> = to_bf16(&sum).iter().map(|b| b.to_bits()).collect();
-            for_each_schedule(|schedule| {
-                let out = if accumulate == 1 {
-                    HostBuffer::from_slice(&base)
-                } else {
-                    HostBuffer::filled(n * d, bf16::NAN)
-                };
-                launch(
-                    "embedding_forward_bf16",
-                    fwd_config(),
-                    &[&out, &table_buf, &ids_buf, &n_i, &d_i, &v_i, &accumulate],
-                )
-                .unwrap();
-                let got: Vec<u16> = out.to_vec().iter().map(|b| b.to_bits()).collect();
-                assert_eq!(got, want, "n={n} d={d} acc={accumulate} {schedule:?}");
-            });
-        }
-    }
+    let cases = FWD_SHAPES.map(|(n, d)| Rows { n, d });
+    sweep(
+        "embedding_forward_bf16_matches_cpu",
+        cases,
+        |&Rows { n, d }, schedules| {
+            let table = to_bf16(&uniform(&mut r, VOCAB * d, -1.0, 1.0));
+            let tokens = ids(&mut r, n, VOCAB as u32);
+            let base = to_bf16(&uniform(&mut r, n * d, -1.0, 1.0));
+            let (table_buf, ids_buf) = (
+                HostBuffer::from_slice(&table),
+                HostBuffer::from_slice(&tokens),
+            );
+            let (n_i, d_i, v_i) = (n as i32, d as i32, VOCAB as i32);
+            for accumulate in [0i32, 1] {
+                // The kernel adds in f32 and rounds once to bf16.
+                let mut sum = from_bf16(&base);
+                embedding::forward(&mut sum, &from_bf16(&table), &tokens, d, accumulate == 1);
+                let want: Vec<u16> = to_bf16(&sum).iter().map(|b| b.to_bits()).collect();
+                schedules.each(|_, checks| {
+                    let out = if accumulate == 1 {
+                        HostBuffer::from_slice(&base)
+                    } else {
+                        HostBuffer::filled(n * d, bf16::NAN)
+                    };
+                    launch(
+                        "embedding_forward_bf16",
+                        fwd_config(),
+                        &[&out, &table_buf, &ids_buf, &n_i, &d_i, &v_i, &accumulate],
+                    )
+                    .unwrap();
+                    let got: Vec<u16> = out.to_vec().iter().map(|b| b.to_bits()).collect();
+                    checks.exact(&format!("out bits acc={accumulate}"), &got, &want);
+                });
+            }
+        },
+    );
 }
 
 #[test]
@@ -203,8 +236,26 @@ fn backward_reference(
 #[test]
 fn embedding_backward_atomic_matches_cpu() {
     let mut r = rng(4);
-    for (vocab, shapes) in [(VOCAB, &BWD_SHAPES[..]), (11, &BWD_SHAPES[3..5])] {
-        for &(n, d, chunks) in shapes {
+    let cases = [(VOCAB, &BWD_SHAPES[..]), (11, &BWD_SHAPES[3..5])]
+        .into_iter()
+        .flat_map(|(vocab, shapes)| {
+            shapes.iter().map(move |&(n, d, chunks)| Scatter {
+                vocab,
+                n,
+                d,
+                chunks,
+            })
+        });
+    sweep(
+        "embedding_backward_atomic_matches_cpu",
+        cases,
+        |case, schedules| {
+            let &Scatter {
+                vocab,
+                n,
+                d,
+                chunks,
+            } = case;
             let dtable = uniform(&mut r, vocab * d, -1.0, 1.0);
             let dout = uniform(&mut r, n * d, -1.0, 1.0);
             let tokens = ids_with_invalid(&mut r, n, vocab);
@@ -217,8 +268,7 @@ fn embedding_backward_atomic_matches_cpu() {
             let want_bf16 = backward_reference(&dtable, &from_bf16(&dout_bf16), &tokens, d, vocab);
             let dout_bf16_buf = HostBuffer::from_slice(&dout_bf16);
             let (n_i, d_i, v_i) = (n as i32, d as i32, vocab as i32);
-            for_each_schedule(|schedule| {
-                let what = format!("vocab={vocab} n={n} d={d} chunks={chunks} {schedule:?}");
+            schedules.each(|_, checks| {
                 let out = HostBuffer::from_slice(&dtable);
                 launch(
                     "embedding_backward_atomic_f32",
@@ -226,7 +276,7 @@ fn embedding_backward_atomic_matches_cpu() {
                     &[&out, &dout_buf, &ids_buf, &n_i, &d_i, &v_i],
                 )
                 .unwrap();
-                assert_close(&out.to_vec(), &want, 1e-6, &what);
+                checks.close_elementwise("dtable", &out.to_vec(), &want, 1e-6);
                 let out = HostBuffer::from_slice(&dtable);
                 launch(
                     "embedding_backward_atomic_bf16",
@@ -234,59 +284,73 @@ fn embedding_backward_atomic_matches_cpu() {
                     &[&out, &dout_bf16_buf, &ids_buf, &n_i, &d_i, &v_i],
                 )
                 .unwrap();
-                assert_close(&out.to_vec(), &want_bf16, 1e-6, &format!("bf16 {what}"));
+                checks.close_elementwise("dtable (bf16 dout)", &out.to_vec(), &want_bf16, 1e-6);
             });
-        }
-    }
+        },
+    );
 }
 
 #[test]
 fn embedding_backward_partials_and_reduce_match_cpu() {
     let mut r = rng(5);
-    for (n, d, chunks) in BWD_SHAPES {
-        let vocab = VOCAB;
-        let dtable = uniform(&mut r, vocab * d, -1.0, 1.0);
-        let dout = uniform(&mut r, n * d, -1.0, 1.0);
-        let tokens = ids_with_invalid(&mut r, n, vocab);
-        let want = backward_reference(&dtable, &dout, &tokens, d, vocab);
-        let dout_bf16 = to_bf16(&dout);
-        let want_bf16 = backward_reference(&dtable, &from_bf16(&dout_bf16), &tokens, d, vocab);
-        let ids_buf = HostBuffer::from_slice(&tokens);
-        let (n_i, d_i, v_i, c_i) = (n as i32, d as i32, vocab as i32, chunks as i32);
-        let cases = [
-            (
-                "embedding_backward_partials_f32",
-                HostBuffer::from_slice(&dout).into_arg(),
-                &want,
-            ),
-            (
-                "embedding_backward_partials_bf16",
-                HostBuffer::from_slice(&dout_bf16).into_arg(),
-                &want_bf16,
-            ),
-        ];
-        for (kernel, dout_buf, want) in &cases {
-            for_each_schedule(|schedule| {
-                let what = format!("{kernel} n={n} d={d} chunks={chunks} {schedule:?}");
-                // The partials kernel must overwrite every element of its workspace.
-                let partials = HostBuffer::filled(chunks as usize * vocab * d, f32::NAN);
-                launch(
-                    kernel,
-                    bwd_config(d, chunks, vocab),
-                    &[&partials, dout_buf.as_arg(), &ids_buf, &n_i, &d_i, &v_i],
-                )
-                .unwrap();
-                let out = HostBuffer::from_slice(&dtable);
-                launch(
-                    "embedding_backward_reduce_f32",
-                    LaunchConfig::new(3, 128, 0),
-                    &[&out, &partials, &c_i, &v_i, &d_i],
-                )
-                .unwrap();
-                assert_close(&out.to_vec(), want, 1e-6, &what);
-            });
-        }
-    }
+    let cases = BWD_SHAPES.map(|(n, d, chunks)| Scatter {
+        vocab: VOCAB,
+        n,
+        d,
+        chunks,
+    });
+    sweep(
+        "embedding_backward_partials_and_reduce_match_cpu",
+        cases,
+        |case, schedules| {
+            let &Scatter {
+                vocab,
+                n,
+                d,
+                chunks,
+            } = case;
+            let dtable = uniform(&mut r, vocab * d, -1.0, 1.0);
+            let dout = uniform(&mut r, n * d, -1.0, 1.0);
+            let tokens = ids_with_invalid(&mut r, n, vocab);
+            let want = backward_reference(&dtable, &dout, &tokens, d, vocab);
+            let dout_bf16 = to_bf16(&dout);
+            let want_bf16 = backward_reference(&dtable, &from_bf16(&dout_bf16), &tokens, d, vocab);
+            let ids_buf = HostBuffer::from_slice(&tokens);
+            let (n_i, d_i, v_i, c_i) = (n as i32, d as i32, vocab as i32, chunks as i32);
+            let kernels = [
+                (
+                    "embedding_backward_partials_f32",
+                    HostBuffer::from_slice(&dout).into_arg(),
+                    &want,
+                ),
+                (
+                    "embedding_backward_partials_bf16",
+                    HostBuffer::from_slice(&dout_bf16).into_arg(),
+                    &want_bf16,
+                ),
+            ];
+            for (kernel, dout_buf, want) in &kernels {
+                schedules.each(|_, checks| {
+                    // The partials kernel must overwrite every element of its workspace.
+                    let partials = HostBuffer::filled(chunks as usize * vocab * d, f32::NAN);
+                    launch(
+                        kernel,
+                        bwd_config(d, chunks, vocab),
+                        &[&partials, dout_buf.as_arg(), &ids_buf, &n_i, &d_i, &v_i],
+                    )
+                    .unwrap();
+                    let out = HostBuffer::from_slice(&dtable);
+                    launch(
+                        "embedding_backward_reduce_f32",
+                        LaunchConfig::new(3, 128, 0),
+                        &[&out, &partials, &c_i, &v_i, &d_i],
+                    )
+                    .unwrap();
+                    checks.close_elementwise(kernel, &out.to_vec(), want, 1e-6);
+                });
+            }
+        },
+    );
 }
 
 /// A dout buffer of either element type, for tables of kernel variants.
@@ -344,69 +408,73 @@ fn ce_config() -> LaunchConfig {
 #[test]
 fn cross_entropy_forward_matches_cpu() {
     let mut r = rng(6);
-    for (rows, v) in CE_SHAPES {
-        let logits = uniform(&mut r, rows * v, -8.0, 8.0);
-        let targets = ids(&mut r, rows, v as u32);
-        let mut want = vec![0.0f32; rows];
-        loss::cross_entropy_forward(&mut want, &logits, &targets, v);
-        let (logits_buf, targets_buf) = (
-            HostBuffer::from_slice(&logits),
-            HostBuffer::from_slice(&targets),
-        );
-        let (rows_i, v_i) = (rows as i32, v as i32);
-        for_each_schedule(|schedule| {
-            let losses = HostBuffer::filled(rows, f32::NAN);
-            launch(
-                "cross_entropy_forward_f32",
-                ce_config(),
-                &[&losses, &logits_buf, &targets_buf, &rows_i, &v_i],
-            )
-            .unwrap();
-            assert_close(
-                &losses.to_vec(),
-                &want,
-                2e-6,
-                &format!("rows={rows} v={v} {schedule:?}"),
+    let cases = CE_SHAPES.map(|(rows, v)| Logits { rows, v });
+    sweep(
+        "cross_entropy_forward_matches_cpu",
+        cases,
+        |&Logits { rows, v }, schedules| {
+            let logits = uniform(&mut r, rows * v, -8.0, 8.0);
+            let targets = ids(&mut r, rows, v as u32);
+            let mut want = vec![0.0f32; rows];
+            loss::cross_entropy_forward(&mut want, &logits, &targets, v);
+            let (logits_buf, targets_buf) = (
+                HostBuffer::from_slice(&logits),
+                HostBuffer::from_slice(&targets),
             );
-        });
-    }
+            let (rows_i, v_i) = (rows as i32, v as i32);
+            schedules.each(|_, checks| {
+                let losses = HostBuffer::filled(rows, f32::NAN);
+                launch(
+                    "cross_entropy_forward_f32",
+                    ce_config(),
+                    &[&losses, &logits_buf, &targets_buf, &rows_i, &v_i],
+                )
+                .unwrap();
+                checks.close_elementwise("losses", &losses.to_vec(), &want, 2e-6);
+            });
+        },
+    );
 }
 
 #[test]
 fn cross_entropy_backward_matches_cpu_also_in_place() {
     let mut r = rng(7);
     let dloss = 0.37f32;
-    for (rows, v) in CE_SHAPES {
-        let logits = uniform(&mut r, rows * v, -8.0, 8.0);
-        let targets = ids(&mut r, rows, v as u32);
-        let mut want = vec![0.0f32; rows * v];
-        loss::cross_entropy_backward(&mut want, &logits, &targets, v, dloss);
-        let (logits_buf, targets_buf) = (
-            HostBuffer::from_slice(&logits),
-            HostBuffer::from_slice(&targets),
-        );
-        let (rows_i, v_i) = (rows as i32, v as i32);
-        for_each_schedule(|schedule| {
-            let what = format!("rows={rows} v={v} {schedule:?}");
-            let dlogits = HostBuffer::filled(rows * v, f32::NAN);
-            launch(
-                "cross_entropy_backward_f32",
-                ce_config(),
-                &[&dlogits, &logits_buf, &targets_buf, &dloss, &rows_i, &v_i],
-            )
-            .unwrap();
-            assert_close(&dlogits.to_vec(), &want, 2e-6, &what);
-            // dlogits may alias logits.
-            let in_place = HostBuffer::from_slice(&logits);
-            launch(
-                "cross_entropy_backward_f32",
-                ce_config(),
-                &[&in_place, &in_place, &targets_buf, &dloss, &rows_i, &v_i],
-            )
-            .unwrap();
-            assert_close(&in_place.to_vec(), &want, 2e-6, &format!("in place {what}"));
-        });
-    }
+    let cases = CE_SHAPES.map(|(rows, v)| Logits { rows, v });
+    sweep(
+        "cross_entropy_backward_matches_cpu_also_in_place",
+        cases,
+        |&Logits { rows, v }, schedules| {
+            let logits = uniform(&mut r, rows * v, -8.0, 8.0);
+            let targets = ids(&mut r, rows, v as u32);
+            let mut want = vec![0.0f32; rows * v];
+            loss::cross_entropy_backward(&mut want, &logits, &targets, v, dloss);
+            let (logits_buf, targets_buf) = (
+                HostBuffer::from_slice(&logits),
+                HostBuffer::from_slice(&targets),
+            );
+            let (rows_i, v_i) = (rows as i32, v as i32);
+            schedules.each(|_, checks| {
+                let dlogits = HostBuffer::filled(rows * v, f32::NAN);
+                launch(
+                    "cross_entropy_backward_f32",
+                    ce_config(),
+                    &[&dlogits, &logits_buf, &targets_buf, &dloss, &rows_i, &v_i],
+                )
+                .unwrap();
+                checks.close_elementwise("dlogits", &dlogits.to_vec(), &want, 2e-6);
+                // dlogits may alias logits.
+                let in_place = HostBuffer::from_slice(&logits);
+                launch(
+                    "cross_entropy_backward_f32",
+                    ce_config(),
+                    &[&in_place, &in_place, &targets_buf, &dloss, &rows_i, &v_i],
+                )
+                .unwrap();
+                checks.close_elementwise("dlogits in place", &in_place.to_vec(), &want, 2e-6);
+            });
+        },
+    );
 }
 
 #[test]

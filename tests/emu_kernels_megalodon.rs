@@ -117,6 +117,53 @@ impl Cema {
         (y, h_out)
     }
 
+    /// The f64 twin's backward from parameter gradients `g0` (accumulated into):
+    /// (dx, [dα, dδ, dθ, dγ, dω], dh0 — asked for exactly when `h0` is given).
+    #[allow(clippy::type_complexity)]
+    fn twin_backward(
+        &self,
+        dy: &[f32],
+        x: &[f32],
+        h0: Option<&[f32]>,
+        dh_out: Option<&[f32]>,
+        g0: &[Vec<f32>; 5],
+    ) -> (Vec<f64>, [Vec<f64>; 5], Option<Vec<f64>>) {
+        let [alpha, delta, theta, gamma, omega] = self.wide();
+        let p = CemaParams {
+            alpha: &alpha,
+            delta: &delta,
+            theta: &theta,
+            gamma: &gamma,
+            omega: &omega,
+        };
+        let mut g = g0.clone().map(|v| widen(&v));
+        let mut dx = vec![0.0; self.act_len()];
+        let mut dh0 = h0.map(|_| vec![0.0; self.state_len()]);
+        let [ga, gd, gt, gg, go] = &mut g;
+        let mut grads = CemaGrads {
+            alpha: ga,
+            delta: gd,
+            theta: gt,
+            gamma: gg,
+            omega: go,
+        };
+        cema::backward(
+            &mut dx,
+            &mut grads,
+            dh0.as_deref_mut(),
+            &widen(dy),
+            dh_out.map(widen).as_deref(),
+            &widen(x),
+            &p,
+            h0.map(widen).as_deref(),
+            self.b,
+            self.l,
+            self.d,
+            self.n,
+        );
+        (dx, g, dh0)
+    }
+
     /// Launches cema_forward_f32; returns (y, h_out, chunk_states).
     fn kernel_forward(
         &self,
@@ -184,25 +231,66 @@ const CEMA_CASES: [(usize, usize, usize, usize); 8] = [
     (2, 37, 17, 1),
 ];
 
+/// One CEMA test case: the seed of its inputs, its shape, and whether h0 is given.
+#[derive(Debug, Clone, Copy)]
+struct CemaCase {
+    seed: u64,
+    b: usize,
+    l: usize,
+    d: usize,
+    n: usize,
+    h0: bool,
+}
+
+/// Every shape of [`CEMA_CASES`] (seeds `seed0 + index`) with each of `h0` in turn.
+fn cema_cases(seed0: u64, h0: &'static [bool]) -> impl Iterator<Item = CemaCase> {
+    CEMA_CASES
+        .iter()
+        .enumerate()
+        .flat_map(move |(i, &(b, l, d, n))| {
+            h0.iter().map(move |&h0| CemaCase {
+                seed: seed0 + i as u64,
+                b,
+                l,
+                d,
+                n,
+                h0,
+            })
+        })
+}
+
+/// Two CEMA calls of `l1` then `l2` tokens.
+#[derive(Debug)]
+struct Chain {
+    seed: u64,
+    b: usize,
+    d: usize,
+    n: usize,
+    l1: usize,
+    l2: usize,
+}
+
 #[test]
 fn cema_forward_matches_the_twin_with_carried_state() {
-    for (case, &(b, l, d, n)) in CEMA_CASES.iter().enumerate() {
-        let mut r = rng(100 + case as u64);
-        let c = Cema::new(&mut r, b, l, d, n);
-        let x = uniform(&mut r, c.act_len(), 0.0, 1.0);
-        let h0 = uniform(&mut r, c.state_len(), 0.0, 1.0);
-        for with_h0 in [true, false] {
+    let cases = cema_cases(100, &[true, false]);
+    sweep(
+        "cema_forward_matches_the_twin_with_carried_state",
+        cases,
+        |case, schedules| {
+            let (b, l, d, n, with_h0) = (case.b, case.l, case.d, case.n, case.h0);
+            let mut r = rng(case.seed);
+            let c = Cema::new(&mut r, b, l, d, n);
+            let x = uniform(&mut r, c.act_len(), 0.0, 1.0);
+            let h0 = uniform(&mut r, c.state_len(), 0.0, 1.0);
             let h0 = with_h0.then_some(&h0[..]);
             let (y_want, h_want) = c.twin_forward(&x, h0);
-            for schedule in SCHEDULES {
-                let what = format!("cema fwd b={b} l={l} d={d} n={n} h0={with_h0} {schedule:?}");
+            schedules.each(|schedule, checks| {
                 let (y, h_out, _) = c.kernel_forward(&x, h0, schedule);
-                assert_close(&format!("{what}: y"), &y, &y_want, F32_TOL);
-                assert_close(&format!("{what}: h_out"), &h_out, &h_want, F32_TOL);
-            }
-        }
-    }
-    print_worst("cema_forward_matches_the_twin_with_carried_state");
+                checks.close("y", &y, &y_want, F32_TOL);
+                checks.close("h_out", &h_out, &h_want, F32_TOL);
+            });
+        },
+    );
 }
 
 /// The chunk states the forward saves for the backward are the twin's state after each
@@ -241,200 +329,176 @@ fn cema_chunk_states_are_the_states_before_each_chunk() {
 /// Two calls chained through h_out → h0 give the one-call result (streaming).
 #[test]
 fn cema_calls_chain_through_the_carried_state() {
-    let (b, d, n, l1, l2) = (2, 11, 16, 300, 211);
-    let mut r = rng(8);
-    let whole = Cema::new(&mut r, b, l1 + l2, d, n);
-    let x = uniform(&mut r, whole.act_len(), 0.0, 1.0);
-    let (y_want, h_want) = whole.twin_forward(&x, None);
-    let (first, second) = (whole.with_len(l1), whole.with_len(l2));
-    let split = |lo: usize, len: usize| -> Vec<f32> {
-        (0..b)
-            .flat_map(|bi| {
-                x[(bi * (l1 + l2) + lo) * d..(bi * (l1 + l2) + lo + len) * d]
-                    .iter()
-                    .copied()
-            })
-            .collect()
-    };
-    for schedule in SCHEDULES {
-        let (y1, h1, _) = first.kernel_forward(&split(0, l1), None, schedule);
-        let (y2, h2, _) = second.kernel_forward(&split(l1, l2), Some(&h1), schedule);
-        let mut y = Vec::new();
-        for bi in 0..b {
-            y.extend_from_slice(&y1[bi * l1 * d..(bi + 1) * l1 * d]);
-            y.extend_from_slice(&y2[bi * l2 * d..(bi + 1) * l2 * d]);
-        }
-        assert_close(&format!("chained y {schedule:?}"), &y, &y_want, F32_TOL);
-        assert_close(&format!("chained h {schedule:?}"), &h2, &h_want, F32_TOL);
-    }
-    print_worst("cema_calls_chain_through_the_carried_state");
+    sweep(
+        "cema_calls_chain_through_the_carried_state",
+        [Chain {
+            seed: 8,
+            b: 2,
+            d: 11,
+            n: 16,
+            l1: 300,
+            l2: 211,
+        }],
+        |case, schedules| {
+            let (b, d, n, l1, l2) = (case.b, case.d, case.n, case.l1, case.l2);
+            let mut r = rng(case.seed);
+            let whole = Cema::new(&mut r, b, l1 + l2, d, n);
+            let x = uniform(&mut r, whole.act_len(), 0.0, 1.0);
+            let (y_want, h_want) = whole.twin_forward(&x, None);
+            let (first, second) = (whole.with_len(l1), whole.with_len(l2));
+            let split = |lo: usize, len: usize| -> Vec<f32> {
+                (0..b)
+                    .flat_map(|bi| {
+                        x[(bi * (l1 + l2) + lo) * d..(bi * (l1 + l2) + lo + len) * d]
+                            .iter()
+                            .copied()
+                    })
+                    .collect()
+            };
+            schedules.each(|schedule, checks| {
+                let (y1, h1, _) = first.kernel_forward(&split(0, l1), None, schedule);
+                let (y2, h2, _) = second.kernel_forward(&split(l1, l2), Some(&h1), schedule);
+                let mut y = Vec::new();
+                for bi in 0..b {
+                    y.extend_from_slice(&y1[bi * l1 * d..(bi + 1) * l1 * d]);
+                    y.extend_from_slice(&y2[bi * l2 * d..(bi + 1) * l2 * d]);
+                }
+                checks.close("y", &y, &y_want, F32_TOL);
+                checks.close("h", &h2, &h_want, F32_TOL);
+            });
+        },
+    );
 }
 
 #[test]
 fn cema_backward_matches_the_twin() {
-    for (case, &(b, l, d, n)) in CEMA_CASES.iter().enumerate() {
-        let mut r = rng(200 + case as u64);
-        let c = Cema::new(&mut r, b, l, d, n);
-        let x = uniform(&mut r, c.act_len(), 0.0, 1.0);
-        let dy = uniform(&mut r, c.act_len(), 0.0, 1.0);
-        let h0 = uniform(&mut r, c.state_len(), 0.0, 1.0);
-        let dh_out = uniform(&mut r, c.state_len(), 0.0, 1.0);
-        // Parameter gradients accumulate: start them from non-zero values.
-        let g0 = [
-            uniform(&mut r, d * n, 0.0, 1.0),
-            uniform(&mut r, d * n, 0.0, 1.0),
-            uniform(&mut r, d, 0.0, 1.0),
-            uniform(&mut r, d * n * 2, 0.0, 1.0),
-            uniform(&mut r, d, 0.0, 1.0),
-        ];
+    let cases = cema_cases(200, &[true]);
+    sweep(
+        "cema_backward_matches_the_twin",
+        cases,
+        |case, schedules| {
+            let (b, l, d, n) = (case.b, case.l, case.d, case.n);
+            let mut r = rng(case.seed);
+            let c = Cema::new(&mut r, b, l, d, n);
+            let x = uniform(&mut r, c.act_len(), 0.0, 1.0);
+            let dy = uniform(&mut r, c.act_len(), 0.0, 1.0);
+            let h0 = uniform(&mut r, c.state_len(), 0.0, 1.0);
+            let dh_out = uniform(&mut r, c.state_len(), 0.0, 1.0);
+            // Parameter gradients accumulate: start them from non-zero values.
+            let g0 = [
+                uniform(&mut r, d * n, 0.0, 1.0),
+                uniform(&mut r, d * n, 0.0, 1.0),
+                uniform(&mut r, d, 0.0, 1.0),
+                uniform(&mut r, d * n * 2, 0.0, 1.0),
+                uniform(&mut r, d, 0.0, 1.0),
+            ];
 
-        let [alpha, delta, theta, gamma, omega] = c.wide();
-        let p = CemaParams {
-            alpha: &alpha,
-            delta: &delta,
-            theta: &theta,
-            gamma: &gamma,
-            omega: &omega,
-        };
-        let mut want_g = g0.clone().map(|v| widen(&v));
-        let mut want_dx = vec![0.0; c.act_len()];
-        let mut want_dh0 = vec![0.0; c.state_len()];
-        {
-            let [ga, gd, gt, gg, go] = &mut want_g;
-            let mut grads = CemaGrads {
-                alpha: ga,
-                delta: gd,
-                theta: gt,
-                gamma: gg,
-                omega: go,
-            };
-            cema::backward(
-                &mut want_dx,
-                &mut grads,
-                Some(&mut want_dh0),
-                &widen(&dy),
-                Some(&widen(&dh_out)),
-                &widen(&x),
-                &p,
-                Some(&widen(&h0)),
-                b,
-                l,
-                d,
-                n,
-            );
-        }
+            let (want_dx, want_g, want_dh0) =
+                c.twin_backward(&dy, &x, Some(&h0), Some(&dh_out), &g0);
+            let want_dh0 = want_dh0.expect("h0 given");
 
-        for schedule in SCHEDULES {
-            let what = format!("cema bwd b={b} l={l} d={d} n={n} {schedule:?}");
-            let (_, _, states) = c.kernel_forward(&x, Some(&h0), schedule);
-            let states = HostBuffer::from_slice(&states);
-            let dx = nan_buf(c.act_len());
-            let dh0 = nan_buf(c.state_len());
-            let grads = g0.clone().map(|v| HostBuffer::from_slice(&v));
-            let [ga, gd, gt, gg, go] = &grads;
-            let [alpha, delta, theta, gamma, omega] = c.bufs();
-            let (xb, dyb, dhb) = (
-                HostBuffer::from_slice(&x),
-                HostBuffer::from_slice(&dy),
-                HostBuffer::from_slice(&dh_out),
-            );
-            let (bi, li, di, ni) = (b as i32, l as i32, d as i32, n as i32);
-            run(
-                "cema_backward_f32",
-                cema_shape::backward(d, n).unwrap(),
-                &[
-                    &dx, ga, gd, gt, gg, go, &dh0, &dyb, &dhb, &xb, &alpha, &delta, &theta, &gamma,
-                    &omega, &states, &bi, &li, &di, &ni,
-                ],
-                schedule,
-            );
-            assert_close(&format!("{what}: dx"), &dx.to_vec(), &want_dx, F32_TOL);
-            assert_close(&format!("{what}: dh0"), &dh0.to_vec(), &want_dh0, F32_TOL);
-            for (name, (got, want)) in ["alpha", "delta", "theta", "gamma", "omega"]
-                .iter()
-                .zip(grads.iter().zip(&want_g))
-            {
-                assert_close(&format!("{what}: d{name}"), &got.to_vec(), want, F32_TOL);
-            }
-        }
-    }
-    print_worst("cema_backward_matches_the_twin");
+            schedules.each(|schedule, checks| {
+                let (_, _, states) = c.kernel_forward(&x, Some(&h0), schedule);
+                let states = HostBuffer::from_slice(&states);
+                let dx = nan_buf(c.act_len());
+                let dh0 = nan_buf(c.state_len());
+                let grads = g0.clone().map(|v| HostBuffer::from_slice(&v));
+                let [ga, gd, gt, gg, go] = &grads;
+                let [alpha, delta, theta, gamma, omega] = c.bufs();
+                let (xb, dyb, dhb) = (
+                    HostBuffer::from_slice(&x),
+                    HostBuffer::from_slice(&dy),
+                    HostBuffer::from_slice(&dh_out),
+                );
+                let (bi, li, di, ni) = (b as i32, l as i32, d as i32, n as i32);
+                run(
+                    "cema_backward_f32",
+                    cema_shape::backward(d, n).unwrap(),
+                    &[
+                        &dx, ga, gd, gt, gg, go, &dh0, &dyb, &dhb, &xb, &alpha, &delta, &theta,
+                        &gamma, &omega, &states, &bi, &li, &di, &ni,
+                    ],
+                    schedule,
+                );
+                checks.close("dx", &dx.to_vec(), &want_dx, F32_TOL);
+                checks.close("dh0", &dh0.to_vec(), &want_dh0, F32_TOL);
+                for (name, (got, want)) in ["alpha", "delta", "theta", "gamma", "omega"]
+                    .iter()
+                    .zip(grads.iter().zip(&want_g))
+                {
+                    checks.close(&format!("d{name}"), &got.to_vec(), want, F32_TOL);
+                }
+            });
+        },
+    );
 }
 
 /// Without dh_out and dh0 (the training case of a fresh sequence) the backward still
 /// matches, and writes nothing it was not given.
 #[test]
 fn cema_backward_without_optional_state() {
-    let (b, l, d, n) = (2, 300, 10, 16);
-    let mut r = rng(9);
-    let c = Cema::new(&mut r, b, l, d, n);
-    let x = uniform(&mut r, c.act_len(), 0.0, 1.0);
-    let dy = uniform(&mut r, c.act_len(), 0.0, 1.0);
-    let [alpha, delta, theta, gamma, omega] = c.wide();
-    let p = CemaParams {
-        alpha: &alpha,
-        delta: &delta,
-        theta: &theta,
-        gamma: &gamma,
-        omega: &omega,
-    };
-    let mut want_g = [d * n, d * n, d, d * n * 2, d].map(|k| vec![0.0f64; k]);
-    let mut want_dx = vec![0.0; c.act_len()];
-    {
-        let [ga, gd, gt, gg, go] = &mut want_g;
-        let mut grads = CemaGrads {
-            alpha: ga,
-            delta: gd,
-            theta: gt,
-            gamma: gg,
-            omega: go,
-        };
-        cema::backward(
-            &mut want_dx,
-            &mut grads,
-            None,
-            &widen(&dy),
-            None,
-            &widen(&x),
-            &p,
-            None,
-            b,
-            l,
-            d,
-            n,
-        );
-    }
-    for schedule in SCHEDULES {
-        let (_, _, states) = c.kernel_forward(&x, None, schedule);
-        let states = HostBuffer::from_slice(&states);
-        let dx = nan_buf(c.act_len());
-        let grads = [d * n, d * n, d, d * n * 2, d].map(|k| HostBuffer::filled(k, 0.0f32));
-        let [ga, gd, gt, gg, go] = &grads;
-        let [alpha, delta, theta, gamma, omega] = c.bufs();
-        let (xb, dyb) = (HostBuffer::from_slice(&x), HostBuffer::from_slice(&dy));
-        let (bi, li, di, ni) = (b as i32, l as i32, d as i32, n as i32);
-        let null = Null::<f32>::new();
-        run(
-            "cema_backward_f32",
-            cema_shape::backward(d, n).unwrap(),
-            &[
-                &dx, ga, gd, gt, gg, go, &null, &dyb, &null, &xb, &alpha, &delta, &theta, &gamma,
-                &omega, &states, &bi, &li, &di, &ni,
-            ],
-            schedule,
-        );
-        assert_close("dx", &dx.to_vec(), &want_dx, F32_TOL);
-        for (got, want) in grads.iter().zip(&want_g) {
-            assert_close("param grad", &got.to_vec(), want, F32_TOL);
-        }
-    }
-    print_worst("cema_backward_without_optional_state");
+    sweep(
+        "cema_backward_without_optional_state",
+        [CemaCase {
+            seed: 9,
+            b: 2,
+            l: 300,
+            d: 10,
+            n: 16,
+            h0: false,
+        }],
+        |case, schedules| {
+            let (b, l, d, n) = (case.b, case.l, case.d, case.n);
+            let mut r = rng(case.seed);
+            let c = Cema::new(&mut r, b, l, d, n);
+            let x = uniform(&mut r, c.act_len(), 0.0, 1.0);
+            let dy = uniform(&mut r, c.act_len(), 0.0, 1.0);
+            let zeros = [d * n, d * n, d, d * n * 2, d].map(|k| vec![0.0f32; k]);
+            let (want_dx, want_g, _) = c.twin_backward(&dy, &x, None, None, &zeros);
+            schedules.each(|schedule, checks| {
+                let (_, _, states) = c.kernel_forward(&x, None, schedule);
+                let states = HostBuffer::from_slice(&states);
+                let dx = nan_buf(c.act_len());
+                let grads = [d * n, d * n, d, d * n * 2, d].map(|k| HostBuffer::filled(k, 0.0f32));
+                let [ga, gd, gt, gg, go] = &grads;
+                let [alpha, delta, theta, gamma, omega] = c.bufs();
+                let (xb, dyb) = (HostBuffer::from_slice(&x), HostBuffer::from_slice(&dy));
+                let (bi, li, di, ni) = (b as i32, l as i32, d as i32, n as i32);
+                let null = Null::<f32>::new();
+                run(
+                    "cema_backward_f32",
+                    cema_shape::backward(d, n).unwrap(),
+                    &[
+                        &dx, ga, gd, gt, gg, go, &null, &dyb, &null, &xb, &alpha, &delta, &theta,
+                        &gamma, &omega, &states, &bi, &li, &di, &ni,
+                    ],
+                    schedule,
+                );
+                checks.close("dx", &dx.to_vec(), &want_dx, F32_TOL);
+                for (got, want) in grads.iter().zip(&want_g) {
+                    checks.close("param grad", &got.to_vec(), want, F32_TOL);
+                }
+            });
+        },
+    );
 }
 
 #[test]
 fn cema_step_matches_the_twin() {
-    for (case, &(b, d, n)) in [(1, 1, 16), (3, 33, 16), (2, 8, 5)].iter().enumerate() {
-        let mut r = rng(300 + case as u64);
+    let cases = [(1, 1, 16), (3, 33, 16), (2, 8, 5)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(b, d, n))| CemaCase {
+            seed: 300 + i as u64,
+            b,
+            l: 1,
+            d,
+            n,
+            h0: true,
+        });
+    sweep("cema_step_matches_the_twin", cases, |case, schedules| {
+        let (b, d, n) = (case.b, case.d, case.n);
+        let mut r = rng(case.seed);
         let c = Cema::new(&mut r, b, 1, d, n);
         let x = uniform(&mut r, b * d, 0.0, 1.0);
         let h = uniform(&mut r, c.state_len(), 0.0, 1.0);
@@ -449,7 +513,7 @@ fn cema_step_matches_the_twin() {
         let mut want_y = vec![0.0; b * d];
         let mut want_h = widen(&h);
         cema::step(&mut want_y, &mut want_h, &widen(&x), &p, b, d, n);
-        for schedule in SCHEDULES {
+        schedules.each(|schedule, checks| {
             let coef = nan_buf(d * n * cema_shape::STEP_COEF_FLOATS);
             let [alpha, delta, theta, gamma, omega] = c.bufs();
             let (di, ni, bi) = (d as i32, n as i32, b as i32);
@@ -468,21 +532,10 @@ fn cema_step_matches_the_twin() {
                 &[&y, &hb, &xb, &coef, &omega, &bi, &di, &ni],
                 schedule,
             );
-            assert_close(
-                &format!("step y b={b} d={d}"),
-                &y.to_vec(),
-                &want_y,
-                F32_TOL,
-            );
-            assert_close(
-                &format!("step h b={b} d={d}"),
-                &hb.to_vec(),
-                &want_h,
-                F32_TOL,
-            );
-        }
-    }
-    print_worst("cema_step_matches_the_twin");
+            checks.close("y", &y.to_vec(), &want_y, F32_TOL);
+            checks.close("h", &hb.to_vec(), &want_h, F32_TOL);
+        });
+    });
 }
 
 // ---- TimestepNorm ------------------------------------------------------------------------------
@@ -647,38 +700,70 @@ const TSN_CASES: [(usize, usize, usize, usize); 7] = [
     (1, 2053, 4, 1),
 ];
 
+/// One TimestepNorm test case: the seed of its inputs, its shape, and whether statistics are
+/// carried in.
+#[derive(Debug, Clone, Copy)]
+struct TsnCase {
+    seed: u64,
+    b: usize,
+    l: usize,
+    d: usize,
+    g: usize,
+    carried: bool,
+}
+
+/// Every shape of [`TSN_CASES`] (seeds `seed0 + index`), with and without carried state.
+fn tsn_cases(seed0: u64) -> impl Iterator<Item = TsnCase> {
+    TSN_CASES
+        .iter()
+        .enumerate()
+        .flat_map(move |(i, &(b, l, d, g))| {
+            [true, false].map(move |carried| TsnCase {
+                seed: seed0 + i as u64,
+                b,
+                l,
+                d,
+                g,
+                carried,
+            })
+        })
+}
+
 #[test]
 fn timestep_norm_forward_matches_the_twin() {
-    for (case, &(b, l, d, g)) in TSN_CASES.iter().enumerate() {
-        for carried in [true, false] {
-            let mut r = rng(400 + case as u64);
+    sweep(
+        "timestep_norm_forward_matches_the_twin",
+        tsn_cases(400),
+        |case, schedules| {
+            let (b, l, d, g, carried) = (case.b, case.l, case.d, case.g, case.carried);
+            let mut r = rng(case.seed);
             let t = Tsn::new(&mut r, b, l, d, g, carried);
             let x = uniform(&mut r, b * l * d, 0.3, 2.0);
             let (y_want, sm_want, sr_want, out_want) = t.twin_forward(&x);
-            for schedule in SCHEDULES {
-                let what =
-                    format!("tsn fwd b={b} l={l} d={d} g={g} carried={carried} {schedule:?}");
+            schedules.each(|schedule, checks| {
                 let (y, sm, sr, out) = t.kernel_forward(&x, schedule);
-                assert_close(&format!("{what}: y"), &y, &y_want, F32_TOL);
-                assert_close(&format!("{what}: mean"), &sm, &sm_want, F32_TOL);
-                assert_close(&format!("{what}: rstd"), &sr, &sr_want, F32_TOL);
+                checks.close("y", &y, &y_want, F32_TOL);
+                checks.close("mean", &sm, &sm_want, F32_TOL);
+                checks.close("rstd", &sr, &sr_want, F32_TOL);
                 for (name, (got, want)) in ["count", "mean_out", "var_out"]
                     .iter()
                     .zip(out.iter().zip(&out_want))
                 {
-                    assert_close(&format!("{what}: {name}"), got, want, F32_TOL);
+                    checks.close(name, got, want, F32_TOL);
                 }
-            }
-        }
-    }
-    print_worst("timestep_norm_forward_matches_the_twin");
+            });
+        },
+    );
 }
 
 #[test]
 fn timestep_norm_backward_matches_the_twin() {
-    for (case, &(b, l, d, g)) in TSN_CASES.iter().enumerate() {
-        for carried in [true, false] {
-            let mut r = rng(500 + case as u64);
+    sweep(
+        "timestep_norm_backward_matches_the_twin",
+        tsn_cases(500),
+        |case, schedules| {
+            let (b, l, d, g, carried) = (case.b, case.l, case.d, case.g, case.carried);
+            let mut r = rng(case.seed);
             let t = Tsn::new(&mut r, b, l, d, g, carried);
             let x = uniform(&mut r, b * l * d, 0.3, 2.0);
             let dy = uniform(&mut r, b * l * d, 0.0, 1.0);
@@ -718,9 +803,7 @@ fn timestep_norm_backward_matches_the_twin() {
                 g,
             );
 
-            for schedule in SCHEDULES {
-                let what =
-                    format!("tsn bwd b={b} l={l} d={d} g={g} carried={carried} {schedule:?}");
+            schedules.each(|schedule, checks| {
                 let (_, sm, sr, _) = t.kernel_forward(&x, schedule);
                 let rows = t.rows();
                 let (ri, li, di, gi, bi) = (rows as i32, l as i32, d as i32, g as i32, b as i32);
@@ -785,66 +868,79 @@ fn timestep_norm_backward_matches_the_twin() {
                     &[&dw, &db, &partials, &chunks, &di],
                     schedule,
                 );
-                assert_close(&format!("{what}: dx"), &dx.to_vec(), &dx_w, F32_TOL);
-                assert_close(&format!("{what}: dw"), &dw.to_vec(), &dw_w, F32_TOL);
-                assert_close(&format!("{what}: db"), &db.to_vec(), &db_w, F32_TOL);
-                assert_close(&format!("{what}: dmean_in"), &dmi.to_vec(), &dmi_w, F32_TOL);
-                assert_close(&format!("{what}: dvar_in"), &dvi.to_vec(), &dvi_w, F32_TOL);
-            }
-        }
-    }
-    print_worst("timestep_norm_backward_matches_the_twin");
+                checks.close("dx", &dx.to_vec(), &dx_w, F32_TOL);
+                checks.close("dw", &dw.to_vec(), &dw_w, F32_TOL);
+                checks.close("db", &db.to_vec(), &db_w, F32_TOL);
+                checks.close("dmean_in", &dmi.to_vec(), &dmi_w, F32_TOL);
+                checks.close("dvar_in", &dvi.to_vec(), &dvi_w, F32_TOL);
+            });
+        },
+    );
 }
 
 #[test]
 fn timestep_norm_step_matches_the_twin() {
-    for (case, &(b, d, g)) in [(1, 8, 1), (3, 12, 3), (2, 320, 10)].iter().enumerate() {
-        let mut r = rng(600 + case as u64);
-        let t = Tsn::new(&mut r, b, 1, d, g, true);
-        let x = uniform(&mut r, b * d, 0.3, 2.0);
-        let (c, m, v) = t.state.clone().unwrap();
-        let (mut cw, mut mw, mut vw) = (widen(&c), widen(&m), widen(&v));
-        let mut y_want = vec![0.0; b * d];
-        tsn::step(
-            &mut y_want,
-            TsnStateMut {
-                count: &mut cw,
-                mean: &mut mw,
-                var: &mut vw,
-            },
-            &widen(&x),
-            &widen(&t.w),
-            &widen(&t.bias),
+    let cases = [(1, 8, 1), (3, 12, 3), (2, 320, 10)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(b, d, g))| TsnCase {
+            seed: 600 + i as u64,
             b,
+            l: 1,
             d,
             g,
-            EPS as f64,
-        );
-        for schedule in SCHEDULES {
-            let y = nan_buf(b * d);
-            let (cb, mb, vb) = (
-                HostBuffer::from_slice(&c),
-                HostBuffer::from_slice(&m),
-                HostBuffer::from_slice(&v),
+            carried: true,
+        });
+    sweep(
+        "timestep_norm_step_matches_the_twin",
+        cases,
+        |case, schedules| {
+            let (b, d, g) = (case.b, case.d, case.g);
+            let mut r = rng(case.seed);
+            let t = Tsn::new(&mut r, b, 1, d, g, true);
+            let x = uniform(&mut r, b * d, 0.3, 2.0);
+            let (c, m, v) = t.state.clone().unwrap();
+            let (mut cw, mut mw, mut vw) = (widen(&c), widen(&m), widen(&v));
+            let mut y_want = vec![0.0; b * d];
+            tsn::step(
+                &mut y_want,
+                TsnStateMut {
+                    count: &mut cw,
+                    mean: &mut mw,
+                    var: &mut vw,
+                },
+                &widen(&x),
+                &widen(&t.w),
+                &widen(&t.bias),
+                b,
+                d,
+                g,
+                EPS as f64,
             );
-            let (xb, wb, bb) = (
-                HostBuffer::from_slice(&x),
-                HostBuffer::from_slice(&t.w),
-                HostBuffer::from_slice(&t.bias),
-            );
-            let (bi, di, gi) = (b as i32, d as i32, g as i32);
-            run(
-                "tsn_step_f32",
-                tsn_shape::step(b),
-                &[&y, &cb, &mb, &vb, &xb, &wb, &bb, &bi, &di, &gi, &EPS],
-                schedule,
-            );
-            let what = format!("tsn step b={b} d={d} g={g} {schedule:?}");
-            assert_close(&format!("{what}: y"), &y.to_vec(), &y_want, F32_TOL);
-            assert_close(&format!("{what}: count"), &cb.to_vec(), &cw, 0.0);
-            assert_close(&format!("{what}: mean"), &mb.to_vec(), &mw, F32_TOL);
-            assert_close(&format!("{what}: var"), &vb.to_vec(), &vw, F32_TOL);
-        }
-    }
-    print_worst("timestep_norm_step_matches_the_twin");
+            schedules.each(|schedule, checks| {
+                let y = nan_buf(b * d);
+                let (cb, mb, vb) = (
+                    HostBuffer::from_slice(&c),
+                    HostBuffer::from_slice(&m),
+                    HostBuffer::from_slice(&v),
+                );
+                let (xb, wb, bb) = (
+                    HostBuffer::from_slice(&x),
+                    HostBuffer::from_slice(&t.w),
+                    HostBuffer::from_slice(&t.bias),
+                );
+                let (bi, di, gi) = (b as i32, d as i32, g as i32);
+                run(
+                    "tsn_step_f32",
+                    tsn_shape::step(b),
+                    &[&y, &cb, &mb, &vb, &xb, &wb, &bb, &bi, &di, &gi, &EPS],
+                    schedule,
+                );
+                checks.close("y", &y.to_vec(), &y_want, F32_TOL);
+                checks.close("count", &cb.to_vec(), &cw, 0.0);
+                checks.close("mean", &mb.to_vec(), &mw, F32_TOL);
+                checks.close("var", &vb.to_vec(), &vw, F32_TOL);
+            });
+        },
+    );
 }

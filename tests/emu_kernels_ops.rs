@@ -13,20 +13,47 @@ use mega::backend::cpu::{activation, adamw, layernorm, megabyte_embed, rmsnorm, 
 use mega::backend::{Activation, AdamW, PAD_ID};
 use mega::cuda::launch::{self as shapes, norms::Norm};
 use mega::cuda::scatter_plan::{local_embed_plans, patch_embed_plans, RowScatterPlan};
-use mega::emu::HostBuffer;
+use mega::emu::{HostBuffer, KernelArg, Schedule};
 use rand::Rng;
 
 /// Widths around the 256-thread block, and primes.
 const WIDTHS: [usize; 6] = [1, 255, 256, 257, 131, 37];
 const EPS: f32 = 1e-5;
 
+/// One LayerNorm/RMSNorm case: the seed of its inputs, rows, width, and bf16 storage.
+#[derive(Debug)]
+struct NormCase {
+    seed: u64,
+    n: usize,
+    d: usize,
+    bf16: bool,
+}
+
+/// Every width of [`WIDTHS`] × `rows` × {f32, bf16} storage, seeded
+/// `seed0 + 10 · width index + rows` (the same inputs for both storages).
+fn norm_cases(seed0: u64, rows: [usize; 3]) -> impl Iterator<Item = NormCase> {
+    WIDTHS.iter().enumerate().flat_map(move |(i, &d)| {
+        rows.into_iter().flat_map(move |n| {
+            [false, true].map(move |bf16| NormCase {
+                seed: seed0 + i as u64 * 10 + n as u64,
+                n,
+                d,
+                bf16,
+            })
+        })
+    })
+}
+
 // ---- LayerNorm / RMSNorm -------------------------------------------------------------------
 
 #[test]
 fn layernorm_matches_the_twin() {
-    for (case, &d) in WIDTHS.iter().enumerate() {
-        for n in [1usize, 3, 7] {
-            let mut r = rng(1000 + case as u64 * 10 + n as u64);
+    sweep(
+        "layernorm_matches_the_twin",
+        norm_cases(1000, [1, 3, 7]),
+        |case, schedules| {
+            let (n, d, storage_bf16) = (case.n, case.d, case.bf16);
+            let mut r = rng(case.seed);
             let x = uniform(&mut r, n * d, 0.5, 2.0);
             let w = uniform(&mut r, d, 1.0, 0.5);
             let b = uniform(&mut r, d, 0.0, 0.5);
@@ -36,106 +63,104 @@ fn layernorm_matches_the_twin() {
                 uniform(&mut r, d, 0.0, 1.0),
                 uniform(&mut r, d, 0.0, 1.0),
             );
-            for storage_bf16 in [false, true] {
-                // A bf16 kernel reads bf16-rounded activations: give the twin the same values.
-                let (xr, doutr, dx0r) = if storage_bf16 {
-                    (through_bf16(&x), through_bf16(&dout), through_bf16(&dx0))
-                } else {
-                    (x.clone(), dout.clone(), dx0.clone())
-                };
-                let mut out_w = vec![0.0; n * d];
-                let (mut mean_w, mut rstd_w) = (vec![0.0; n], vec![0.0; n]);
-                layernorm::forward(
-                    &mut out_w,
-                    &mut mean_w,
-                    &mut rstd_w,
-                    &widen(&xr),
-                    &widen(&w),
-                    &widen(&b),
-                    n,
-                    d,
-                    EPS as f64,
-                );
-                let (mut dx_w, mut dw_w, mut db_w) = (widen(&dx0r), widen(&dw0), widen(&db0));
-                layernorm::backward(
-                    &mut dx_w,
-                    &mut dw_w,
-                    &mut db_w,
-                    &widen(&doutr),
-                    &widen(&xr),
-                    &widen(&w),
-                    &mean_w,
-                    &rstd_w,
-                    n,
-                    d,
-                );
-                let tol = if storage_bf16 { BF16_TOL } else { F32_TOL };
-                for schedule in SCHEDULES {
-                    let what = format!("layernorm n={n} d={d} bf16={storage_bf16} {schedule:?}");
-                    let (ni, di) = (n as i32, d as i32);
-                    let (mean, rstd) = (nan_buf(n), nan_buf(n));
-                    let (wb, bb) = (HostBuffer::from_slice(&w), HostBuffer::from_slice(&b));
-                    let chunks = shapes::norms::backward_chunks(n) as i32;
-                    let partials = nan_buf(shapes::norms::partials_len(Norm::LayerNorm, n, d));
-                    let (dw, db) = (HostBuffer::from_slice(&dw0), HostBuffer::from_slice(&db0));
-                    let (out, dx) = if storage_bf16 {
-                        let (out, xb) = (bf16_buf(&vec![f32::NAN; n * d]), bf16_buf(&x));
-                        run(
-                            "layernorm_forward_bf16",
-                            shapes::norms::forward(n),
-                            &[&out, &mean, &rstd, &xb, &wb, &bb, &ni, &di, &EPS],
-                            schedule,
-                        );
-                        let (dx, doutb) = (bf16_buf(&dx0), bf16_buf(&dout));
-                        run(
-                            "layernorm_backward_bf16",
-                            shapes::norms::backward(Norm::LayerNorm, n, d).unwrap(),
-                            &[&dx, &partials, &doutb, &xb, &wb, &mean, &rstd, &ni, &di],
-                            schedule,
-                        );
-                        (bf16_values(&out), bf16_values(&dx))
-                    } else {
-                        let (out, xb) = (nan_buf(n * d), HostBuffer::from_slice(&x));
-                        run(
-                            "layernorm_forward_f32",
-                            shapes::norms::forward(n),
-                            &[&out, &mean, &rstd, &xb, &wb, &bb, &ni, &di, &EPS],
-                            schedule,
-                        );
-                        let (dx, doutb) =
-                            (HostBuffer::from_slice(&dx0), HostBuffer::from_slice(&dout));
-                        run(
-                            "layernorm_backward_f32",
-                            shapes::norms::backward(Norm::LayerNorm, n, d).unwrap(),
-                            &[&dx, &partials, &doutb, &xb, &wb, &mean, &rstd, &ni, &di],
-                            schedule,
-                        );
-                        (out.to_vec(), dx.to_vec())
-                    };
+            // A bf16 kernel reads bf16-rounded activations: give the twin the same values.
+            let (xr, doutr, dx0r) = if storage_bf16 {
+                (through_bf16(&x), through_bf16(&dout), through_bf16(&dx0))
+            } else {
+                (x.clone(), dout.clone(), dx0.clone())
+            };
+            let mut out_w = vec![0.0; n * d];
+            let (mut mean_w, mut rstd_w) = (vec![0.0; n], vec![0.0; n]);
+            layernorm::forward(
+                &mut out_w,
+                &mut mean_w,
+                &mut rstd_w,
+                &widen(&xr),
+                &widen(&w),
+                &widen(&b),
+                n,
+                d,
+                EPS as f64,
+            );
+            let (mut dx_w, mut dw_w, mut db_w) = (widen(&dx0r), widen(&dw0), widen(&db0));
+            layernorm::backward(
+                &mut dx_w,
+                &mut dw_w,
+                &mut db_w,
+                &widen(&doutr),
+                &widen(&xr),
+                &widen(&w),
+                &mean_w,
+                &rstd_w,
+                n,
+                d,
+            );
+            let tol = if storage_bf16 { BF16_TOL } else { F32_TOL };
+            schedules.each(|schedule, checks| {
+                let (ni, di) = (n as i32, d as i32);
+                let (mean, rstd) = (nan_buf(n), nan_buf(n));
+                let (wb, bb) = (HostBuffer::from_slice(&w), HostBuffer::from_slice(&b));
+                let chunks = shapes::norms::backward_chunks(n) as i32;
+                let partials = nan_buf(shapes::norms::partials_len(Norm::LayerNorm, n, d));
+                let (dw, db) = (HostBuffer::from_slice(&dw0), HostBuffer::from_slice(&db0));
+                let (out, dx) = if storage_bf16 {
+                    let (out, xb) = (bf16_buf(&vec![f32::NAN; n * d]), bf16_buf(&x));
                     run(
-                        "layernorm_param_reduce_f32",
-                        shapes::norms::param_reduce(d),
-                        &[&dw, &db, &partials, &chunks, &di],
+                        "layernorm_forward_bf16",
+                        shapes::norms::forward(n),
+                        &[&out, &mean, &rstd, &xb, &wb, &bb, &ni, &di, &EPS],
                         schedule,
                     );
-                    assert_close(&format!("{what}: out"), &out, &out_w, tol);
-                    assert_close(&format!("{what}: mean"), &mean.to_vec(), &mean_w, F32_TOL);
-                    assert_close(&format!("{what}: rstd"), &rstd.to_vec(), &rstd_w, F32_TOL);
-                    assert_close(&format!("{what}: dx"), &dx, &dx_w, tol);
-                    assert_close(&format!("{what}: dw"), &dw.to_vec(), &dw_w, F32_TOL);
-                    assert_close(&format!("{what}: db"), &db.to_vec(), &db_w, F32_TOL);
-                }
-            }
-        }
-    }
-    print_worst("layernorm_matches_the_twin");
+                    let (dx, doutb) = (bf16_buf(&dx0), bf16_buf(&dout));
+                    run(
+                        "layernorm_backward_bf16",
+                        shapes::norms::backward(Norm::LayerNorm, n, d).unwrap(),
+                        &[&dx, &partials, &doutb, &xb, &wb, &mean, &rstd, &ni, &di],
+                        schedule,
+                    );
+                    (bf16_values(&out), bf16_values(&dx))
+                } else {
+                    let (out, xb) = (nan_buf(n * d), HostBuffer::from_slice(&x));
+                    run(
+                        "layernorm_forward_f32",
+                        shapes::norms::forward(n),
+                        &[&out, &mean, &rstd, &xb, &wb, &bb, &ni, &di, &EPS],
+                        schedule,
+                    );
+                    let (dx, doutb) = (HostBuffer::from_slice(&dx0), HostBuffer::from_slice(&dout));
+                    run(
+                        "layernorm_backward_f32",
+                        shapes::norms::backward(Norm::LayerNorm, n, d).unwrap(),
+                        &[&dx, &partials, &doutb, &xb, &wb, &mean, &rstd, &ni, &di],
+                        schedule,
+                    );
+                    (out.to_vec(), dx.to_vec())
+                };
+                run(
+                    "layernorm_param_reduce_f32",
+                    shapes::norms::param_reduce(d),
+                    &[&dw, &db, &partials, &chunks, &di],
+                    schedule,
+                );
+                checks.close("out", &out, &out_w, tol);
+                checks.close("mean", &mean.to_vec(), &mean_w, F32_TOL);
+                checks.close("rstd", &rstd.to_vec(), &rstd_w, F32_TOL);
+                checks.close("dx", &dx, &dx_w, tol);
+                checks.close("dw", &dw.to_vec(), &dw_w, F32_TOL);
+                checks.close("db", &db.to_vec(), &db_w, F32_TOL);
+            });
+        },
+    );
 }
 
 #[test]
 fn rmsnorm_matches_the_twin() {
-    for (case, &d) in WIDTHS.iter().enumerate() {
-        for n in [1usize, 4, 7] {
-            let mut r = rng(2000 + case as u64 * 10 + n as u64);
+    sweep(
+        "rmsnorm_matches_the_twin",
+        norm_cases(2000, [1, 4, 7]),
+        |case, schedules| {
+            let (n, d, storage_bf16) = (case.n, case.d, case.bf16);
+            let mut r = rng(case.seed);
             let x = uniform(&mut r, n * d, 0.2, 2.0);
             let w = uniform(&mut r, d, 1.0, 0.5);
             let dout = uniform(&mut r, n * d, 0.0, 1.0);
@@ -143,315 +168,325 @@ fn rmsnorm_matches_the_twin() {
                 uniform(&mut r, n * d, 0.0, 1.0),
                 uniform(&mut r, d, 0.0, 1.0),
             );
-            for storage_bf16 in [false, true] {
-                let (xr, doutr, dx0r) = if storage_bf16 {
-                    (through_bf16(&x), through_bf16(&dout), through_bf16(&dx0))
-                } else {
-                    (x.clone(), dout.clone(), dx0.clone())
-                };
-                let mut out_w = vec![0.0; n * d];
-                let mut rstd_w = vec![0.0; n];
-                rmsnorm::forward(
-                    &mut out_w,
-                    &mut rstd_w,
-                    &widen(&xr),
-                    &widen(&w),
-                    n,
-                    d,
-                    EPS as f64,
-                );
-                let (mut dx_w, mut dw_w) = (widen(&dx0r), widen(&dw0));
-                rmsnorm::backward(
-                    &mut dx_w,
-                    &mut dw_w,
-                    &widen(&doutr),
-                    &widen(&xr),
-                    &widen(&w),
-                    &rstd_w,
-                    n,
-                    d,
-                );
-                let tol = if storage_bf16 { BF16_TOL } else { F32_TOL };
-                for schedule in SCHEDULES {
-                    let what = format!("rmsnorm n={n} d={d} bf16={storage_bf16} {schedule:?}");
-                    let (ni, di) = (n as i32, d as i32);
-                    let rstd = nan_buf(n);
-                    let wb = HostBuffer::from_slice(&w);
-                    let chunks = shapes::norms::backward_chunks(n) as i32;
-                    let partials = nan_buf(shapes::norms::partials_len(Norm::RmsNorm, n, d));
-                    let dw = HostBuffer::from_slice(&dw0);
-                    let (out, dx) = if storage_bf16 {
-                        let (out, xb) = (bf16_buf(&vec![f32::NAN; n * d]), bf16_buf(&x));
-                        run(
-                            "rmsnorm_forward_bf16",
-                            shapes::norms::forward(n),
-                            &[&out, &rstd, &xb, &wb, &ni, &di, &EPS],
-                            schedule,
-                        );
-                        let (dx, doutb) = (bf16_buf(&dx0), bf16_buf(&dout));
-                        run(
-                            "rmsnorm_backward_bf16",
-                            shapes::norms::backward(Norm::RmsNorm, n, d).unwrap(),
-                            &[&dx, &partials, &doutb, &xb, &wb, &rstd, &ni, &di],
-                            schedule,
-                        );
-                        (bf16_values(&out), bf16_values(&dx))
-                    } else {
-                        let (out, xb) = (nan_buf(n * d), HostBuffer::from_slice(&x));
-                        run(
-                            "rmsnorm_forward_f32",
-                            shapes::norms::forward(n),
-                            &[&out, &rstd, &xb, &wb, &ni, &di, &EPS],
-                            schedule,
-                        );
-                        let (dx, doutb) =
-                            (HostBuffer::from_slice(&dx0), HostBuffer::from_slice(&dout));
-                        run(
-                            "rmsnorm_backward_f32",
-                            shapes::norms::backward(Norm::RmsNorm, n, d).unwrap(),
-                            &[&dx, &partials, &doutb, &xb, &wb, &rstd, &ni, &di],
-                            schedule,
-                        );
-                        (out.to_vec(), dx.to_vec())
-                    };
+            let (xr, doutr, dx0r) = if storage_bf16 {
+                (through_bf16(&x), through_bf16(&dout), through_bf16(&dx0))
+            } else {
+                (x.clone(), dout.clone(), dx0.clone())
+            };
+            let mut out_w = vec![0.0; n * d];
+            let mut rstd_w = vec![0.0; n];
+            rmsnorm::forward(
+                &mut out_w,
+                &mut rstd_w,
+                &widen(&xr),
+                &widen(&w),
+                n,
+                d,
+                EPS as f64,
+            );
+            let (mut dx_w, mut dw_w) = (widen(&dx0r), widen(&dw0));
+            rmsnorm::backward(
+                &mut dx_w,
+                &mut dw_w,
+                &widen(&doutr),
+                &widen(&xr),
+                &widen(&w),
+                &rstd_w,
+                n,
+                d,
+            );
+            let tol = if storage_bf16 { BF16_TOL } else { F32_TOL };
+            schedules.each(|schedule, checks| {
+                let (ni, di) = (n as i32, d as i32);
+                let rstd = nan_buf(n);
+                let wb = HostBuffer::from_slice(&w);
+                let chunks = shapes::norms::backward_chunks(n) as i32;
+                let partials = nan_buf(shapes::norms::partials_len(Norm::RmsNorm, n, d));
+                let dw = HostBuffer::from_slice(&dw0);
+                let (out, dx) = if storage_bf16 {
+                    let (out, xb) = (bf16_buf(&vec![f32::NAN; n * d]), bf16_buf(&x));
                     run(
-                        "rmsnorm_param_reduce_f32",
-                        shapes::norms::param_reduce(d),
-                        &[&dw, &partials, &chunks, &di],
+                        "rmsnorm_forward_bf16",
+                        shapes::norms::forward(n),
+                        &[&out, &rstd, &xb, &wb, &ni, &di, &EPS],
                         schedule,
                     );
-                    assert_close(&format!("{what}: out"), &out, &out_w, tol);
-                    assert_close(&format!("{what}: rstd"), &rstd.to_vec(), &rstd_w, F32_TOL);
-                    assert_close(&format!("{what}: dx"), &dx, &dx_w, tol);
-                    assert_close(&format!("{what}: dw"), &dw.to_vec(), &dw_w, F32_TOL);
-                }
-            }
-        }
-    }
-    print_worst("rmsnorm_matches_the_twin");
+                    let (dx, doutb) = (bf16_buf(&dx0), bf16_buf(&dout));
+                    run(
+                        "rmsnorm_backward_bf16",
+                        shapes::norms::backward(Norm::RmsNorm, n, d).unwrap(),
+                        &[&dx, &partials, &doutb, &xb, &wb, &rstd, &ni, &di],
+                        schedule,
+                    );
+                    (bf16_values(&out), bf16_values(&dx))
+                } else {
+                    let (out, xb) = (nan_buf(n * d), HostBuffer::from_slice(&x));
+                    run(
+                        "rmsnorm_forward_f32",
+                        shapes::norms::forward(n),
+                        &[&out, &rstd, &xb, &wb, &ni, &di, &EPS],
+                        schedule,
+                    );
+                    let (dx, doutb) = (HostBuffer::from_slice(&dx0), HostBuffer::from_slice(&dout));
+                    run(
+                        "rmsnorm_backward_f32",
+                        shapes::norms::backward(Norm::RmsNorm, n, d).unwrap(),
+                        &[&dx, &partials, &doutb, &xb, &wb, &rstd, &ni, &di],
+                        schedule,
+                    );
+                    (out.to_vec(), dx.to_vec())
+                };
+                run(
+                    "rmsnorm_param_reduce_f32",
+                    shapes::norms::param_reduce(d),
+                    &[&dw, &partials, &chunks, &di],
+                    schedule,
+                );
+                checks.close("out", &out, &out_w, tol);
+                checks.close("rstd", &rstd.to_vec(), &rstd_w, F32_TOL);
+                checks.close("dx", &dx, &dx_w, tol);
+                checks.close("dw", &dw.to_vec(), &dw_w, F32_TOL);
+            });
+        },
+    );
 }
 
 // ---- activations, SwiGLU -------------------------------------------------------------------
 
 #[test]
 fn activations_match_the_twin() {
-    for (case, &n) in [1usize, 255, 256, 257, 1009].iter().enumerate() {
-        for act in [Activation::Relu, Activation::Gelu, Activation::Silu] {
-            let mut r = rng(3000 + case as u64);
-            let x = uniform(&mut r, n, 0.0, 4.0);
-            let dout = uniform(&mut r, n, 0.0, 1.0);
-            let dx0 = uniform(&mut r, n, 0.0, 1.0);
-            let id = shapes::activations::act_id(act);
-            let ni = n as i64;
-            for storage_bf16 in [false, true] {
-                let (xr, doutr, dx0r) = if storage_bf16 {
-                    (through_bf16(&x), through_bf16(&dout), through_bf16(&dx0))
-                } else {
-                    (x.clone(), dout.clone(), dx0.clone())
-                };
-                let mut out_w = vec![0.0; n];
-                activation::forward(act, &mut out_w, &widen(&xr));
-                let mut dx_w = widen(&dx0r);
-                activation::backward(act, &mut dx_w, &widen(&xr), &widen(&doutr));
-                let tol = if storage_bf16 { BF16_TOL } else { F32_TOL };
-                for schedule in SCHEDULES {
-                    let what = format!("{act:?} n={n} bf16={storage_bf16} {schedule:?}");
-                    let shape = shapes::activations::activation(n);
-                    let (out, dx) = if storage_bf16 {
-                        let (out, xb, doutb, dx) = (
-                            bf16_buf(&vec![f32::NAN; n]),
-                            bf16_buf(&x),
-                            bf16_buf(&dout),
-                            bf16_buf(&dx0),
-                        );
-                        run(
-                            "activation_forward_bf16",
-                            shape,
-                            &[&out, &xb, &ni, &id],
-                            schedule,
-                        );
-                        run(
-                            "activation_backward_bf16",
-                            shape,
-                            &[&dx, &xb, &doutb, &ni, &id],
-                            schedule,
-                        );
-                        (bf16_values(&out), bf16_values(&dx))
-                    } else {
-                        let (out, xb, doutb, dx) = (
-                            nan_buf(n),
-                            HostBuffer::from_slice(&x),
-                            HostBuffer::from_slice(&dout),
-                            HostBuffer::from_slice(&dx0),
-                        );
-                        run(
-                            "activation_forward_f32",
-                            shape,
-                            &[&out, &xb, &ni, &id],
-                            schedule,
-                        );
-                        run(
-                            "activation_backward_f32",
-                            shape,
-                            &[&dx, &xb, &doutb, &ni, &id],
-                            schedule,
-                        );
-                        (out.to_vec(), dx.to_vec())
-                    };
-                    assert_close(&format!("{what}: out"), &out, &out_w, tol);
-                    assert_close(&format!("{what}: dx"), &dx, &dx_w, tol);
-                }
-            }
-        }
+    #[derive(Debug)]
+    struct ActCase {
+        seed: u64,
+        n: usize,
+        act: Activation,
+        bf16: bool,
     }
-    print_worst("activations_match_the_twin");
+    let cases = [1usize, 255, 256, 257, 1009]
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &n)| {
+            [Activation::Relu, Activation::Gelu, Activation::Silu]
+                .into_iter()
+                .flat_map(move |act| {
+                    [false, true].map(move |bf16| ActCase {
+                        seed: 3000 + i as u64,
+                        n,
+                        act,
+                        bf16,
+                    })
+                })
+        });
+    sweep("activations_match_the_twin", cases, |case, schedules| {
+        let (n, act, storage_bf16) = (case.n, case.act, case.bf16);
+        let mut r = rng(case.seed);
+        let x = uniform(&mut r, n, 0.0, 4.0);
+        let dout = uniform(&mut r, n, 0.0, 1.0);
+        let dx0 = uniform(&mut r, n, 0.0, 1.0);
+        let id = shapes::activations::act_id(act);
+        let ni = n as i64;
+        let (xr, doutr, dx0r) = if storage_bf16 {
+            (through_bf16(&x), through_bf16(&dout), through_bf16(&dx0))
+        } else {
+            (x.clone(), dout.clone(), dx0.clone())
+        };
+        let mut out_w = vec![0.0; n];
+        activation::forward(act, &mut out_w, &widen(&xr));
+        let mut dx_w = widen(&dx0r);
+        activation::backward(act, &mut dx_w, &widen(&xr), &widen(&doutr));
+        let tol = if storage_bf16 { BF16_TOL } else { F32_TOL };
+        schedules.each(|schedule, checks| {
+            let shape = shapes::activations::activation(n);
+            let (out, dx) = forward_backward(
+                "activation",
+                shape,
+                storage_bf16,
+                n,
+                [&x, &dout, &dx0],
+                &[&ni, &id],
+                schedule,
+            );
+            checks.close("out", &out, &out_w, tol);
+            checks.close("dx", &dx, &dx_w, tol);
+        });
+    });
+}
+
+/// Runs `{op}_forward_{storage}` with `(out, x, scalars…)` and `{op}_backward_{storage}` with
+/// `(dx, x, dout, scalars…)`, every buffer in the storage type (bf16 or f32; `out` of
+/// `out_len` NaNs, `dx` starting from `dx0`), and returns `out` and `dx` as f32.
+#[allow(clippy::too_many_arguments)]
+fn forward_backward(
+    op: &str,
+    shape: shapes::LaunchShape,
+    storage_bf16: bool,
+    out_len: usize,
+    [x, dout, dx0]: [&[f32]; 3],
+    scalars: &[&dyn KernelArg],
+    schedule: Schedule,
+) -> (Vec<f32>, Vec<f32>) {
+    let launch =
+        |out: &dyn KernelArg, dx: &dyn KernelArg, xb: &dyn KernelArg, doutb: &dyn KernelArg| {
+            let storage = if storage_bf16 { "bf16" } else { "f32" };
+            run(
+                &format!("{op}_forward_{storage}"),
+                shape,
+                &[&[out, xb], scalars].concat(),
+                schedule,
+            );
+            run(
+                &format!("{op}_backward_{storage}"),
+                shape,
+                &[&[dx, xb, doutb], scalars].concat(),
+                schedule,
+            );
+        };
+    if storage_bf16 {
+        let (out, dx) = (bf16_buf(&vec![f32::NAN; out_len]), bf16_buf(dx0));
+        launch(&out, &dx, &bf16_buf(x), &bf16_buf(dout));
+        (bf16_values(&out), bf16_values(&dx))
+    } else {
+        let (out, dx) = (nan_buf(out_len), HostBuffer::from_slice(dx0));
+        launch(
+            &out,
+            &dx,
+            &HostBuffer::from_slice(x),
+            &HostBuffer::from_slice(dout),
+        );
+        (out.to_vec(), dx.to_vec())
+    }
 }
 
 #[test]
 fn swiglu_matches_the_twin() {
-    for (case, &(n, h)) in [(1usize, 1usize), (3, 255), (2, 257), (5, 131)]
+    #[derive(Debug)]
+    struct SwigluCase {
+        seed: u64,
+        n: usize,
+        h: usize,
+        bf16: bool,
+    }
+    let cases = [(1usize, 1usize), (3, 255), (2, 257), (5, 131)]
         .iter()
         .enumerate()
-    {
-        let mut r = rng(4000 + case as u64);
+        .flat_map(|(i, &(n, h))| {
+            [false, true].map(move |bf16| SwigluCase {
+                seed: 4000 + i as u64,
+                n,
+                h,
+                bf16,
+            })
+        });
+    sweep("swiglu_matches_the_twin", cases, |case, schedules| {
+        let (n, h, storage_bf16) = (case.n, case.h, case.bf16);
+        let mut r = rng(case.seed);
         let x = uniform(&mut r, n * 2 * h, 0.0, 4.0);
         let dout = uniform(&mut r, n * h, 0.0, 1.0);
         let dx0 = uniform(&mut r, n * 2 * h, 0.0, 1.0);
         let (ni, hi) = (n as i32, h as i32);
-        for storage_bf16 in [false, true] {
-            let (xr, doutr, dx0r) = if storage_bf16 {
-                (through_bf16(&x), through_bf16(&dout), through_bf16(&dx0))
-            } else {
-                (x.clone(), dout.clone(), dx0.clone())
-            };
-            let mut out_w = vec![0.0; n * h];
-            swiglu::forward(&mut out_w, &widen(&xr), n, h);
-            let mut dx_w = widen(&dx0r);
-            swiglu::backward(&mut dx_w, &widen(&xr), &widen(&doutr), n, h);
-            let tol = if storage_bf16 { BF16_TOL } else { F32_TOL };
-            for schedule in SCHEDULES {
-                let what = format!("swiglu n={n} h={h} bf16={storage_bf16} {schedule:?}");
-                let shape = shapes::activations::swiglu(n, h);
-                let (out, dx) = if storage_bf16 {
-                    let (out, xb, doutb, dx) = (
-                        bf16_buf(&vec![f32::NAN; n * h]),
-                        bf16_buf(&x),
-                        bf16_buf(&dout),
-                        bf16_buf(&dx0),
-                    );
-                    run(
-                        "swiglu_forward_bf16",
-                        shape,
-                        &[&out, &xb, &ni, &hi],
-                        schedule,
-                    );
-                    run(
-                        "swiglu_backward_bf16",
-                        shape,
-                        &[&dx, &xb, &doutb, &ni, &hi],
-                        schedule,
-                    );
-                    (bf16_values(&out), bf16_values(&dx))
-                } else {
-                    let (out, xb, doutb, dx) = (
-                        nan_buf(n * h),
-                        HostBuffer::from_slice(&x),
-                        HostBuffer::from_slice(&dout),
-                        HostBuffer::from_slice(&dx0),
-                    );
-                    run(
-                        "swiglu_forward_f32",
-                        shape,
-                        &[&out, &xb, &ni, &hi],
-                        schedule,
-                    );
-                    run(
-                        "swiglu_backward_f32",
-                        shape,
-                        &[&dx, &xb, &doutb, &ni, &hi],
-                        schedule,
-                    );
-                    (out.to_vec(), dx.to_vec())
-                };
-                assert_close(&format!("{what}: out"), &out, &out_w, tol);
-                assert_close(&format!("{what}: dx"), &dx, &dx_w, tol);
-            }
-        }
-    }
-    print_worst("swiglu_matches_the_twin");
+        let (xr, doutr, dx0r) = if storage_bf16 {
+            (through_bf16(&x), through_bf16(&dout), through_bf16(&dx0))
+        } else {
+            (x.clone(), dout.clone(), dx0.clone())
+        };
+        let mut out_w = vec![0.0; n * h];
+        swiglu::forward(&mut out_w, &widen(&xr), n, h);
+        let mut dx_w = widen(&dx0r);
+        swiglu::backward(&mut dx_w, &widen(&xr), &widen(&doutr), n, h);
+        let tol = if storage_bf16 { BF16_TOL } else { F32_TOL };
+        schedules.each(|schedule, checks| {
+            let shape = shapes::activations::swiglu(n, h);
+            let (out, dx) = forward_backward(
+                "swiglu",
+                shape,
+                storage_bf16,
+                n * h,
+                [&x, &dout, &dx0],
+                &[&ni, &hi],
+                schedule,
+            );
+            checks.close("out", &out, &out_w, tol);
+            checks.close("dx", &dx, &dx_w, tol);
+        });
+    });
 }
 
 // ---- AdamW -----------------------------------------------------------------------------------
 
 #[test]
 fn adamw_matches_the_twin() {
-    for (case, &n) in [1usize, 257, 1009].iter().enumerate() {
-        for step in [1u64, 7] {
-            let mut r = rng(5000 + case as u64 * 10 + step);
-            let hp = AdamW {
-                lr: 3e-3,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                step,
-            };
-            let p0 = uniform(&mut r, n, 0.0, 1.0);
-            let g = uniform(&mut r, n, 0.0, 1.0);
-            let m0 = uniform(&mut r, n, 0.0, 0.1);
-            let v0: Vec<f32> = uniform(&mut r, n, 0.02, 0.01);
-            let (mut p_w, mut m_w, mut v_w) = (widen(&p0), widen(&m0), widen(&v0));
-            adamw::step(&mut p_w, &widen(&g), &mut m_w, &mut v_w, &hp);
-            let (bc1, bc2) = shapes::adamw::bias_corrections(&hp).unwrap();
-            for schedule in SCHEDULES {
-                for with_copy in [false, true] {
-                    let what = format!("adamw n={n} step={step} copy={with_copy} {schedule:?}");
-                    let (p, gb, m, v) = (
-                        HostBuffer::from_slice(&p0),
-                        HostBuffer::from_slice(&g),
-                        HostBuffer::from_slice(&m0),
-                        HostBuffer::from_slice(&v0),
-                    );
-                    let ni = n as i64;
-                    let scalars = (hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, bc1, bc2);
-                    let (lr, b1, b2, eps, wd, c1, c2) = scalars;
-                    let copy = bf16_buf(&vec![f32::NAN; n]);
-                    if with_copy {
-                        run(
-                            "adamw_step_f32_bf16_copy",
-                            shapes::adamw::step(n),
-                            &[
-                                &p, &copy, &gb, &m, &v, &ni, &lr, &b1, &b2, &eps, &wd, &c1, &c2,
-                            ],
-                            schedule,
-                        );
-                        let want: Vec<f64> = p
-                            .to_vec()
-                            .iter()
-                            .map(|&x| bf16::from_f32(x).to_f64())
-                            .collect();
-                        assert_close(
-                            &format!("{what}: bf16 copy"),
-                            &bf16_values(&copy),
-                            &want,
-                            0.0,
-                        );
-                    } else {
-                        run(
-                            "adamw_step_f32",
-                            shapes::adamw::step(n),
-                            &[&p, &gb, &m, &v, &ni, &lr, &b1, &b2, &eps, &wd, &c1, &c2],
-                            schedule,
-                        );
-                    }
-                    assert_close(&format!("{what}: param"), &p.to_vec(), &p_w, F32_TOL);
-                    assert_close(&format!("{what}: m"), &m.to_vec(), &m_w, F32_TOL);
-                    assert_close(&format!("{what}: v"), &v.to_vec(), &v_w, F32_TOL);
-                }
-            }
-        }
+    #[derive(Debug)]
+    struct AdamCase {
+        seed: u64,
+        n: usize,
+        step: u64,
     }
-    print_worst("adamw_matches_the_twin");
+    let cases = [1usize, 257, 1009].iter().enumerate().flat_map(|(i, &n)| {
+        [1u64, 7].map(move |step| AdamCase {
+            seed: 5000 + i as u64 * 10 + step,
+            n,
+            step,
+        })
+    });
+    sweep("adamw_matches_the_twin", cases, |case, schedules| {
+        let (n, step) = (case.n, case.step);
+        let mut r = rng(case.seed);
+        let hp = AdamW {
+            lr: 3e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step,
+        };
+        let p0 = uniform(&mut r, n, 0.0, 1.0);
+        let g = uniform(&mut r, n, 0.0, 1.0);
+        let m0 = uniform(&mut r, n, 0.0, 0.1);
+        let v0: Vec<f32> = uniform(&mut r, n, 0.02, 0.01);
+        let (mut p_w, mut m_w, mut v_w) = (widen(&p0), widen(&m0), widen(&v0));
+        adamw::step(&mut p_w, &widen(&g), &mut m_w, &mut v_w, &hp);
+        let (bc1, bc2) = shapes::adamw::bias_corrections(&hp).unwrap();
+        schedules.each(|schedule, checks| {
+            for with_copy in [false, true] {
+                let (p, gb, m, v) = (
+                    HostBuffer::from_slice(&p0),
+                    HostBuffer::from_slice(&g),
+                    HostBuffer::from_slice(&m0),
+                    HostBuffer::from_slice(&v0),
+                );
+                let ni = n as i64;
+                let scalars = (hp.lr, hp.beta1, hp.beta2, hp.eps, hp.weight_decay, bc1, bc2);
+                let (lr, b1, b2, eps, wd, c1, c2) = scalars;
+                let copy = bf16_buf(&vec![f32::NAN; n]);
+                if with_copy {
+                    run(
+                        "adamw_step_f32_bf16_copy",
+                        shapes::adamw::step(n),
+                        &[
+                            &p, &copy, &gb, &m, &v, &ni, &lr, &b1, &b2, &eps, &wd, &c1, &c2,
+                        ],
+                        schedule,
+                    );
+                    let want: Vec<f64> = p
+                        .to_vec()
+                        .iter()
+                        .map(|&x| bf16::from_f32(x).to_f64())
+                        .collect();
+                    checks.close("bf16 copy", &bf16_values(&copy), &want, 0.0);
+                } else {
+                    run(
+                        "adamw_step_f32",
+                        shapes::adamw::step(n),
+                        &[&p, &gb, &m, &v, &ni, &lr, &b1, &b2, &eps, &wd, &c1, &c2],
+                        schedule,
+                    );
+                }
+                checks.close("param", &p.to_vec(), &p_w, F32_TOL);
+                checks.close("m", &m.to_vec(), &m_w, F32_TOL);
+                checks.close("v", &v.to_vec(), &v_w, F32_TOL);
+            }
+        });
+    });
 }
 
 // ---- MEGABYTE gathers ------------------------------------------------------------------------
@@ -496,11 +531,23 @@ fn scatter(
 #[test]
 fn patch_embed_matches_the_twin() {
     let (p, tok_rows, pos_rows) = (4usize, 11usize, 17usize);
-    for (case, &(rows, dg)) in [(1usize, 1usize), (3, 31), (2, 33), (5, 7)]
+    #[derive(Debug)]
+    struct Size {
+        seed: u64,
+        rows: usize,
+        dg: usize,
+    }
+    let cases = [(1usize, 1usize), (3, 31), (2, 33), (5, 7)]
         .iter()
         .enumerate()
-    {
-        let mut r = rng(6000 + case as u64);
+        .map(|(i, &(rows, dg))| Size {
+            seed: 6000 + i as u64,
+            rows,
+            dg,
+        });
+    sweep("patch_embed_matches_the_twin", cases, |case, schedules| {
+        let (rows, dg) = (case.rows, case.dg);
+        let mut r = rng(case.seed);
         let n_ids = rows * p;
         let ids = ids_with_pads(&mut r, n_ids, tok_rows);
         let positions: Vec<u32> = (0..n_ids)
@@ -564,8 +611,7 @@ fn patch_embed_matches_the_twin() {
             HostBuffer::from_slice(&ids),
             HostBuffer::from_slice(&positions),
         );
-        for schedule in SCHEDULES {
-            let what = format!("patch_embed rows={rows} dg={dg} {schedule:?}");
+        schedules.each(|schedule, checks| {
             let out = nan_buf(n_ids * dg);
             let (tb, pb, padb) = (
                 HostBuffer::from_slice(&tok),
@@ -578,7 +624,7 @@ fn patch_embed_matches_the_twin() {
                 &[&out, &tb, &pb, &padb, &idb, &posb, &ni, &pi, &di, &ti, &qi],
                 schedule,
             );
-            assert_close(&format!("{what}: out"), &out.to_vec(), &out_w, F32_TOL);
+            checks.close("out", &out.to_vec(), &out_w, F32_TOL);
             let outb = bf16_buf(&vec![f32::NAN; n_ids * dg]);
             run(
                 "patch_embed_forward_bf16",
@@ -598,12 +644,7 @@ fn patch_embed_matches_the_twin() {
                 ],
                 schedule,
             );
-            assert_close(
-                &format!("{what}: out bf16"),
-                &bf16_values(&outb),
-                &out_bf16_w,
-                BF16_TOL,
-            );
+            checks.close("out bf16", &bf16_values(&outb), &out_bf16_w, BF16_TOL);
             let (dtok, dpos, dpad) = (
                 HostBuffer::from_slice(&dtok0),
                 HostBuffer::from_slice(&dpos0),
@@ -613,22 +654,33 @@ fn patch_embed_matches_the_twin() {
             scatter(&dtok, &doutb, &plans.tok, dg, schedule);
             scatter(&dpos, &doutb, &plans.pos, dg, schedule);
             scatter(&dpad, &doutb, &plans.pad, dg, schedule);
-            assert_close(&format!("{what}: dtok"), &dtok.to_vec(), &dtok_w, F32_TOL);
-            assert_close(&format!("{what}: dpos"), &dpos.to_vec(), &dpos_w, F32_TOL);
-            assert_close(&format!("{what}: dpad"), &dpad.to_vec(), &dpad_w, F32_TOL);
-        }
-    }
-    print_worst("patch_embed_matches_the_twin");
+            checks.close("dtok", &dtok.to_vec(), &dtok_w, F32_TOL);
+            checks.close("dpos", &dpos.to_vec(), &dpos_w, F32_TOL);
+            checks.close("dpad", &dpad.to_vec(), &dpad_w, F32_TOL);
+        });
+    });
 }
 
 #[test]
 fn local_embed_matches_the_twin() {
     let (tok_rows, pos_rows) = (9usize, 8usize);
-    for (case, &(n, d)) in [(1usize, 1usize), (7, 33), (13, 64), (4, 257)]
+    #[derive(Debug)]
+    struct Size {
+        seed: u64,
+        n: usize,
+        d: usize,
+    }
+    let cases = [(1usize, 1usize), (7, 33), (13, 64), (4, 257)]
         .iter()
         .enumerate()
-    {
-        let mut r = rng(7000 + case as u64);
+        .map(|(i, &(n, d))| Size {
+            seed: 7000 + i as u64,
+            n,
+            d,
+        });
+    sweep("local_embed_matches_the_twin", cases, |case, schedules| {
+        let (n, d) = (case.n, case.d);
+        let mut r = rng(case.seed);
         let ids = ids_with_pads(&mut r, n, tok_rows);
         let slots: Vec<u32> = (0..n).map(|i| (i % pos_rows) as u32).collect();
         let (tok, pos, pad) = (
@@ -676,8 +728,7 @@ fn local_embed_matches_the_twin() {
         let plans = local_embed_plans(&ids, &slots, tok_rows, pos_rows).unwrap();
         let (ni, di, ti, qi) = (n as i32, d as i32, tok_rows as i32, pos_rows as i32);
         let (idb, slb) = (HostBuffer::from_slice(&ids), HostBuffer::from_slice(&slots));
-        for schedule in SCHEDULES {
-            let what = format!("local_embed n={n} d={d} {schedule:?}");
+        schedules.each(|schedule, checks| {
             let out = HostBuffer::from_slice(&out0);
             let (tb, pb, padb) = (
                 HostBuffer::from_slice(&tok),
@@ -690,7 +741,7 @@ fn local_embed_matches_the_twin() {
                 &[&out, &tb, &pb, &padb, &idb, &slb, &ni, &di, &ti, &qi],
                 schedule,
             );
-            assert_close(&format!("{what}: out"), &out.to_vec(), &out_w, F32_TOL);
+            checks.close("out", &out.to_vec(), &out_w, F32_TOL);
             let outb = bf16_buf(&out0);
             run(
                 "local_embed_forward_bf16",
@@ -709,12 +760,7 @@ fn local_embed_matches_the_twin() {
                 ],
                 schedule,
             );
-            assert_close(
-                &format!("{what}: out bf16"),
-                &bf16_values(&outb),
-                &out_bf16_w,
-                BF16_TOL,
-            );
+            checks.close("out bf16", &bf16_values(&outb), &out_bf16_w, BF16_TOL);
             let (dtok, dpos, dpad) = (
                 HostBuffer::from_slice(&dtok0),
                 HostBuffer::from_slice(&dpos0),
@@ -724,12 +770,11 @@ fn local_embed_matches_the_twin() {
             scatter(&dtok, &doutb, &plans.tok, d, schedule);
             scatter(&dpos, &doutb, &plans.pos, d, schedule);
             scatter(&dpad, &doutb, &plans.pad, d, schedule);
-            assert_close(&format!("{what}: dtok"), &dtok.to_vec(), &dtok_w, F32_TOL);
-            assert_close(&format!("{what}: dpos"), &dpos.to_vec(), &dpos_w, F32_TOL);
-            assert_close(&format!("{what}: dpad"), &dpad.to_vec(), &dpad_w, F32_TOL);
-        }
-    }
-    print_worst("local_embed_matches_the_twin");
+            checks.close("dtok", &dtok.to_vec(), &dtok_w, F32_TOL);
+            checks.close("dpos", &dpos.to_vec(), &dpos_w, F32_TOL);
+            checks.close("dpad", &dpad.to_vec(), &dpad_w, F32_TOL);
+        });
+    });
 }
 
 /// An id past the table (a caller bug) writes a NaN row instead of reading out of bounds.
@@ -768,7 +813,6 @@ fn gathers_turn_bad_ids_into_nan_rows() {
         out[d..].iter().all(|v| v.is_nan()),
         "rows 1-2: id 7 and slot 5 are out of range"
     );
-    print_worst("gathers_turn_bad_ids_into_nan_rows");
 }
 
 // ---- RoPE ------------------------------------------------------------------------------------
@@ -776,11 +820,25 @@ fn gathers_turn_bad_ids_into_nan_rows() {
 #[test]
 fn rope_matches_the_definition() {
     let base = 10_000.0f32;
-    for (case, &(rows, heads, dz)) in [(1usize, 1usize, 2usize), (5, 2, 8), (3, 3, 34)]
+    #[derive(Debug)]
+    struct RopeCase {
+        seed: u64,
+        rows: usize,
+        heads: usize,
+        dz: usize,
+    }
+    let cases = [(1usize, 1usize, 2usize), (5, 2, 8), (3, 3, 34)]
         .iter()
         .enumerate()
-    {
-        let mut r = rng(8000 + case as u64);
+        .map(|(i, &(rows, heads, dz))| RopeCase {
+            seed: 8000 + i as u64,
+            rows,
+            heads,
+            dz,
+        });
+    sweep("rope_matches_the_definition", cases, |case, schedules| {
+        let (rows, heads, dz) = (case.rows, case.heads, case.dz);
+        let mut r = rng(case.seed);
         let x = uniform(&mut r, rows * heads * dz, 0.0, 1.0);
         // Positions inside a chunk; small enough that the f32 angle pos·inv keeps 1e-5 (its
         // rounding grows with the position, as in the official fp32 RoPE).
@@ -805,8 +863,7 @@ fn rope_matches_the_definition() {
         let (ri, hi, di) = (rows as i32, heads as i32, dz as i32);
         let pb = HostBuffer::from_slice(&positions);
         let shape = shapes::rope::rotate(rows, heads, dz).unwrap();
-        for schedule in SCHEDULES {
-            let what = format!("rope rows={rows} heads={heads} dz={dz} {schedule:?}");
+        schedules.each(|schedule, checks| {
             let y = nan_buf(x.len());
             let xb = HostBuffer::from_slice(&x);
             run(
@@ -815,12 +872,7 @@ fn rope_matches_the_definition() {
                 &[&y, &xb, &pb, &ri, &hi, &di, &base],
                 schedule,
             );
-            assert_close(
-                &format!("{what}: forward"),
-                &y.to_vec(),
-                &rotate(&x, 1.0),
-                F32_TOL,
-            );
+            checks.close("forward", &y.to_vec(), &rotate(&x, 1.0), F32_TOL);
             let dx = nan_buf(x.len());
             run(
                 "rope_backward_f32",
@@ -828,12 +880,7 @@ fn rope_matches_the_definition() {
                 &[&dx, &xb, &pb, &ri, &hi, &di, &base],
                 schedule,
             );
-            assert_close(
-                &format!("{what}: backward"),
-                &dx.to_vec(),
-                &rotate(&x, -1.0),
-                F32_TOL,
-            );
+            checks.close("backward", &dx.to_vec(), &rotate(&x, -1.0), F32_TOL);
             // In place: y aliases x.
             run(
                 "rope_forward_f32",
@@ -841,13 +888,44 @@ fn rope_matches_the_definition() {
                 &[&xb, &xb, &pb, &ri, &hi, &di, &base],
                 schedule,
             );
-            assert_close(
-                &format!("{what}: in place"),
-                &xb.to_vec(),
-                &rotate(&x, 1.0),
-                F32_TOL,
-            );
-        }
+            checks.close("in place", &xb.to_vec(), &rotate(&x, 1.0), F32_TOL);
+        });
+    });
+}
+
+// ---- the sweep itself ------------------------------------------------------------------------
+
+/// `sweep` fails on a planted error and names the worst failing case and schedule, the count
+/// of failing launches, and the element; within tolerance it passes. (Comparisons only, no
+/// launches: what is under test is the report.)
+#[test]
+fn sweep_names_the_worst_failing_case_and_schedule() {
+    #[derive(Debug)]
+    struct Planted {
+        error: f32,
     }
-    print_worst("rope_matches_the_definition");
+    let want = vec![1.0f64; 5];
+    let planted = |errors: [f32; 3]| {
+        let cases = errors.map(|error| Planted { error });
+        std::panic::catch_unwind(|| {
+            sweep("planted", cases, |case, schedules| {
+                schedules.each(|schedule, checks| {
+                    let mut got = vec![1.0f32; 5];
+                    // The planted error grows along the schedules, so the worst is the last.
+                    let k = SCHEDULES.iter().position(|&s| s == schedule).unwrap() as f32;
+                    got[3] += case.error * (1.0 + k);
+                    checks.close("out", &got, &want, F32_TOL);
+                });
+            })
+        })
+        .map_err(|e| e.downcast_ref::<String>().cloned().unwrap_or_default())
+    };
+    assert!(planted([0.0, 1e-6, 3e-6]).is_ok(), "within 1e-5 everywhere");
+    let message = planted([0.0, 4e-6, 1e-3]).unwrap_err();
+    let expected = format!(
+        "out: worst 3.0e-3 (tol 1e-5) at Planted {{ error: 0.001 }} under {:?}; \
+         4 of 9 launches over tolerance; largest at [3]",
+        SCHEDULES[2]
+    );
+    assert!(message.contains(&expected), "{message}");
 }

@@ -779,16 +779,7 @@ fn resolve_generation(dir: &Path) -> Result<PathBuf, CheckpointError> {
 fn open_manifest(dir: &Path) -> Result<(PathBuf, Manifest), CheckpointError> {
     let gen_dir = resolve_generation(dir)?;
     let path = gen_dir.join(MANIFEST_FILE);
-    let bytes = fs::read(&path).map_err(|source| {
-        if source.kind() == io::ErrorKind::NotFound {
-            CheckpointError::MissingFile { path: path.clone() }
-        } else {
-            CheckpointError::Io {
-                path: path.clone(),
-                source,
-            }
-        }
-    })?;
+    let bytes = fs::read(&path).map_err(open_error(&path))?;
     let manifest: Manifest = parse_json(&path, &bytes)?;
     let bad = |reason: String| CheckpointError::BadManifest {
         path: path.clone(),
@@ -842,16 +833,7 @@ fn manifest_entry<'m>(
 /// Opens a manifest-listed file and checks its size against the manifest.
 fn open_sized(gen_dir: &Path, entry: &ManifestEntry) -> Result<(PathBuf, File), CheckpointError> {
     let path = gen_dir.join(&entry.name);
-    let file = File::open(&path).map_err(|source| {
-        if source.kind() == io::ErrorKind::NotFound {
-            CheckpointError::MissingFile { path: path.clone() }
-        } else {
-            CheckpointError::Io {
-                path: path.clone(),
-                source,
-            }
-        }
-    })?;
+    let file = File::open(&path).map_err(open_error(&path))?;
     let actual = file.metadata().map_err(io_error(&path))?.len();
     if actual < entry.size {
         return Err(CheckpointError::Truncated {
@@ -922,6 +904,20 @@ fn io_error(path: &Path) -> impl Fn(io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+/// Like [`io_error`] for opening a file the manifest lists: a missing file is
+/// [`CheckpointError::MissingFile`].
+fn open_error(path: &Path) -> impl Fn(io::Error) -> CheckpointError + '_ {
+    move |source| {
+        if source.kind() == io::ErrorKind::NotFound {
+            CheckpointError::MissingFile {
+                path: path.to_path_buf(),
+            }
+        } else {
+            io_error(path)(source)
+        }
     }
 }
 

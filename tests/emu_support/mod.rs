@@ -1,4 +1,6 @@
-//! Helpers shared by the emulator tests (tests/emu_harness.rs, tests/emu_kernels.rs).
+//! Helpers shared by the emulator tests (tests/emu_harness.rs, tests/emu_kernels.rs). Kernel
+//! tests compare against their twins over cases × schedules with `sweep` in
+//! tests/support/emu_check.rs.
 #![allow(dead_code)]
 
 use std::path::PathBuf;

@@ -46,15 +46,21 @@ pub fn matmul<F: Real>(
     let block = |(c, blk): (usize, &mut [F])| {
         let j0 = c * BLOCK_COLS;
         let w = blk.len() / m;
-        if use_avx512() {
-            // SAFETY: `use_avx512` confirmed that the running CPU supports AVX-512F.
-            unsafe { block_avx512(blk, a, b, m, k, n, j0, w) }
-        } else if use_avx2() {
-            // SAFETY: `use_avx2` confirmed that the running CPU supports AVX2.
-            unsafe { block_avx2(blk, a, b, m, k, n, j0, w) }
-        } else {
-            block_portable(blk, a, b, m, k, n, j0, w)
+        // The feature-specific copies exist only on x86-64; elsewhere the portable one runs.
+        #[cfg(target_arch = "x86_64")]
+        {
+            if use_avx512() {
+                // SAFETY: `use_avx512` confirmed that the running CPU supports AVX-512F and FMA.
+                unsafe { block_avx512(blk, a, b, m, k, n, j0, w) };
+                return;
+            }
+            if use_avx2() {
+                // SAFETY: `use_avx2` confirmed that the running CPU supports AVX2 and FMA.
+                unsafe { block_avx2(blk, a, b, m, k, n, j0, w) };
+                return;
+            }
         }
+        block_portable(blk, a, b, m, k, n, j0, w)
     };
     let macs = m.saturating_mul(n).saturating_mul(k);
     if macs >= PARALLEL_MIN_MACS && rayon::current_num_threads() > 1 {
@@ -82,26 +88,14 @@ pub fn matmul<F: Real>(
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 fn use_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
 }
 
+#[cfg(target_arch = "x86_64")]
 fn use_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -138,36 +132,6 @@ unsafe fn block_avx2<F: Real>(
 #[target_feature(enable = "avx512f,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn block_avx512<F: Real>(
-    blk: &mut [F],
-    a: &[F],
-    b: &[F],
-    m: usize,
-    k: usize,
-    n: usize,
-    j0: usize,
-    w: usize,
-) {
-    block_kernel(blk, a, b, m, k, n, j0, w)
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx512<F: Real>(
-    blk: &mut [F],
-    a: &[F],
-    b: &[F],
-    m: usize,
-    k: usize,
-    n: usize,
-    j0: usize,
-    w: usize,
-) {
-    block_kernel(blk, a, b, m, k, n, j0, w)
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx2<F: Real>(
     blk: &mut [F],
     a: &[F],
     b: &[F],
