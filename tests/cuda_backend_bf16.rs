@@ -272,23 +272,22 @@ fn plan_cache_builds_one_plan_per_distinct_key() {
         },
     ];
     let mut cache = PlanCache::<usize>::new();
-    let mut builds = 0usize;
-    let mut build = |_: &GemmKey| -> Result<usize, ()> {
-        builds += 1;
-        Ok(builds)
+    let builds = std::cell::Cell::new(0usize);
+    let build = |_: &GemmKey| -> Result<usize, ()> {
+        builds.set(builds.get() + 1);
+        Ok(builds.get())
     };
-    let first = cache.get_or_try_insert(base, &mut build).unwrap();
+    let first = cache.get_or_try_insert(base, build).unwrap();
     for v in &variants {
-        cache.get_or_try_insert(*v, &mut build).unwrap();
+        cache.get_or_try_insert(*v, build).unwrap();
     }
     assert_eq!(cache.len(), 1 + variants.len());
     // The same problems again: served from the cache, no further builds.
-    assert_eq!(*cache.get_or_try_insert(base, &mut build).unwrap(), *first);
+    assert_eq!(*cache.get_or_try_insert(base, build).unwrap(), *first);
     for v in &variants {
-        cache.get_or_try_insert(*v, &mut build).unwrap();
+        cache.get_or_try_insert(*v, build).unwrap();
     }
-    drop(build);
-    assert_eq!(builds, 1 + variants.len());
+    assert_eq!(builds.get(), 1 + variants.len());
 }
 
 #[test]
