@@ -32,7 +32,7 @@ pub struct Event {
 }
 
 /// Row-major `out[m, n] = op(a)[m, k] · op(b)[k, n]` (+ `out` when `accumulate`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GemmShape {
     /// Rows of `out`.
     pub m: usize,
@@ -65,7 +65,7 @@ pub enum DeviceError {
 /// The lowest layer of a GPU backend. Work is ordered as issued on one stream.
 pub trait DeviceApi {
     /// A device allocation of `T`s, passable to kernels.
-    type Buffer<T: DeviceElement>: DeviceBuffer + KernelArg;
+    type Buffer<T: DeviceElement>: DeviceBuffer + KernelArg + Send;
 
     /// Short description, e.g. `CPU emulator`.
     fn name(&self) -> String;
@@ -104,6 +104,17 @@ pub trait DeviceApi {
         out: &mut Self::Buffer<f32>,
         a: &Self::Buffer<f32>,
         b: &Self::Buffer<f32>,
+        shape: GemmShape,
+    ) -> Result<(), DeviceError>;
+
+    /// Mixed-precision GEMM: bf16 `a` and `b`, products and sums in f32, f32 `out` (cuBLASLt
+    /// with A/B `CUDA_R_16BF`, C/D `CUDA_R_32F`, `CUBLAS_COMPUTE_32F`). Same [`GemmShape`] and
+    /// buffer rules as [`DeviceApi::gemm_f32`].
+    fn gemm_bf16(
+        &self,
+        out: &mut Self::Buffer<f32>,
+        a: &Self::Buffer<half::bf16>,
+        b: &Self::Buffer<half::bf16>,
         shape: GemmShape,
     ) -> Result<(), DeviceError>;
 }
@@ -233,5 +244,36 @@ impl DeviceApi for EmulatedDevice {
             accumulate,
         );
         Ok(())
+    }
+
+    fn gemm_bf16(
+        &self,
+        out: &mut HostBuffer<f32>,
+        a: &HostBuffer<half::bf16>,
+        b: &HostBuffer<half::bf16>,
+        shape: GemmShape,
+    ) -> Result<(), DeviceError> {
+        let GemmShape { m, k, n, .. } = shape;
+        if out.len() < m * n || a.len() < m * k || b.len() < k * n {
+            return Err(DeviceError::Shape(format!(
+                "gemm_bf16 {m}x{k}x{n}: buffers hold out {}, a {}, b {}",
+                out.len(),
+                a.len(),
+                b.len()
+            )));
+        }
+        // What a GPU computes: every bf16 value widens to f32 exactly, and the product of two
+        // bf16 values (8 significant bits each) is exact in f32 (16 bits ≤ 24), so the f32
+        // GEMM of the widened inputs differs from cuBLASLt's only in the summation order.
+        let widen = |x: &HostBuffer<half::bf16>, len: usize| {
+            HostBuffer::from_slice(
+                &x.to_vec()[..len]
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (a32, b32) = (widen(a, m * k), widen(b, k * n));
+        self.gemm_f32(out, &a32, &b32, shape)
     }
 }

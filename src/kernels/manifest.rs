@@ -46,6 +46,12 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         ptx: true,
     },
     KernelSource {
+        name: "cast",
+        path: "cast.cu",
+        entry_points: &["cast_f32_to_bf16", "cast_bf16_to_f32"],
+        ptx: true,
+    },
+    KernelSource {
         name: "cema",
         path: "cema.cu",
         entry_points: &[

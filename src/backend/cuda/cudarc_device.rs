@@ -1,7 +1,8 @@
 //! [`DeviceApi`] on a real GPU through cudarc: one context and stream on device N, kernels
 //! from the embedded PTX ([`crate::kernels::MODULES`]) loaded lazily by a
 //! [`KernelCache`], launches through `cuLaunchKernel` with the same argument pointers the
-//! emulator takes, GEMMs through cuBLAS.
+//! emulator takes, GEMMs through cuBLASLt ([`super::cublaslt`]: descriptors, layouts and the
+//! heuristic's algorithm cached per problem, one workspace per device).
 //!
 //! Nothing here runs in `cargo test` on a host without a driver: [`CudarcDevice::new`] checks
 //! for `libcuda.so.1` first (cudarc panics on the first driver call without it) and returns
@@ -12,13 +13,13 @@ use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 
-use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream,
     DevicePtr,
 };
 use cudarc::nvrtc::Ptx;
 
+use super::cublaslt::{LtCompute, LtDtype, LtGemm, LtOperands};
 use super::module_cache::KernelCache;
 use crate::emu::{
     ArgInfo, DeviceApi, DeviceBuffer, DeviceElement, DeviceError, Event, GemmShape, KernelArg,
@@ -31,10 +32,6 @@ const KEPT_EVENTS: usize = 1024;
 
 fn driver(what: &str, e: impl std::fmt::Display) -> DeviceError {
     DeviceError::Driver(format!("{what}: {e}"))
-}
-
-fn blas(what: &str, e: impl std::fmt::Debug) -> DeviceError {
-    DeviceError::Driver(format!("{what}: {e:?}"))
 }
 
 /// A device allocation of `len` `T`s, kept as bytes (cudarc's typed allocations need its own
@@ -69,19 +66,24 @@ fn as_bytes<T: DeviceElement>(host: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(host.as_ptr() as *const u8, std::mem::size_of_val(host)) }
 }
 
-/// One CUDA device: context, stream, cuBLAS handle and the kernel cache.
+/// One CUDA device: context, stream, cuBLASLt handle with its plan cache and workspace, and
+/// the kernel cache.
 pub struct CudarcDevice {
     ordinal: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    // Declared before the workspace it points into, so it is dropped first.
+    lt: LtGemm,
+    _lt_workspace: CudaSlice<u8>,
+    f32_compute: LtCompute,
     kernels: KernelCache<Arc<CudaModule>, CudaFunction>,
     events: Mutex<(u64, VecDeque<(u64, CudaEvent)>)>,
 }
 
 impl CudarcDevice {
     /// Opens device `ordinal`. Errors (never panics) when no driver is installed, the device
-    /// does not exist, or cuBLAS cannot be loaded.
+    /// does not exist, or cuBLASLt cannot be loaded. f32 GEMMs use full f32 arithmetic
+    /// (`CUBLAS_COMPUTE_32F`); see [`CudarcDevice::with_tf32`].
     pub fn new(ordinal: usize) -> Result<Self, DeviceError> {
         if !crate::device::driver_present() {
             return Err(DeviceError::Driver(
@@ -89,9 +91,9 @@ impl CudarcDevice {
             ));
         }
         // SAFETY: plain library presence check (dlopen), no driver call.
-        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
             return Err(DeviceError::Driver(
-                "cuBLAS (libcublas.so.13) not found".to_string(),
+                "cuBLASLt (libcublasLt.so.13) not found".to_string(),
             ));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| driver("context", e))?;
@@ -99,15 +101,115 @@ impl CudarcDevice {
         // SAFETY: called before any allocation of this context.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| blas("cuBLAS handle", e))?;
+        let (major, _) = ctx
+            .compute_capability()
+            .map_err(|e| driver("compute capability", e))?;
+        let workspace_bytes = LtGemm::workspace_bytes_for(major);
+        let workspace = stream
+            .alloc_zeros::<u8>(workspace_bytes)
+            .map_err(|e| driver("cuBLASLt workspace", e))?;
+        let workspace_ptr = {
+            let (ptr, _sync) = workspace.device_ptr(&stream);
+            ptr
+        };
+        let lt = LtGemm::new(workspace_ptr, workspace_bytes)?;
         Ok(Self {
             ordinal,
             ctx,
             stream,
-            blas,
+            lt,
+            _lt_workspace: workspace,
+            f32_compute: LtCompute::F32,
             kernels: KernelCache::new(),
             events: Mutex::new((0, VecDeque::new())),
         })
+    }
+
+    /// Opt-in TF32 for f32 GEMMs (`CUBLAS_COMPUTE_32F_FAST_TF32`): inputs rounded to 10
+    /// mantissa bits on the tensor cores, f32 accumulate — about 8× the f32 FLOP rate on an
+    /// H100 (≈495 vs ≈67 TFLOP/s dense) at a relative error per product up to 2⁻¹⁰ instead of
+    /// 2⁻²⁴. Off by default: the backend's f32 path is meant to match the CPU backend tightly.
+    pub fn with_tf32(mut self, allow: bool) -> Self {
+        self.f32_compute = if allow {
+            LtCompute::Tf32
+        } else {
+            LtCompute::F32
+        };
+        self
+    }
+
+    /// Number of cuBLASLt plans (descriptor sets) cached so far: one per distinct GEMM
+    /// problem.
+    pub fn cached_gemm_plans(&self) -> usize {
+        self.lt.cached_plans()
+    }
+
+    /// bf16 GEMM with a bf16 `out` (A/B/C/D `CUDA_R_16BF`, f32 accumulate, one rounding of
+    /// each result to bf16); otherwise as [`DeviceApi::gemm_bf16`]. With `accumulate`, the
+    /// previous bf16 `out` is added in f32 before that rounding.
+    pub fn gemm_bf16_to_bf16(
+        &self,
+        out: &mut CudarcBuffer<half::bf16>,
+        a: &CudarcBuffer<half::bf16>,
+        b: &CudarcBuffer<half::bf16>,
+        shape: GemmShape,
+    ) -> Result<(), DeviceError> {
+        check_gemm_lens("gemm_bf16_to_bf16", shape, out.len, a.len, b.len)?;
+        self.lt_gemm(
+            shape,
+            LtOperands {
+                out: out.ptr,
+                a: a.ptr,
+                b: b.ptr,
+                input: LtDtype::Bf16,
+                output: LtDtype::Bf16,
+            },
+            LtCompute::F32,
+        )
+    }
+
+    /// Runs a GEMM whose operand lengths were checked, on device addresses: the one path
+    /// every GEMM variant takes. Empty products (k = 0) never reach cuBLASLt, which rejects
+    /// empty layouts: they leave `out` as is, or zero it.
+    fn lt_gemm(
+        &self,
+        shape: GemmShape,
+        ops: LtOperands,
+        compute: LtCompute,
+    ) -> Result<(), DeviceError> {
+        let GemmShape { m, k, n, .. } = shape;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread().map_err(|e| driver("gemm", e))?;
+        if k == 0 {
+            if shape.accumulate {
+                return Ok(());
+            }
+            let bytes = m * n * ops.output.bytes();
+            // SAFETY: `out` holds at least m·n elements of the output type (checked by the
+            // caller), in this context.
+            return unsafe {
+                cu::memset_d8_async(
+                    ops.out as sys::CUdeviceptr,
+                    0,
+                    bytes,
+                    self.stream.cu_stream(),
+                )
+            }
+            .map_err(|e| driver("gemm (k = 0)", e));
+        }
+        // SAFETY: the addresses are allocations of this context holding the elements the
+        // shape addresses (checked by the caller); `out` is a `&mut` borrow, so it overlaps
+        // neither input; the work is ordered on this device's one stream.
+        unsafe {
+            self.lt.matmul(
+                self.stream.cu_stream() as cudarc::cublaslt::sys::cudaStream_t,
+                shape,
+                ops,
+                compute,
+            )
+        }
     }
 
     fn function(&self, name: &str) -> Result<CudaFunction, DeviceError> {
@@ -269,61 +371,57 @@ impl DeviceApi for CudarcDevice {
         b: &CudarcBuffer<f32>,
         shape: GemmShape,
     ) -> Result<(), DeviceError> {
-        let GemmShape {
-            m,
-            k,
-            n,
-            trans_a,
-            trans_b,
-            accumulate,
-        } = shape;
-        if out.len < m * n || a.len < m * k || b.len < k * n {
-            return Err(DeviceError::Shape(format!(
-                "gemm {m}x{k}x{n}: buffers hold out {}, a {}, b {}",
-                out.len, a.len, b.len
-            )));
-        }
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        let dim = |x: usize| {
-            i32::try_from(x)
-                .map_err(|_| DeviceError::Shape(format!("gemm dimension {x} exceeds i32")))
-        };
-        let (mi, ki, ni) = (dim(m)?, dim(k)?, dim(n)?);
-        let op = |t: bool| {
-            if t {
-                blas_sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                blas_sys::cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        // cuBLAS is column-major: the row-major out[m, n] is the column-major outᵀ[n, m] =
-        // op(b)ᵀ · op(a)ᵀ, so b goes first and the dimensions swap.
-        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
-        self.ctx.bind_to_thread().map_err(|e| driver("gemm", e))?;
-        // SAFETY: the pointers are device addresses of allocations of this context holding at
-        // least the elements the leading dimensions and sizes address (checked above).
-        unsafe {
-            blas_result::sgemm(
-                *self.blas.handle(),
-                op(trans_b),
-                op(trans_a),
-                ni,
-                mi,
-                ki,
-                &alpha,
-                b.ptr as *const f32,
-                if trans_b { ki.max(1) } else { ni },
-                a.ptr as *const f32,
-                if trans_a { mi } else { ki.max(1) },
-                &beta,
-                out.ptr as *mut f32,
-                ni,
-            )
-        }
-        .map_err(|e| blas("sgemm", e))
+        check_gemm_lens("gemm", shape, out.len, a.len, b.len)?;
+        self.lt_gemm(
+            shape,
+            LtOperands {
+                out: out.ptr,
+                a: a.ptr,
+                b: b.ptr,
+                input: LtDtype::F32,
+                output: LtDtype::F32,
+            },
+            self.f32_compute,
+        )
     }
+
+    fn gemm_bf16(
+        &self,
+        out: &mut CudarcBuffer<f32>,
+        a: &CudarcBuffer<half::bf16>,
+        b: &CudarcBuffer<half::bf16>,
+        shape: GemmShape,
+    ) -> Result<(), DeviceError> {
+        check_gemm_lens("gemm_bf16", shape, out.len, a.len, b.len)?;
+        self.lt_gemm(
+            shape,
+            LtOperands {
+                out: out.ptr,
+                a: a.ptr,
+                b: b.ptr,
+                input: LtDtype::Bf16,
+                output: LtDtype::F32,
+            },
+            LtCompute::F32,
+        )
+    }
+}
+
+/// Errors unless the buffers hold the `m·n`, `m·k`, `k·n` elements of `shape`.
+fn check_gemm_lens(
+    what: &str,
+    shape: GemmShape,
+    out: usize,
+    a: usize,
+    b: usize,
+) -> Result<(), DeviceError> {
+    let GemmShape { m, k, n, .. } = shape;
+    if out < m * n || a < m * k || b < k * n {
+        return Err(DeviceError::Shape(format!(
+            "{what} {m}x{k}x{n}: buffers hold out {out}, a {a}, b {b}"
+        )));
+    }
+    Ok(())
 }
 
 /// The cudarc device satisfies everything `CudaBackend` needs to be a `Backend` (checked at

@@ -14,8 +14,10 @@
 //! panic with the device's message; shapes a kernel cannot launch fall back to the host.
 
 pub mod buffer;
+pub mod cublaslt;
 pub mod cudarc_device;
 pub mod host_fallback;
+pub mod matmul;
 pub mod module_cache;
 pub mod pool;
 pub mod shapes;
@@ -33,6 +35,7 @@ use crate::cuda::launch::{self as launch_shapes, norms::Norm, LaunchShape};
 use crate::cuda::scatter_plan::{self, RowScatterPlan};
 use crate::emu::{DeviceApi, DeviceError, GemmShape, KernelArg, LaunchConfig};
 pub use buffer::{CudaBuf, NullArg};
+pub use matmul::Precision;
 pub use pool::{MemoryPool, PoolStats};
 
 /// [`Backend`] over the device `D`.
@@ -40,6 +43,8 @@ pub struct CudaBackend<D: DeviceApi> {
     device: Arc<D>,
     pool: Arc<MemoryPool<D>>,
     fallbacks: Mutex<BTreeMap<&'static str, u64>>,
+    precision: Precision,
+    bf16_scratch: matmul::Bf16Scratch<D>,
 }
 
 fn fail(what: &str, e: DeviceError) -> ! {
@@ -51,12 +56,15 @@ where
     D: DeviceApi + Send + Sync + 'static,
     D::Buffer<f32>: Send,
 {
-    /// A backend on `device` with an empty pool.
+    /// A backend on `device` with an empty pool and f32 matmuls (see
+    /// [`CudaBackend::with_precision`]).
     pub fn new(device: D) -> Self {
         Self {
             device: Arc::new(device),
             pool: Arc::new(MemoryPool::new()),
             fallbacks: Mutex::new(BTreeMap::new()),
+            precision: Precision::F32,
+            bf16_scratch: matmul::Bf16Scratch::default(),
         }
     }
 
@@ -293,7 +301,7 @@ where
             trans_b,
             accumulate,
         };
-        self.gemm(out, a, b, shape);
+        self.matmul_at_precision(out, a, b, shape);
     }
 
     fn add_bias(&self, out: &mut CudaBuf<D>, bias: &CudaBuf<D>, n: usize, d: usize) {

@@ -1,0 +1,135 @@
+//! The backend's `matmul` op and its precision: f32 GEMMs, or bf16 inputs with f32
+//! accumulation and f32 output ([`Precision::Bf16Gemm`], design.md §3: "bf16 storage where
+//! safe, f32 accumulation").
+//!
+//! Under `Bf16Gemm` each matmul casts its two f32 operands to bf16 on the device
+//! (`cast_f32_to_bf16`, kernels/cast.cu: round to nearest even) into two scratch buffers
+//! that the backend keeps and grows to the largest operand seen, then runs
+//! [`DeviceApi::gemm_bf16`]. Weights are cast on every call rather than cached per step: the
+//! backend cannot tell a weight from an activation at this seam, and a cached copy would go
+//! stale when AdamW updates the master weights (the `adamw_step_f32_bf16_copy` kernel is the
+//! way to keep such a copy once parameters carry a bf16 shadow). The cast costs one f32 read
+//! and one bf16 write per operand element per call (docs/perf.md §8).
+//!
+//! Everything else stays f32: the GEMM outputs (so bias adds, residuals and gradient
+//! accumulation into `out` are f32), `add_bias` and `bias_backward` (rank-1 GEMMs with a ones
+//! vector, exact in f32), norms, CEMA, TimestepNorm, RoPE, softmax, attention (a host
+//! fallback for now), the loss, and the optimizer's master weights and moments.
+
+use std::sync::Mutex;
+
+use half::bf16;
+
+use super::buffer::CudaBuf;
+use super::pool::size_class;
+use super::{fail, CudaBackend};
+use crate::cuda::launch as launch_shapes;
+use crate::emu::{DeviceApi, DeviceBuffer, GemmShape};
+
+/// What the backend's matmuls compute in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 inputs, f32 arithmetic: matches the CPU backend to f32 rounding.
+    #[default]
+    F32,
+    /// bf16 inputs (rounded to nearest even from the f32 operands), f32 products and sums,
+    /// f32 output: the tensor-core path, about 15× the f32 FLOP rate on an H100.
+    Bf16Gemm,
+}
+
+/// The two bf16 operand buffers of [`Precision::Bf16Gemm`], reused across calls. The lock is
+/// held from the casts to the GEMM's launch; on a GPU the next call's casts are ordered after
+/// that GEMM by the single stream.
+pub(super) struct Bf16Scratch<D: DeviceApi> {
+    operands: Mutex<[Option<D::Buffer<bf16>>; 2]>,
+}
+
+impl<D: DeviceApi> Default for Bf16Scratch<D> {
+    fn default() -> Self {
+        Self {
+            operands: Mutex::new([None, None]),
+        }
+    }
+}
+
+impl<D> CudaBackend<D>
+where
+    D: DeviceApi + Send + Sync + 'static,
+    D::Buffer<f32>: Send,
+{
+    /// A backend on `device` whose matmuls run at `precision` (every other op is f32 either
+    /// way); [`CudaBackend::new`] is `Precision::F32`.
+    pub fn with_precision(device: D, precision: Precision) -> Self {
+        let mut backend = Self::new(device);
+        backend.precision = precision;
+        backend
+    }
+
+    /// The matmul precision.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The `matmul` op: a device GEMM at the backend's precision.
+    pub(super) fn matmul_at_precision(
+        &self,
+        out: &mut CudaBuf<D>,
+        a: &CudaBuf<D>,
+        b: &CudaBuf<D>,
+        shape: GemmShape,
+    ) {
+        match self.precision {
+            Precision::F32 => self.gemm(out, a, b, shape),
+            Precision::Bf16Gemm => self.gemm_bf16(out, a, b, shape),
+        }
+    }
+
+    fn gemm_bf16(&self, out: &mut CudaBuf<D>, a: &CudaBuf<D>, b: &CudaBuf<D>, shape: GemmShape) {
+        let GemmShape { m, k, n, .. } = shape;
+        assert!(
+            out.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+            "matmul {m}x{k}x{n}: buffers of {}, {}, {}",
+            out.len(),
+            a.len(),
+            b.len()
+        );
+        let mut operands = self
+            .bf16_scratch
+            .operands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let [a16, b16] = &mut *operands;
+        let a16 = self.cast_to_bf16(a, m * k, a16);
+        let b16 = self.cast_to_bf16(b, k * n, b16);
+        self.device
+            .gemm_bf16(out.block_mut(), a16, b16, shape)
+            .unwrap_or_else(|e| fail("gemm_bf16", e));
+    }
+
+    /// Casts the first `len` elements of `src` into `slot` (grown to a pool size class when
+    /// too small) and returns it.
+    fn cast_to_bf16<'s>(
+        &self,
+        src: &CudaBuf<D>,
+        len: usize,
+        slot: &'s mut Option<D::Buffer<bf16>>,
+    ) -> &'s D::Buffer<bf16> {
+        if slot.as_ref().is_none_or(|s| s.len() < len) {
+            // Drop the old buffer first, so the device holds one of them at a time.
+            *slot = None;
+            *slot = Some(
+                self.device
+                    .alloc_zeros::<bf16>(size_class(len))
+                    .unwrap_or_else(|e| fail("bf16 scratch allocation", e)),
+            );
+        }
+        let dst = slot.as_ref().expect("allocated above");
+        let n = len as i64;
+        self.run(
+            "cast_f32_to_bf16",
+            launch_shapes::elementwise(len),
+            &[dst, src.block(), &n],
+        );
+        dst
+    }
+}
