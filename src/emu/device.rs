@@ -7,6 +7,7 @@
 use super::arg::{DeviceElement, KernelArg};
 use super::buffer::HostBuffer;
 use super::launch::{launch, EmuError, LaunchConfig};
+use super::strided_gemm::{strided_gemm_on_host, StridedGemm};
 
 /// A buffer in device memory.
 pub trait DeviceBuffer {
@@ -105,6 +106,16 @@ pub trait DeviceApi {
         a: &Self::Buffer<f32>,
         b: &Self::Buffer<f32>,
         shape: GemmShape,
+    ) -> Result<(), DeviceError>;
+    /// Strided-batched f32 GEMM (see [`StridedGemm`]): `batch` products whose matrices lie at
+    /// fixed strides inside `out`, `a`, `b` (cuBLAS `sgemmStridedBatched`). `a` and `b` may
+    /// be the same buffer.
+    fn gemm_strided_batched_f32(
+        &self,
+        out: &mut Self::Buffer<f32>,
+        a: &Self::Buffer<f32>,
+        b: &Self::Buffer<f32>,
+        gemm: &StridedGemm,
     ) -> Result<(), DeviceError>;
 }
 
@@ -232,6 +243,22 @@ impl DeviceApi for EmulatedDevice {
             trans_b,
             accumulate,
         );
+        Ok(())
+    }
+
+    fn gemm_strided_batched_f32(
+        &self,
+        out: &mut HostBuffer<f32>,
+        a: &HostBuffer<f32>,
+        b: &HostBuffer<f32>,
+        gemm: &StridedGemm,
+    ) -> Result<(), DeviceError> {
+        gemm.check(out.len(), a.len(), b.len())?;
+        self.issue();
+        // SAFETY: as in `gemm_f32`: no launch runs during this call and `out` is borrowed
+        // mutably, so it is neither `a` nor `b`.
+        let (a, b) = unsafe { (a.view(), b.view()) };
+        strided_gemm_on_host(out.as_mut_slice(), a, b, gemm);
         Ok(())
     }
 }

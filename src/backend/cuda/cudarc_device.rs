@@ -22,7 +22,7 @@ use cudarc::nvrtc::Ptx;
 use super::module_cache::KernelCache;
 use crate::emu::{
     ArgInfo, DeviceApi, DeviceBuffer, DeviceElement, DeviceError, Event, GemmShape, KernelArg,
-    LaunchConfig,
+    LaunchConfig, StridedGemm,
 };
 
 /// Events kept for [`DeviceApi::wait_event`]; older ones are dropped (waiting on an event
@@ -323,6 +323,84 @@ impl DeviceApi for CudarcDevice {
             )
         }
         .map_err(|e| blas("sgemm", e))
+    }
+
+    fn gemm_strided_batched_f32(
+        &self,
+        out: &mut CudarcBuffer<f32>,
+        a: &CudarcBuffer<f32>,
+        b: &CudarcBuffer<f32>,
+        gemm: &StridedGemm,
+    ) -> Result<(), DeviceError> {
+        gemm.check(out.len, a.len, b.len)?;
+        if gemm.batch == 0 || gemm.m == 0 || gemm.n == 0 {
+            return Ok(());
+        }
+        let int = |x: usize| {
+            i32::try_from(x).map_err(|_| {
+                DeviceError::Shape(format!("strided gemm: {x} exceeds cuBLAS's int"))
+            })
+        };
+        let long = |x: usize| {
+            i64::try_from(x).map_err(|_| {
+                DeviceError::Shape(format!("strided gemm: stride {x} exceeds i64"))
+            })
+        };
+        let (m, k, n, batch) = (int(gemm.m)?, int(gemm.k)?, int(gemm.n)?, int(gemm.batch)?);
+        // cuBLAS wants ld ≥ 1 even where a zero-width operand addresses nothing.
+        let (lda, ldb, ldc) = (
+            int(gemm.a.ld.max(1))?,
+            int(gemm.b.ld.max(1))?,
+            int(gemm.out.ld.max(1))?,
+        );
+        let (stride_a, stride_b, stride_c) = (
+            long(gemm.a.stride)?,
+            long(gemm.b.stride)?,
+            long(gemm.out.stride)?,
+        );
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let at = |buf: &CudarcBuffer<f32>, offset: usize| {
+            (buf.ptr + (offset * std::mem::size_of::<f32>()) as sys::CUdeviceptr) as *mut f32
+        };
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver("strided gemm", e))?;
+        // Row-major out_i = op(a_i)·op(b_i) is column-major out_iᵀ = op(b_i)ᵀ·op(a_i)ᵀ: b goes
+        // first and m, n swap, as in `gemm_f32`; a row-major leading dimension is the
+        // column-major one of the transposed view, so it passes unchanged.
+        // SAFETY: the pointers are device addresses inside allocations of this context, and
+        // `check` proved every element the offsets, leading dimensions, strides and sizes
+        // address lies inside them; alpha and beta are host values cuBLAS reads before
+        // returning (host pointer mode, the handle's default).
+        unsafe {
+            blas_result::sgemm_strided_batched(
+                *self.blas.handle(),
+                op(gemm.trans_b),
+                op(gemm.trans_a),
+                n,
+                m,
+                k,
+                &gemm.alpha,
+                at(b, gemm.b.offset),
+                ldb,
+                stride_b,
+                at(a, gemm.a.offset),
+                lda,
+                stride_a,
+                &gemm.beta,
+                at(out, gemm.out.offset),
+                ldc,
+                stride_c,
+                batch,
+            )
+        }
+        .map_err(|e| blas("sgemmStridedBatched", e))
     }
 }
 
