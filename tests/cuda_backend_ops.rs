@@ -606,7 +606,10 @@ fn cudarc_device_fails_cleanly_without_a_driver() {
 fn worst_relative(what: &str, cuda: &[f32], cpu: &[f32]) -> f32 {
     assert_eq!(cuda.len(), cpu.len(), "{what}: length");
     cuda.iter().zip(cpu).fold(0.0f32, |m, (&g, &w)| {
-        assert!(g.is_finite() && w.is_finite(), "{what}: cuda {g} vs cpu {w}");
+        assert!(
+            g.is_finite() && w.is_finite(),
+            "{what}: cuda {g} vs cpu {w}"
+        );
         m.max((g - w).abs() / (1.0 + w.abs()))
     })
 }
@@ -648,7 +651,10 @@ fn attention_on_device_matches_cpu_without_host_fallbacks() {
         let got = attention_outputs(&cuda, shape);
         for (i, name) in ["out", "att", "dqkv"].iter().enumerate() {
             let e = worst_relative(&format!("{name} {shape:?}"), &got[i], &want[i]);
-            assert!(e <= KERNEL_TOL, "{name} {shape:?}: worst relative error {e:e}");
+            assert!(
+                e <= KERNEL_TOL,
+                "{name} {shape:?}: worst relative error {e:e}"
+            );
             worst[i] = worst[i].max(e);
         }
     }
@@ -671,7 +677,10 @@ fn attention_probabilities_are_causal_rows_summing_to_one() {
     let [_, att, _] = attention_outputs(&cuda, (b, t, c, h));
     for (r, row) in att.chunks(t).enumerate() {
         let i = r % t;
-        assert!(row[i + 1..].iter().all(|&p| p == 0.0), "row {r}: mass above the diagonal");
+        assert!(
+            row[i + 1..].iter().all(|&p| p == 0.0),
+            "row {r}: mass above the diagonal"
+        );
         let sum: f32 = row[..=i].iter().sum();
         assert!((sum - 1.0).abs() <= 1e-5, "row {r}: sums to {sum}");
     }
@@ -682,7 +691,14 @@ fn log_softmax_on_device_matches_cpu_without_host_fallbacks() {
     let cpu = Cpu::<f32>::new();
     let cuda = Cuda::new(EmulatedDevice::new());
     let mut worst = 0.0f32;
-    for (rows, v) in [(1usize, 1usize), (3, 31), (9, 32), (2, 33), (5, 256), (2, 257)] {
+    for (rows, v) in [
+        (1usize, 1usize),
+        (3, 31),
+        (9, 32),
+        (2, 33),
+        (5, 256),
+        (2, 257),
+    ] {
         let logits = uniform(&mut rng(200 + v as u64), rows * v, 0.0, 10.0);
         let run = |be: &dyn Fn(&[f32]) -> Vec<f32>| be(&logits);
         let want = run(&|x| {
@@ -696,7 +712,10 @@ fn log_softmax_on_device_matches_cpu_without_host_fallbacks() {
             cuda.download(&o)
         });
         let e = worst_relative(&format!("log_softmax rows={rows} v={v}"), &got, &want);
-        assert!(e <= KERNEL_TOL, "rows={rows} v={v}: worst relative error {e:e}");
+        assert!(
+            e <= KERNEL_TOL,
+            "rows={rows} v={v}: worst relative error {e:e}"
+        );
         worst = worst.max(e);
     }
     println!("log_softmax worst |cuda − cpu|/(1+|cpu|): {worst:.1e}");

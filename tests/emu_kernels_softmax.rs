@@ -33,6 +33,15 @@ fn config() -> LaunchConfig {
     LaunchConfig::new(2, (32, ROWS_PER_BLOCK), 0)
 }
 
+/// [`assert_close`] at [`TOL`], also raising `worst` to this comparison's largest
+/// `|got − want| / (1 + |want|)` (printed with `--nocapture` for docs/perf.md §8.1).
+fn check(got: &[f32], want: &[f32], what: &str, worst: &mut f32) {
+    assert_close(got, want, TOL, what);
+    for (&g, &w) in got.iter().zip(want) {
+        *worst = worst.max((g - w).abs() / (1.0 + w.abs()));
+    }
+}
+
 /// Scores with NaN above the diagonal of every `[t, t]` matrix.
 fn causal_scores(values: Vec<f32>, t: usize) -> Vec<f32> {
     values
@@ -76,6 +85,7 @@ fn softmax_backward_reference(p: &[f32], dp: &[f32], t: usize, scale: f32) -> Ve
 
 #[test]
 fn causal_softmax_forward_matches_reference() {
+    let mut worst = 0.0f32;
     let mut r = rng(31);
     let scale = 0.35f32;
     for (matrices, t) in CAUSAL_SHAPES {
@@ -93,7 +103,7 @@ fn causal_softmax_forward_matches_reference() {
                 &[&probs, &scores_buf, &rows_i, &t_i, &scale],
             )
             .unwrap();
-            assert_close(&probs.to_vec(), &want, TOL, &what);
+            check(&probs.to_vec(), &want, &what, &mut worst);
             let in_place = HostBuffer::from_slice(&scores);
             launch(
                 "causal_softmax_forward_f32",
@@ -101,9 +111,15 @@ fn causal_softmax_forward_matches_reference() {
                 &[&in_place, &in_place, &rows_i, &t_i, &scale],
             )
             .unwrap();
-            assert_close(&in_place.to_vec(), &want, TOL, &format!("in place {what}"));
+            check(
+                &in_place.to_vec(),
+                &want,
+                &format!("in place {what}"),
+                &mut worst,
+            );
         });
     }
+    println!("causal softmax forward: worst |kernel − twin|/(1 + |twin|) = {worst:.1e}");
 }
 
 #[test]
@@ -131,6 +147,7 @@ fn causal_softmax_forward_is_stable_for_large_scores() {
 
 #[test]
 fn causal_softmax_backward_matches_reference() {
+    let mut worst = 0.0f32;
     let mut r = rng(32);
     let scale = 0.35f32;
     for (matrices, t) in CAUSAL_SHAPES {
@@ -152,7 +169,7 @@ fn causal_softmax_backward_matches_reference() {
                 &[&ds, &p_buf, &dp_buf, &rows_i, &t_i, &scale],
             )
             .unwrap();
-            assert_close(&ds.to_vec(), &want, TOL, &what);
+            check(&ds.to_vec(), &want, &what, &mut worst);
             let in_place = HostBuffer::from_slice(&dp);
             launch(
                 "causal_softmax_backward_f32",
@@ -160,13 +177,20 @@ fn causal_softmax_backward_matches_reference() {
                 &[&in_place, &p_buf, &in_place, &rows_i, &t_i, &scale],
             )
             .unwrap();
-            assert_close(&in_place.to_vec(), &want, TOL, &format!("in place {what}"));
+            check(
+                &in_place.to_vec(),
+                &want,
+                &format!("in place {what}"),
+                &mut worst,
+            );
         });
     }
+    println!("causal softmax backward: worst |kernel − twin|/(1 + |twin|) = {worst:.1e}");
 }
 
 #[test]
 fn log_softmax_matches_cpu() {
+    let mut worst = 0.0f32;
     let mut r = rng(33);
     for (rows, v) in [
         (1usize, 1usize),
@@ -190,7 +214,7 @@ fn log_softmax_matches_cpu() {
                 &[&out, &logits_buf, &rows_i, &v_i],
             )
             .unwrap();
-            assert_close(&out.to_vec(), &want, TOL, &what);
+            check(&out.to_vec(), &want, &what, &mut worst);
             let in_place = HostBuffer::from_slice(&logits);
             launch(
                 "log_softmax_f32",
@@ -198,7 +222,13 @@ fn log_softmax_matches_cpu() {
                 &[&in_place, &in_place, &rows_i, &v_i],
             )
             .unwrap();
-            assert_close(&in_place.to_vec(), &want, TOL, &format!("in place {what}"));
+            check(
+                &in_place.to_vec(),
+                &want,
+                &format!("in place {what}"),
+                &mut worst,
+            );
         });
     }
+    println!("log-softmax: worst |kernel − twin|/(1 + |twin|) = {worst:.1e}");
 }

@@ -187,8 +187,16 @@ mod tests {
                 for c in 0..g.n {
                     let mut acc = 0.0f64;
                     for x in 0..g.k {
-                        let ai = if g.trans_a { x * g.a.ld + r } else { r * g.a.ld + x };
-                        let bi = if g.trans_b { c * g.b.ld + x } else { x * g.b.ld + c };
+                        let ai = if g.trans_a {
+                            x * g.a.ld + r
+                        } else {
+                            r * g.a.ld + x
+                        };
+                        let bi = if g.trans_b {
+                            c * g.b.ld + x
+                        } else {
+                            x * g.b.ld + c
+                        };
                         acc += a[g.a.offset + i * g.a.stride + ai] as f64
                             * b[g.b.offset + i * g.b.stride + bi] as f64;
                     }
@@ -203,7 +211,8 @@ mod tests {
     #[test]
     fn interleaved_layouts_match_the_naive_product() {
         // Two batches of 3x4 · 4x5 read from padded, interleaved storage; out rows padded too.
-        for (trans_a, trans_b, beta) in [(false, false, 0.0), (true, false, 1.0), (false, true, 0.5)]
+        for (trans_a, trans_b, beta) in
+            [(false, false, 0.0), (true, false, 1.0), (false, true, 0.5)]
         {
             let (m, k, n, batch) = (3usize, 4usize, 5usize, 2usize);
             let mut g = StridedGemm {
@@ -229,9 +238,7 @@ mod tests {
             let b: Vec<f32> = (0..exact(g.b, g.b_dims()))
                 .map(|x| (x as f32 * 0.91).cos())
                 .collect();
-            let start: Vec<f32> = (0..exact(g.out, (m, n)))
-                .map(|x| x as f32 * 0.01)
-                .collect();
+            let start: Vec<f32> = (0..exact(g.out, (m, n))).map(|x| x as f32 * 0.01).collect();
             g.check(start.len(), a.len(), b.len()).unwrap();
             let (mut got, mut want) = (start.clone(), start.clone());
             strided_gemm_on_host(&mut got, &a, &b, &g);

@@ -34,17 +34,9 @@ impl HeadOperand {
     /// rows) when `heads_outer`, else the `outer`-th batch row (batching over the heads).
     fn layout(self, outer: usize, heads_outer: bool) -> MatrixLayout {
         if heads_outer {
-            MatrixLayout::new(
-                self.base + outer * self.per_head,
-                self.ld,
-                self.per_batch,
-            )
+            MatrixLayout::new(self.base + outer * self.per_head, self.ld, self.per_batch)
         } else {
-            MatrixLayout::new(
-                self.base + outer * self.per_batch,
-                self.ld,
-                self.per_head,
-            )
+            MatrixLayout::new(self.base + outer * self.per_batch, self.ld, self.per_head)
         }
     }
 }
@@ -296,7 +288,12 @@ where
 
     /// [`Backend::log_softmax`](crate::backend::Backend::log_softmax) on the device
     /// (`log_softmax_f32`, one warp per row).
-    pub(super) fn log_softmax_on_device(&self, out: &mut CudaBuf<D>, logits: &CudaBuf<D>, v: usize) {
+    pub(super) fn log_softmax_on_device(
+        &self,
+        out: &mut CudaBuf<D>,
+        logits: &CudaBuf<D>,
+        v: usize,
+    ) {
         assert!(v > 0, "vocabulary size must be positive");
         assert_eq!(
             logits.len() % v,

@@ -337,14 +337,12 @@ impl DeviceApi for CudarcDevice {
             return Ok(());
         }
         let int = |x: usize| {
-            i32::try_from(x).map_err(|_| {
-                DeviceError::Shape(format!("strided gemm: {x} exceeds cuBLAS's int"))
-            })
+            i32::try_from(x)
+                .map_err(|_| DeviceError::Shape(format!("strided gemm: {x} exceeds cuBLAS's int")))
         };
         let long = |x: usize| {
-            i64::try_from(x).map_err(|_| {
-                DeviceError::Shape(format!("strided gemm: stride {x} exceeds i64"))
-            })
+            i64::try_from(x)
+                .map_err(|_| DeviceError::Shape(format!("strided gemm: stride {x} exceeds i64")))
         };
         let (m, k, n, batch) = (int(gemm.m)?, int(gemm.k)?, int(gemm.n)?, int(gemm.batch)?);
         // cuBLAS wants ld ≥ 1 even where a zero-width operand addresses nothing.
