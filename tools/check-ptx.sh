@@ -48,6 +48,9 @@ HOT_KERNELS=(
   adamw_step_f32
   rope_forward_f32
   rope_backward_f32
+  causal_softmax_forward_f32
+  causal_softmax_backward_f32
+  log_softmax_f32
 )
 # Must match NVCC_FLAGS in build.rs.
 NVCC_FLAGS=(-ptx -O3 -arch=sm_80 -std=c++17)

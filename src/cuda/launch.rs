@@ -459,6 +459,23 @@ pub mod rope {
     }
 }
 
+/// `kernels/softmax.cu`.
+pub mod softmax {
+    use super::*;
+
+    /// Rows per block (warps of the `(32, ROWS_PER_BLOCK)` block).
+    pub const ROWS_PER_BLOCK: u32 = 8;
+
+    /// `causal_softmax_*_f32` and `log_softmax_f32` over `rows` rows: one warp per row,
+    /// grid-stride beyond [`MAX_STRIDE_BLOCKS`] blocks.
+    pub fn rows(rows: usize) -> LaunchShape {
+        let blocks = rows
+            .div_ceil(ROWS_PER_BLOCK as usize)
+            .clamp(1, MAX_STRIDE_BLOCKS);
+        LaunchShape::new((blocks, 1, 1), (32, ROWS_PER_BLOCK, 1), 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -637,5 +654,19 @@ mod tests {
             activations::act_id(Activation::Silu),
             kernel_constant("activations.cu", "ACT_SILU") as i32
         );
+    }
+
+    #[test]
+    fn softmax_rows_match_the_source_and_cover_every_row() {
+        assert_eq!(
+            kernel_constant("softmax.cu", "SOFTMAX_ROWS_PER_BLOCK"),
+            softmax::ROWS_PER_BLOCK as usize
+        );
+        for rows in [0usize, 1, 7, 8, 9, 1000] {
+            let s = softmax::rows(rows);
+            assert_eq!(s.block, (32, softmax::ROWS_PER_BLOCK, 1));
+            assert!(s.grid.0 as usize * softmax::ROWS_PER_BLOCK as usize >= rows.max(1));
+        }
+        assert_eq!(softmax::rows(1 << 30).grid.0 as usize, MAX_STRIDE_BLOCKS);
     }
 }

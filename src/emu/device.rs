@@ -7,6 +7,7 @@
 use super::arg::{DeviceElement, KernelArg};
 use super::buffer::HostBuffer;
 use super::launch::{launch, EmuError, LaunchConfig};
+use super::strided_gemm::{strided_gemm_on_host, StridedGemm};
 
 /// A buffer in device memory.
 pub trait DeviceBuffer {
@@ -116,6 +117,17 @@ pub trait DeviceApi {
         a: &Self::Buffer<half::bf16>,
         b: &Self::Buffer<half::bf16>,
         shape: GemmShape,
+    ) -> Result<(), DeviceError>;
+
+    /// Strided-batched f32 GEMM (see [`StridedGemm`]): `batch` products whose matrices lie at
+    /// fixed strides inside `out`, `a`, `b` (cuBLAS `sgemmStridedBatched`). `a` and `b` may
+    /// be the same buffer.
+    fn gemm_strided_batched_f32(
+        &self,
+        out: &mut Self::Buffer<f32>,
+        a: &Self::Buffer<f32>,
+        b: &Self::Buffer<f32>,
+        gemm: &StridedGemm,
     ) -> Result<(), DeviceError>;
 }
 
@@ -275,5 +287,21 @@ impl DeviceApi for EmulatedDevice {
         };
         let (a32, b32) = (widen(a, m * k), widen(b, k * n));
         self.gemm_f32(out, &a32, &b32, shape)
+    }
+
+    fn gemm_strided_batched_f32(
+        &self,
+        out: &mut HostBuffer<f32>,
+        a: &HostBuffer<f32>,
+        b: &HostBuffer<f32>,
+        gemm: &StridedGemm,
+    ) -> Result<(), DeviceError> {
+        gemm.check(out.len(), a.len(), b.len())?;
+        self.issue();
+        // SAFETY: as in `gemm_f32`: no launch runs during this call and `out` is borrowed
+        // mutably, so it is neither `a` nor `b`.
+        let (a, b) = unsafe { (a.view(), b.view()) };
+        strided_gemm_on_host(out.as_mut_slice(), a, b, gemm);
+        Ok(())
     }
 }

@@ -24,6 +24,7 @@ mod bindings;
 mod buffer;
 mod device;
 mod launch;
+mod strided_gemm;
 
 pub use arg::{ArgInfo, ArgKind, DeviceElement, KernelArg};
 pub use buffer::HostBuffer;
@@ -32,3 +33,4 @@ pub use launch::{
     kernel_names, kernel_signature, launch, set_schedule, set_strict, Dim3, EmuError, LaunchConfig,
     LaunchErrorKind, Schedule,
 };
+pub use strided_gemm::{MatrixLayout, StridedGemm};

@@ -137,6 +137,16 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         ptx: false,
     },
     KernelSource {
+        name: "softmax",
+        path: "softmax.cu",
+        entry_points: &[
+            "causal_softmax_forward_f32",
+            "causal_softmax_backward_f32",
+            "log_softmax_f32",
+        ],
+        ptx: true,
+    },
+    KernelSource {
         name: "timestep_norm",
         path: "timestep_norm.cu",
         entry_points: &[

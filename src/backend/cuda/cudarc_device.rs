@@ -13,6 +13,7 @@ use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 
+use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream,
     DevicePtr,
@@ -23,7 +24,7 @@ use super::cublaslt::{LtCompute, LtDtype, LtGemm, LtOperands};
 use super::module_cache::KernelCache;
 use crate::emu::{
     ArgInfo, DeviceApi, DeviceBuffer, DeviceElement, DeviceError, Event, GemmShape, KernelArg,
-    LaunchConfig,
+    LaunchConfig, StridedGemm,
 };
 
 /// Events kept for [`DeviceApi::wait_event`]; older ones are dropped (waiting on an event
@@ -32,6 +33,10 @@ const KEPT_EVENTS: usize = 1024;
 
 fn driver(what: &str, e: impl std::fmt::Display) -> DeviceError {
     DeviceError::Driver(format!("{what}: {e}"))
+}
+
+fn blas(what: &str, e: impl std::fmt::Debug) -> DeviceError {
+    DeviceError::Driver(format!("cuBLAS {what}: {e:?}"))
 }
 
 /// A device allocation of `len` `T`s, kept as bytes (cudarc's typed allocations need its own
@@ -76,6 +81,9 @@ pub struct CudarcDevice {
     lt: LtGemm,
     _lt_workspace: CudaSlice<u8>,
     f32_compute: LtCompute,
+    // cuBLAS for the strided-batched GEMMs of the interim attention (cuBLASLt takes batches
+    // through layout attributes; moving them there is part of the fused-attention work).
+    blas: CudaBlas,
     kernels: KernelCache<Arc<CudaModule>, CudaFunction>,
     events: Mutex<(u64, VecDeque<(u64, CudaEvent)>)>,
 }
@@ -96,6 +104,12 @@ impl CudarcDevice {
                 "cuBLASLt (libcublasLt.so.13) not found".to_string(),
             ));
         }
+        // SAFETY: as above.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(DeviceError::Driver(
+                "cuBLAS (libcublas.so.13) not found".to_string(),
+            ));
+        }
         let ctx = CudaContext::new(ordinal).map_err(|e| driver("context", e))?;
         // One stream: cudarc's per-buffer event tracking only pays with several.
         // SAFETY: called before any allocation of this context.
@@ -113,6 +127,7 @@ impl CudarcDevice {
             ptr
         };
         let lt = LtGemm::new(workspace_ptr, workspace_bytes)?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| blas("handle", e))?;
         Ok(Self {
             ordinal,
             ctx,
@@ -120,6 +135,7 @@ impl CudarcDevice {
             lt,
             _lt_workspace: workspace,
             f32_compute: LtCompute::F32,
+            blas,
             kernels: KernelCache::new(),
             events: Mutex::new((0, VecDeque::new())),
         })
@@ -404,6 +420,82 @@ impl DeviceApi for CudarcDevice {
             },
             LtCompute::F32,
         )
+    }
+
+    fn gemm_strided_batched_f32(
+        &self,
+        out: &mut CudarcBuffer<f32>,
+        a: &CudarcBuffer<f32>,
+        b: &CudarcBuffer<f32>,
+        gemm: &StridedGemm,
+    ) -> Result<(), DeviceError> {
+        gemm.check(out.len, a.len, b.len)?;
+        if gemm.batch == 0 || gemm.m == 0 || gemm.n == 0 {
+            return Ok(());
+        }
+        let int = |x: usize| {
+            i32::try_from(x)
+                .map_err(|_| DeviceError::Shape(format!("strided gemm: {x} exceeds cuBLAS's int")))
+        };
+        let long = |x: usize| {
+            i64::try_from(x)
+                .map_err(|_| DeviceError::Shape(format!("strided gemm: stride {x} exceeds i64")))
+        };
+        let (m, k, n, batch) = (int(gemm.m)?, int(gemm.k)?, int(gemm.n)?, int(gemm.batch)?);
+        // cuBLAS wants ld ≥ 1 even where a zero-width operand addresses nothing.
+        let (lda, ldb, ldc) = (
+            int(gemm.a.ld.max(1))?,
+            int(gemm.b.ld.max(1))?,
+            int(gemm.out.ld.max(1))?,
+        );
+        let (stride_a, stride_b, stride_c) = (
+            long(gemm.a.stride)?,
+            long(gemm.b.stride)?,
+            long(gemm.out.stride)?,
+        );
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let at = |buf: &CudarcBuffer<f32>, offset: usize| {
+            (buf.ptr + (offset * std::mem::size_of::<f32>()) as sys::CUdeviceptr) as *mut f32
+        };
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver("strided gemm", e))?;
+        // Row-major out_i = op(a_i)·op(b_i) is column-major out_iᵀ = op(b_i)ᵀ·op(a_i)ᵀ: b goes
+        // first and m, n swap, as in `gemm_f32`; a row-major leading dimension is the
+        // column-major one of the transposed view, so it passes unchanged.
+        // SAFETY: the pointers are device addresses inside allocations of this context, and
+        // `check` proved every element the offsets, leading dimensions, strides and sizes
+        // address lies inside them; alpha and beta are host values cuBLAS reads before
+        // returning (host pointer mode, the handle's default).
+        unsafe {
+            blas_result::sgemm_strided_batched(
+                *self.blas.handle(),
+                op(gemm.trans_b),
+                op(gemm.trans_a),
+                n,
+                m,
+                k,
+                &gemm.alpha,
+                at(b, gemm.b.offset),
+                ldb,
+                stride_b,
+                at(a, gemm.a.offset),
+                lda,
+                stride_a,
+                &gemm.beta,
+                at(out, gemm.out.offset),
+                ldc,
+                stride_c,
+                batch,
+            )
+        }
+        .map_err(|e| blas("sgemmStridedBatched", e))
     }
 }
 

@@ -5,8 +5,8 @@
 //! leave the device.
 //!
 //! This is correct (bit-for-bit the CPU op) but slow on a GPU: two PCIe copies per call.
-//! Attention is the big one; it moves to GEMMs + a softmax kernel, then to the fused
-//! chunk-attention kernels (issue 5 items 5–6).
+//! MEGABYTE's training attention and the log-softmax run on the device (attention.rs); the
+//! MEGALODON chunk attention is the big one left, until the fused chunk-attention kernels.
 
 use super::buffer::CudaBuf;
 use super::CudaBackend;
@@ -56,18 +56,6 @@ pub const HOST_FALLBACKS: &[HostFallback] = &[
     HostFallback {
         op: "scatter_rows",
         replaced_by: "a row-scatter kernel (the gathers' CSR plan without the adds)",
-    },
-    HostFallback {
-        op: "log_softmax",
-        replaced_by: "a row softmax kernel (cross_entropy.cu's row statistics)",
-    },
-    HostFallback {
-        op: "attention_forward",
-        replaced_by: "batched GEMMs + a causal softmax kernel, then fused flash attention",
-    },
-    HostFallback {
-        op: "attention_backward",
-        replaced_by: "batched GEMMs + a softmax-backward kernel, then fused flash attention",
     },
     HostFallback {
         op: "attention_decode",

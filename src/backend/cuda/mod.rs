@@ -13,6 +13,7 @@
 //! Device errors inside an op are internal failures (a kernel that faults, a lost device) and
 //! panic with the device's message; shapes a kernel cannot launch fall back to the host.
 
+mod attention;
 pub mod buffer;
 pub mod cublaslt;
 pub mod cudarc_device;
@@ -562,9 +563,7 @@ where
         h: usize,
         scale: f32,
     ) {
-        self.host_fallback("attention_forward", [out, att], &[qkv], |cpu, [o, a], i| {
-            cpu.attention_forward(o, a, &i[0], b, t, c, h, scale)
-        });
+        self.attention_forward_on_device(out, att, qkv, b, t, c, h, scale);
     }
 
     fn attention_backward(
@@ -579,12 +578,7 @@ where
         h: usize,
         scale: f32,
     ) {
-        self.host_fallback(
-            "attention_backward",
-            [dqkv],
-            &[dout, qkv, att],
-            |cpu, o, i| cpu.attention_backward(&mut o[0], &i[0], &i[1], &i[2], b, t, c, h, scale),
-        );
+        self.attention_backward_on_device(dqkv, dout, qkv, att, b, t, c, h, scale);
     }
 
     fn attention_decode(
@@ -1254,9 +1248,7 @@ where
     }
 
     fn log_softmax(&self, out: &mut CudaBuf<D>, logits: &CudaBuf<D>, v: usize) {
-        self.host_fallback("log_softmax", [out], &[logits], |cpu, o, i| {
-            cpu.log_softmax(&mut o[0], &i[0], v)
-        });
+        self.log_softmax_on_device(out, logits, v);
     }
 
     // ---- optimizer ------------------------------------------------------------------------
