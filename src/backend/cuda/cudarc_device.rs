@@ -20,9 +20,10 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use super::module_cache::KernelCache;
+use crate::emu::{check_disjoint, gemm_ranges};
 use crate::emu::{
-    ArgInfo, DeviceApi, DeviceBuffer, DeviceElement, DeviceError, Event, GemmShape, KernelArg,
-    LaunchConfig,
+    ArgInfo, BufferAt, DeviceApi, DeviceBuffer, DeviceElement, DeviceError, Event, GemmShape,
+    KernelArg, LaunchConfig,
 };
 
 /// Events kept for [`DeviceApi::wait_event`]; older ones are dropped (waiting on an event
@@ -49,6 +50,9 @@ pub struct CudarcBuffer<T> {
 impl<T> DeviceBuffer for CudarcBuffer<T> {
     fn len(&self) -> usize {
         self.len
+    }
+    fn device_address(&self) -> usize {
+        self.ptr as usize
     }
 }
 
@@ -269,6 +273,80 @@ impl DeviceApi for CudarcDevice {
         b: &CudarcBuffer<f32>,
         shape: GemmShape,
     ) -> Result<(), DeviceError> {
+        self.gemm_f32_at(
+            BufferAt::new(out, 0),
+            BufferAt::new(a, 0),
+            BufferAt::new(b, 0),
+            shape,
+        )
+    }
+
+    fn copy_dtod<T: DeviceElement>(
+        &self,
+        dst: BufferAt<'_, CudarcBuffer<T>>,
+        src: BufferAt<'_, CudarcBuffer<T>>,
+        len: usize,
+    ) -> Result<(), DeviceError> {
+        let elem = std::mem::size_of::<T>();
+        dst.range(len, "copy_dtod dst")?;
+        src.range(len, "copy_dtod src")?;
+        check_disjoint(dst, len, src, len, elem, "copy_dtod")?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread().map_err(|e| driver("copy_dtod", e))?;
+        // SAFETY: both ranges lie inside live allocations of this context (checked above) and
+        // do not overlap; the copy is ordered on the one stream with every other operation.
+        unsafe {
+            cu::memcpy_dtod_async(
+                (dst.buffer.ptr as usize + dst.offset * elem) as sys::CUdeviceptr,
+                (src.buffer.ptr as usize + src.offset * elem) as sys::CUdeviceptr,
+                len * elem,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| driver("copy_dtod", e))
+    }
+
+    fn memset_zero<T: DeviceElement>(
+        &self,
+        at: BufferAt<'_, CudarcBuffer<T>>,
+        len: usize,
+    ) -> Result<(), DeviceError> {
+        let elem = std::mem::size_of::<T>();
+        at.range(len, "memset_zero")?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver("memset_zero", e))?;
+        // SAFETY: the range lies inside a live allocation of this context (checked above).
+        unsafe {
+            cu::memset_d8_async(
+                (at.buffer.ptr as usize + at.offset * elem) as sys::CUdeviceptr,
+                0,
+                len * elem,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| driver("memset_zero", e))
+    }
+
+    fn gemm_f32_at(
+        &self,
+        out: BufferAt<'_, CudarcBuffer<f32>>,
+        a: BufferAt<'_, CudarcBuffer<f32>>,
+        b: BufferAt<'_, CudarcBuffer<f32>>,
+        shape: GemmShape,
+    ) -> Result<(), DeviceError> {
+        let [ro, ra, rb] = gemm_ranges(out, a, b, shape)?;
+        let at = |buf: &CudarcBuffer<f32>, start: usize| buf.ptr as usize + start * 4;
+        let (out_ptr, a_ptr, b_ptr) = (
+            at(out.buffer, ro.start),
+            at(a.buffer, ra.start),
+            at(b.buffer, rb.start),
+        );
         let GemmShape {
             m,
             k,
@@ -277,12 +355,6 @@ impl DeviceApi for CudarcDevice {
             trans_b,
             accumulate,
         } = shape;
-        if out.len < m * n || a.len < m * k || b.len < k * n {
-            return Err(DeviceError::Shape(format!(
-                "gemm {m}x{k}x{n}: buffers hold out {}, a {}, b {}",
-                out.len, a.len, b.len
-            )));
-        }
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -313,12 +385,12 @@ impl DeviceApi for CudarcDevice {
                 mi,
                 ki,
                 &alpha,
-                b.ptr as *const f32,
+                b_ptr as *const f32,
                 if trans_b { ki.max(1) } else { ni },
-                a.ptr as *const f32,
+                a_ptr as *const f32,
                 if trans_a { mi } else { ki.max(1) },
                 &beta,
-                out.ptr as *mut f32,
+                out_ptr as *mut f32,
                 ni,
             )
         }
