@@ -24,7 +24,7 @@ use mega::backend::cuda::cublaslt::{
 use mega::backend::cuda::{CudaBackend, Precision};
 use mega::backend::Backend;
 use mega::config::{MegabyteConfig, MegalodonConfig};
-use mega::emu::{DeviceApi, DeviceError, EmulatedDevice, GemmShape, HostBuffer};
+use mega::emu::{BufferAt, DeviceApi, DeviceError, EmulatedDevice, GemmShape, HostBuffer};
 use mega::model::megabyte::Megabyte;
 use mega::model::megalodon::Megalodon;
 use mega::model::params::ParamLayout;
@@ -328,14 +328,21 @@ fn emulated_gemm_bf16_matches_the_f64_reference() {
             HostBuffer::from_slice(&to_bf16(&a)),
             HostBuffer::from_slice(&to_bf16(&b)),
         );
-        // Output longer than m·n (as pooled buffers are): the tail must stay untouched.
-        let mut out = HostBuffer::from_slice(&[c0.clone(), vec![f32::NAN; 3]].concat());
-        dev.gemm_bf16(&mut out, &a16, &b16, s).unwrap();
-        let got = out.to_vec();
+        // The output is a view two elements into a longer allocation (as arena buffers
+        // are): the elements before and after it must stay untouched.
+        let out =
+            HostBuffer::from_slice(&[vec![f32::NAN; 2], c0.clone(), vec![f32::NAN; 3]].concat());
+        dev.gemm_bf16(BufferAt::new(&out, 2), &a16, &b16, s)
+            .unwrap();
+        let all = out.to_vec();
         assert!(
-            got[s.m * s.n..].iter().all(|x| x.is_nan()),
-            "{s:?}: tail written"
+            all[..2]
+                .iter()
+                .chain(&all[2 + s.m * s.n..])
+                .all(|x| x.is_nan()),
+            "{s:?}: wrote outside the view"
         );
+        let got = &all[2..];
         let (want, mag) = reference(&a, &b, &c0, s);
         for i in 0..s.m * s.n {
             let bound = (s.k + 2) as f64 * U_F32 * mag[i];
@@ -363,9 +370,9 @@ fn emulated_gemm_bf16_rejects_short_buffers() {
     };
     let a = HostBuffer::filled(5, bf16::ONE); // needs 6
     let b = HostBuffer::filled(12, bf16::ONE);
-    let mut out = HostBuffer::filled(8, 0.0f32);
+    let out = HostBuffer::filled(8, 0.0f32);
     assert!(matches!(
-        dev.gemm_bf16(&mut out, &a, &b, s),
+        dev.gemm_bf16(BufferAt::new(&out, 0), &a, &b, s),
         Err(DeviceError::Shape(_))
     ));
 }

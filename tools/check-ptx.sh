@@ -46,6 +46,9 @@ HOT_KERNELS=(
   swiglu_forward_bf16
   swiglu_backward_bf16
   adamw_step_f32
+  add_assign_f32
+  scale_f32
+  sum_partials_f32
   rope_forward_f32
   rope_backward_f32
   causal_softmax_forward_f32

@@ -122,6 +122,17 @@ pub trait Backend: Send + Sync {
     fn zeros(&self, n: usize) -> Self::Buf;
     /// Copy host f32 data to a new buffer.
     fn upload(&self, host: &[f32]) -> Self::Buf;
+    /// Zero-filled buffers of the given lengths, allocated together: a device backend packs
+    /// them into one allocation (a model's parameters, gradients, optimizer moments); the
+    /// default allocates each with [`Backend::zeros`].
+    fn zeros_many(&self, lens: &[usize]) -> Vec<Self::Buf> {
+        lens.iter().map(|&n| self.zeros(n)).collect()
+    }
+    /// Copies of the host slices in new buffers allocated together, as
+    /// [`Backend::zeros_many`]; the default uploads each with [`Backend::upload`].
+    fn upload_many(&self, hosts: &[&[f32]]) -> Vec<Self::Buf> {
+        hosts.iter().map(|h| self.upload(h)).collect()
+    }
     /// Copy a buffer back to the host as f32.
     fn download(&self, buf: &Self::Buf) -> Vec<f32>;
     /// Number of elements.

@@ -476,6 +476,51 @@ pub mod softmax {
     }
 }
 
+/// `kernels/elementwise.cu`.
+pub mod elementwise_ops {
+    use super::*;
+
+    /// `add_assign_f32`, `scale_f32`, `mul_f32`, `add_scalar_f32`, `fill_f32` over `n`
+    /// elements.
+    pub fn pointwise(n: usize) -> LaunchShape {
+        elementwise(n)
+    }
+
+    /// `rows_copy_f32` over `rows` rows: one warp per row, as the MEGABYTE gathers.
+    pub fn rows_copy(rows: usize) -> LaunchShape {
+        gathers::rows(rows)
+    }
+}
+
+/// `kernels/reduce.cu`: the two passes of the deterministic f64 sums.
+pub mod reduce {
+    use super::*;
+
+    /// Threads per block of both passes (a power of two, as the kernels' tree needs).
+    pub const THREADS: u32 = 256;
+    /// Elements a partials block covers at least: 16 per thread, so small buffers take few
+    /// blocks and the combine pass stays short.
+    pub const MIN_ELEMS_PER_BLOCK: usize = 16 * THREADS as usize;
+    /// Most partial sums (blocks of the first pass); the combine pass adds them in one block.
+    pub const MAX_PARTIALS: usize = 1024;
+
+    /// Blocks of `sum_partials_f32` for `n` elements: a function of `n` only, so the chunking
+    /// (and every rounding) is the same on any device and under any schedule.
+    pub fn partial_blocks(n: usize) -> usize {
+        n.div_ceil(MIN_ELEMS_PER_BLOCK).clamp(1, MAX_PARTIALS)
+    }
+
+    /// `sum_partials_f32` over `n` elements.
+    pub fn partials(n: usize) -> LaunchShape {
+        LaunchShape::new((partial_blocks(n), 1, 1), (THREADS, 1, 1), 0)
+    }
+
+    /// `sum_combine_f64`: one block.
+    pub fn combine() -> LaunchShape {
+        LaunchShape::new((1, 1, 1), (THREADS, 1, 1), 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

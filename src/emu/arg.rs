@@ -144,3 +144,119 @@ unsafe impl DeviceElement for half::bf16 {
 unsafe impl DeviceElement for half::f16 {
     const KIND: ArgKind = ArgKind::Other;
 }
+
+/// A device pointer to element `offset` of an allocation: how a kernel receives a view into a
+/// larger buffer (an arena of parameters, a slice of a workspace).
+///
+/// cuLaunchKernel and the emulator both take a pointer parameter by value, so a view is just
+/// the allocation's address advanced by `offset` elements (`CUdeviceptr + offset·size_of::<T>()`
+/// on a GPU, the host pointer plus `offset` in the emulator). [`ViewArg::new`] checks the view
+/// against the allocation, so a view never starts or ends outside it.
+pub struct ViewArg<T> {
+    addr: *mut T,
+}
+
+/// A view that does not fit its allocation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("view [{offset}, {offset} + {len}) lies outside an allocation of {capacity} elements")]
+pub struct ViewBoundsError {
+    /// First element of the view.
+    pub offset: usize,
+    /// Elements in the view.
+    pub len: usize,
+    /// Elements in the allocation.
+    pub capacity: usize,
+}
+
+impl<T: DeviceElement> ViewArg<T> {
+    /// The pointer to element `offset` of the allocation at `base_address` (a device address,
+    /// see [`super::DeviceBuffer::device_address`]) holding `capacity` elements, for a view
+    /// of `len` elements. Errors when `offset + len > capacity`.
+    pub fn new(
+        base_address: usize,
+        capacity: usize,
+        offset: usize,
+        len: usize,
+    ) -> Result<Self, ViewBoundsError> {
+        let end = offset.checked_add(len);
+        if end.is_none_or(|end| end > capacity) {
+            return Err(ViewBoundsError {
+                offset,
+                len,
+                capacity,
+            });
+        }
+        // The address is only passed on to the device (or the emulator, which owns the
+        // allocation it points into); integer arithmetic keeps it valid for device addresses
+        // that are not host pointers.
+        let addr = base_address + offset * std::mem::size_of::<T>();
+        Ok(Self {
+            addr: addr as *mut T,
+        })
+    }
+
+    /// The device address the kernel receives.
+    pub fn address(&self) -> usize {
+        self.addr as usize
+    }
+}
+
+impl<T> std::fmt::Debug for ViewArg<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ViewArg({:#x})", self.addr as usize)
+    }
+}
+
+// SAFETY: the parameter value is a pointer (stored in the struct) to elements of T; `new`
+// checked that the view lies inside the allocation, whose owner keeps it alive while the
+// view is launched on (CudaBuf holds its allocation).
+unsafe impl<T: DeviceElement> KernelArg for ViewArg<T> {
+    fn param_ptr(&self) -> *mut c_void {
+        &self.addr as *const *mut T as *mut c_void
+    }
+    fn arg_info(&self) -> ArgInfo {
+        ArgInfo::pointer_to::<T>()
+    }
+}
+
+// SAFETY: a device address is plain data; what may be done through it is governed by the
+// owner of the allocation (the same rules as for the allocation itself).
+unsafe impl<T> Send for ViewArg<T> {}
+// SAFETY: as above; the struct is never written after construction.
+unsafe impl<T> Sync for ViewArg<T> {}
+
+#[cfg(test)]
+mod view_tests {
+    use super::*;
+
+    #[test]
+    fn views_inside_the_allocation_are_offset_pointers() {
+        let v = ViewArg::<f32>::new(0x1000, 100, 10, 90).unwrap();
+        assert_eq!(v.address(), 0x1000 + 40);
+        let whole = ViewArg::<f64>::new(0x2000, 8, 0, 8).unwrap();
+        assert_eq!(whole.address(), 0x2000);
+        // An empty view at the very end is allowed (a zero-length tensor).
+        let end = ViewArg::<f32>::new(0x1000, 100, 100, 0).unwrap();
+        assert_eq!(end.address(), 0x1000 + 400);
+        assert_eq!(v.arg_info(), ArgInfo::pointer_to::<f32>());
+        // The parameter cuLaunchKernel reads is the offset pointer itself.
+        // SAFETY: param_ptr points to the stored pointer value.
+        let param = unsafe { *(v.param_ptr() as *const usize) };
+        assert_eq!(param, 0x1000 + 40);
+    }
+
+    #[test]
+    fn views_past_the_allocation_are_rejected() {
+        for (offset, len) in [(0, 101), (1, 100), (100, 1), (101, 0), (usize::MAX, 2)] {
+            let e = ViewArg::<f32>::new(0x1000, 100, offset, len).unwrap_err();
+            assert_eq!(
+                e,
+                ViewBoundsError {
+                    offset,
+                    len,
+                    capacity: 100
+                }
+            );
+        }
+    }
+}

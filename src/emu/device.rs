@@ -17,12 +17,84 @@ pub trait DeviceBuffer {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The address of the first element, as kernels receive it (a `CUdeviceptr` on a GPU, a
+    /// host pointer in the emulator); views into the buffer offset it
+    /// ([`super::arg::ViewArg`]).
+    fn device_address(&self) -> usize;
 }
 
 impl<T: DeviceElement> DeviceBuffer for HostBuffer<T> {
     fn len(&self) -> usize {
         HostBuffer::len(self)
     }
+    fn device_address(&self) -> usize {
+        self.as_ptr() as usize
+    }
+}
+
+/// A position in a device buffer: element `offset` of `buffer`, the start of a range that a
+/// copy, a memset or a GEMM operand covers.
+#[derive(Debug)]
+pub struct BufferAt<'a, B> {
+    /// The allocation.
+    pub buffer: &'a B,
+    /// First element of the range.
+    pub offset: usize,
+}
+
+impl<'a, B> BufferAt<'a, B> {
+    /// Element `offset` of `buffer`.
+    pub fn new(buffer: &'a B, offset: usize) -> Self {
+        Self { buffer, offset }
+    }
+}
+
+impl<B> Clone for BufferAt<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B> Copy for BufferAt<'_, B> {}
+
+impl<B: DeviceBuffer> BufferAt<'_, B> {
+    /// Checks that `len` elements from the offset lie inside the buffer; returns the
+    /// element range.
+    pub fn range(&self, len: usize, what: &str) -> Result<std::ops::Range<usize>, DeviceError> {
+        match self.offset.checked_add(len) {
+            Some(end) if end <= self.buffer.len() => Ok(self.offset..end),
+            _ => Err(DeviceError::Shape(format!(
+                "{what}: [{}, {} + {len}) lies outside a buffer of {}",
+                self.offset,
+                self.offset,
+                self.buffer.len()
+            ))),
+        }
+    }
+
+    /// Device address of the range's first element (`T` elements of `elem_bytes` bytes).
+    fn address(&self, elem_bytes: usize) -> usize {
+        self.buffer.device_address() + self.offset * elem_bytes
+    }
+}
+
+/// Errors when two element ranges of the same allocation overlap (a device copy or GEMM
+/// between overlapping ranges is undefined on a GPU).
+pub fn check_disjoint<B: DeviceBuffer>(
+    a: BufferAt<'_, B>,
+    a_len: usize,
+    b: BufferAt<'_, B>,
+    b_len: usize,
+    elem_bytes: usize,
+    what: &str,
+) -> Result<(), DeviceError> {
+    let (a0, b0) = (a.address(elem_bytes), b.address(elem_bytes));
+    let (a1, b1) = (a0 + a_len * elem_bytes, b0 + b_len * elem_bytes);
+    if a_len > 0 && b_len > 0 && a0 < b1 && b0 < a1 {
+        return Err(DeviceError::Shape(format!(
+            "{what}: ranges [{a0:#x}, {a1:#x}) and [{b0:#x}, {b1:#x}) overlap"
+        )));
+    }
+    Ok(())
 }
 
 /// A point in a device's stream of work, to wait for.
@@ -110,10 +182,11 @@ pub trait DeviceApi {
 
     /// Mixed-precision GEMM: bf16 `a` and `b`, products and sums in f32, f32 `out` (cuBLASLt
     /// with A/B `CUDA_R_16BF`, C/D `CUDA_R_32F`, `CUBLAS_COMPUTE_32F`). Same [`GemmShape`] and
-    /// buffer rules as [`DeviceApi::gemm_f32`].
+    /// buffer rules as [`DeviceApi::gemm_f32_at`]: `out` starts at an element offset of its
+    /// allocation (a view of an arena, e.g. a weight gradient).
     fn gemm_bf16(
         &self,
-        out: &mut Self::Buffer<f32>,
+        out: BufferAt<'_, Self::Buffer<f32>>,
         a: &Self::Buffer<half::bf16>,
         b: &Self::Buffer<half::bf16>,
         shape: GemmShape,
@@ -121,14 +194,63 @@ pub trait DeviceApi {
 
     /// Strided-batched f32 GEMM (see [`StridedGemm`]): `batch` products whose matrices lie at
     /// fixed strides inside `out`, `a`, `b` (cuBLAS `sgemmStridedBatched`). `a` and `b` may
-    /// be the same buffer.
+    /// be the same buffer, and `out` may share their allocation (views of an arena) as long as
+    /// the elements it writes are not read.
     fn gemm_strided_batched_f32(
         &self,
-        out: &mut Self::Buffer<f32>,
+        out: &Self::Buffer<f32>,
         a: &Self::Buffer<f32>,
         b: &Self::Buffer<f32>,
         gemm: &StridedGemm,
     ) -> Result<(), DeviceError>;
+
+    /// Device-to-device copy of `len` elements from `src` to `dst` (cuMemcpyDtoDAsync),
+    /// ordered with the other work. Both ranges may lie in one allocation (views of an arena,
+    /// which is why `dst` is a shared borrow, as for kernel launches) but must not overlap.
+    fn copy_dtod<T: DeviceElement>(
+        &self,
+        dst: BufferAt<'_, Self::Buffer<T>>,
+        src: BufferAt<'_, Self::Buffer<T>>,
+        len: usize,
+    ) -> Result<(), DeviceError>;
+
+    /// Sets `len` elements from `at` to all-zero bytes (cuMemsetD8Async): 0 / 0.0 / +0 bf16.
+    fn memset_zero<T: DeviceElement>(
+        &self,
+        at: BufferAt<'_, Self::Buffer<T>>,
+        len: usize,
+    ) -> Result<(), DeviceError>;
+
+    /// f32 GEMM (see [`GemmShape`]) on operands that start at element offsets of their
+    /// allocations (views of arenas): `out` covers `m·n` elements from its offset, `a` `m·k`,
+    /// `b` `k·n`. `out` must not overlap `a` or `b`.
+    fn gemm_f32_at(
+        &self,
+        out: BufferAt<'_, Self::Buffer<f32>>,
+        a: BufferAt<'_, Self::Buffer<f32>>,
+        b: BufferAt<'_, Self::Buffer<f32>>,
+        shape: GemmShape,
+    ) -> Result<(), DeviceError>;
+}
+
+/// Checks a GEMM's operand ranges: inside their buffers, and `out` disjoint from `a` and `b`.
+/// Returns the element ranges of out, a, b.
+pub fn gemm_ranges<B: DeviceBuffer>(
+    out: BufferAt<'_, B>,
+    a: BufferAt<'_, B>,
+    b: BufferAt<'_, B>,
+    shape: GemmShape,
+) -> Result<[std::ops::Range<usize>; 3], DeviceError> {
+    let GemmShape { m, k, n, .. } = shape;
+    let what = format!("gemm {m}x{k}x{n}");
+    let ranges = [
+        out.range(m * n, &format!("{what} out"))?,
+        a.range(m * k, &format!("{what} a"))?,
+        b.range(k * n, &format!("{what} b"))?,
+    ];
+    check_disjoint(out, m * n, a, m * k, 4, &what)?;
+    check_disjoint(out, m * n, b, k * n, 4, &what)?;
+    Ok(ranges)
 }
 
 /// [`DeviceApi`] on the CPU emulator: buffers are exact-size host arrays, kernels run
@@ -260,16 +382,15 @@ impl DeviceApi for EmulatedDevice {
 
     fn gemm_bf16(
         &self,
-        out: &mut HostBuffer<f32>,
+        out: BufferAt<'_, HostBuffer<f32>>,
         a: &HostBuffer<half::bf16>,
         b: &HostBuffer<half::bf16>,
         shape: GemmShape,
     ) -> Result<(), DeviceError> {
         let GemmShape { m, k, n, .. } = shape;
-        if out.len() < m * n || a.len() < m * k || b.len() < k * n {
+        if a.len() < m * k || b.len() < k * n {
             return Err(DeviceError::Shape(format!(
-                "gemm_bf16 {m}x{k}x{n}: buffers hold out {}, a {}, b {}",
-                out.len(),
+                "gemm_bf16 {m}x{k}x{n}: buffers hold a {}, b {}",
                 a.len(),
                 b.len()
             )));
@@ -286,22 +407,93 @@ impl DeviceApi for EmulatedDevice {
             )
         };
         let (a32, b32) = (widen(a, m * k), widen(b, k * n));
-        self.gemm_f32(out, &a32, &b32, shape)
+        self.gemm_f32_at(out, BufferAt::new(&a32, 0), BufferAt::new(&b32, 0), shape)
     }
 
     fn gemm_strided_batched_f32(
         &self,
-        out: &mut HostBuffer<f32>,
+        out: &HostBuffer<f32>,
         a: &HostBuffer<f32>,
         b: &HostBuffer<f32>,
         gemm: &StridedGemm,
     ) -> Result<(), DeviceError> {
         gemm.check(out.len(), a.len(), b.len())?;
         self.issue();
-        // SAFETY: as in `gemm_f32`: no launch runs during this call and `out` is borrowed
-        // mutably, so it is neither `a` nor `b`.
-        let (a, b) = unsafe { (a.view(), b.view()) };
-        strided_gemm_on_host(out.as_mut_slice(), a, b, gemm);
+        // `out` may share an allocation with `a` or `b` (arena views), so the inputs are
+        // copied before `out` is borrowed mutably.
+        // SAFETY: no launch runs during this call (launches are synchronous on this thread),
+        // and after the copies the mutable slice is the only live access to `out`.
+        let (a, b) = unsafe { (a.view().to_vec(), b.view().to_vec()) };
+        let out = unsafe { std::slice::from_raw_parts_mut(out.as_ptr(), out.len()) };
+        strided_gemm_on_host(out, &a, &b, gemm);
+        Ok(())
+    }
+
+    fn copy_dtod<T: DeviceElement>(
+        &self,
+        dst: BufferAt<'_, HostBuffer<T>>,
+        src: BufferAt<'_, HostBuffer<T>>,
+        len: usize,
+    ) -> Result<(), DeviceError> {
+        let d = dst.range(len, "copy_dtod dst")?;
+        let s = src.range(len, "copy_dtod src")?;
+        check_disjoint(dst, len, src, len, std::mem::size_of::<T>(), "copy_dtod")?;
+        self.issue();
+        // SAFETY: both ranges lie inside their live allocations (checked) and do not overlap
+        // (checked); launches are synchronous on this thread, so no kernel touches them now.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                src.buffer.as_ptr().add(s.start),
+                dst.buffer.as_ptr().add(d.start),
+                len,
+            )
+        };
+        Ok(())
+    }
+
+    fn memset_zero<T: DeviceElement>(
+        &self,
+        at: BufferAt<'_, HostBuffer<T>>,
+        len: usize,
+    ) -> Result<(), DeviceError> {
+        let r = at.range(len, "memset_zero")?;
+        self.issue();
+        // SAFETY: the range lies inside the live allocation (checked); all-zero bytes are a
+        // valid value of every DeviceElement type (integers, IEEE floats, bf16, f16).
+        unsafe { std::ptr::write_bytes(at.buffer.as_ptr().add(r.start), 0, len) };
+        Ok(())
+    }
+
+    fn gemm_f32_at(
+        &self,
+        out: BufferAt<'_, HostBuffer<f32>>,
+        a: BufferAt<'_, HostBuffer<f32>>,
+        b: BufferAt<'_, HostBuffer<f32>>,
+        shape: GemmShape,
+    ) -> Result<(), DeviceError> {
+        let [ro, ra, rb] = gemm_ranges(out, a, b, shape)?;
+        self.issue();
+        // SAFETY: the ranges lie inside their live allocations, `out`'s is disjoint from the
+        // others (checked), and no launch runs during this call (launches are synchronous on
+        // this thread), so the mutable slice is the only access to its elements.
+        let (o, a_s, b_s) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(out.buffer.as_ptr().add(ro.start), ro.len()),
+                std::slice::from_raw_parts(a.buffer.as_ptr().add(ra.start), ra.len()),
+                std::slice::from_raw_parts(b.buffer.as_ptr().add(rb.start), rb.len()),
+            )
+        };
+        crate::backend::cpu::matmul::matmul(
+            o,
+            a_s,
+            b_s,
+            shape.m,
+            shape.k,
+            shape.n,
+            shape.trans_a,
+            shape.trans_b,
+            shape.accumulate,
+        );
         Ok(())
     }
 }

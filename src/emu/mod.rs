@@ -26,9 +26,12 @@ mod device;
 mod launch;
 mod strided_gemm;
 
-pub use arg::{ArgInfo, ArgKind, DeviceElement, KernelArg};
+pub use arg::{ArgInfo, ArgKind, DeviceElement, KernelArg, ViewArg, ViewBoundsError};
 pub use buffer::HostBuffer;
-pub use device::{DeviceApi, DeviceBuffer, DeviceError, EmulatedDevice, Event, GemmShape};
+pub use device::{
+    check_disjoint, gemm_ranges, BufferAt, DeviceApi, DeviceBuffer, DeviceError, EmulatedDevice,
+    Event, GemmShape,
+};
 pub use launch::{
     kernel_names, kernel_signature, launch, set_schedule, set_strict, Dim3, EmuError, LaunchConfig,
     LaunchErrorKind, Schedule,

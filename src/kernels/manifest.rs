@@ -69,6 +69,19 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         ptx: true,
     },
     KernelSource {
+        name: "elementwise",
+        path: "elementwise.cu",
+        entry_points: &[
+            "add_assign_f32",
+            "scale_f32",
+            "mul_f32",
+            "add_scalar_f32",
+            "fill_f32",
+            "rows_copy_f32",
+        ],
+        ptx: true,
+    },
+    KernelSource {
         name: "embedding",
         path: "embedding.cu",
         entry_points: &[
@@ -110,6 +123,12 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
             "rmsnorm_backward_bf16",
             "rmsnorm_param_reduce_f32",
         ],
+        ptx: true,
+    },
+    KernelSource {
+        name: "reduce",
+        path: "reduce.cu",
+        entry_points: &["sum_partials_f32", "sum_combine_f64"],
         ptx: true,
     },
     KernelSource {

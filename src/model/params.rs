@@ -102,22 +102,22 @@ impl ParamLayout {
             .collect()
     }
 
-    /// Zero buffers, one per parameter (gradients, optimizer moments).
+    /// Zero buffers, one per parameter (gradients, optimizer moments), allocated together
+    /// ([`Backend::zeros_many`]: one arena on a device).
     pub fn zeros<B: Backend>(&self, be: &B) -> Vec<B::Buf> {
-        self.specs.iter().map(|s| be.zeros(s.numel())).collect()
+        let lens: Vec<usize> = self.specs.iter().map(ParamSpec::numel).collect();
+        be.zeros_many(&lens)
     }
 
-    /// Upload host values after checking their count against the layout.
+    /// Upload host values after checking their count against the layout, allocated together
+    /// ([`Backend::upload_many`]: one arena on a device).
     pub fn upload<B: Backend>(&self, be: &B, host: &[Vec<f32>]) -> Vec<B::Buf> {
         assert_eq!(host.len(), self.specs.len());
-        self.specs
-            .iter()
-            .zip(host)
-            .map(|(s, h)| {
-                assert_eq!(h.len(), s.numel(), "{}", s.name);
-                be.upload(h)
-            })
-            .collect()
+        for (s, h) in self.specs.iter().zip(host) {
+            assert_eq!(h.len(), s.numel(), "{}", s.name);
+        }
+        let slices: Vec<&[f32]> = host.iter().map(Vec::as_slice).collect();
+        be.upload_many(&slices)
     }
 
     /// Download buffers as named host tensors (for checkpoints).

@@ -141,7 +141,7 @@ where
             (shape.b, shape.h)
         };
         for i in 0..outer {
-            let gemm = StridedGemm {
+            let mut gemm = StridedGemm {
                 m: g.m,
                 k: g.k,
                 n: g.n,
@@ -154,8 +154,12 @@ where
                 alpha: 1.0,
                 beta: g.beta,
             };
+            // The buffers may be views into larger allocations.
+            gemm.a.offset += a.offset();
+            gemm.b.offset += b.offset();
+            gemm.out.offset += out.offset();
             self.device
-                .gemm_strided_batched_f32(out.block_mut(), a.block(), b.block(), &gemm)
+                .gemm_strided_batched_f32(out.allocation(), a.allocation(), b.allocation(), &gemm)
                 .unwrap_or_else(|e| super::fail("attention gemm", e));
         }
     }

@@ -1,29 +1,96 @@
-//! The CUDA backend's buffer: a pooled device allocation, the element count in use, and the
-//! way back to the pool. Element type f32 for now (bf16 activations come with the bf16
-//! kernels' wiring).
+//! The CUDA backend's buffer: a view (offset, length) into a device allocation, and the way
+//! back to the pool. Most buffers are the only view of a pooled allocation; parameters,
+//! gradients and optimizer moments are many views of one arena allocation
+//! ([`super::arena`]). Element type f32 for now (bf16 activations come with the bf16 kernels'
+//! wiring).
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
 use super::pool::MemoryPool;
-use crate::emu::{ArgInfo, DeviceApi, DeviceElement, KernelArg};
+use crate::emu::{
+    ArgInfo, BufferAt, DeviceApi, DeviceBuffer, DeviceElement, KernelArg, ViewArg, ViewBoundsError,
+};
 
-/// `len` f32s at the start of a pooled device allocation (its capacity is a size class, see
-/// [`super::pool::size_class`]). Dropping the buffer returns the allocation to the pool.
-pub struct CudaBuf<D: DeviceApi> {
+/// How an allocation goes back when its last view drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Release {
+    /// A size-class block: cached in the pool for reuse.
+    Pooled,
+    /// An exact-size arena: freed to the device.
+    Arena,
+}
+
+/// One device allocation, shared by the views carved from it.
+pub(super) struct Allocation<D: DeviceApi> {
     block: Option<D::Buffer<f32>>,
-    len: usize,
     pool: Arc<MemoryPool<D>>,
+    release: Release,
+}
+
+impl<D: DeviceApi> Allocation<D> {
+    pub(super) fn new(block: D::Buffer<f32>, pool: Arc<MemoryPool<D>>, release: Release) -> Self {
+        Self {
+            block: Some(block),
+            pool,
+            release,
+        }
+    }
+
+    /// The device buffer.
+    pub(super) fn buffer(&self) -> &D::Buffer<f32> {
+        self.block.as_ref().expect("block present until drop")
+    }
+
+    fn buffer_mut(&mut self) -> &mut D::Buffer<f32> {
+        self.block.as_mut().expect("block present until drop")
+    }
+}
+
+impl<D: DeviceApi> Drop for Allocation<D> {
+    fn drop(&mut self) {
+        if let Some(block) = self.block.take() {
+            match self.release {
+                Release::Pooled => self.pool.give_back(block),
+                Release::Arena => self.pool.release_arena(block),
+            }
+        }
+    }
+}
+
+/// `len` f32s from element `offset` of a device allocation (a pooled size-class block, or an
+/// arena shared with other views). Views of one allocation never overlap; the allocation is
+/// released when its last view drops.
+pub struct CudaBuf<D: DeviceApi> {
+    alloc: Arc<Allocation<D>>,
+    offset: usize,
+    len: usize,
+    /// The device pointer to element `offset`, which kernels receive.
+    arg: ViewArg<f32>,
 }
 
 impl<D: DeviceApi> CudaBuf<D> {
+    /// The whole-buffer view of a fresh pooled block (capacity ≥ `len`).
     pub(super) fn new(block: D::Buffer<f32>, len: usize, pool: Arc<MemoryPool<D>>) -> Self {
-        Self {
-            block: Some(block),
+        let alloc = Arc::new(Allocation::new(block, pool, Release::Pooled));
+        Self::view(alloc, 0, len).expect("a pooled block holds its request")
+    }
+
+    /// The view `[offset, offset + len)` of `alloc`. The caller hands out disjoint views only.
+    pub(super) fn view(
+        alloc: Arc<Allocation<D>>,
+        offset: usize,
+        len: usize,
+    ) -> Result<Self, ViewBoundsError> {
+        let block = alloc.buffer();
+        let arg = ViewArg::new(block.device_address(), block.len(), offset, len)?;
+        Ok(Self {
+            alloc,
+            offset,
             len,
-            pool,
-        }
+            arg,
+        })
     }
 
     /// Elements in use.
@@ -36,38 +103,64 @@ impl<D: DeviceApi> CudaBuf<D> {
         self.len == 0
     }
 
-    /// The device allocation (capacity ≥ `len`).
-    pub(super) fn block(&self) -> &D::Buffer<f32> {
-        self.block.as_ref().expect("block present until drop")
+    /// First element of the view in its allocation.
+    pub fn offset(&self) -> usize {
+        self.offset
     }
 
-    pub(super) fn block_mut(&mut self) -> &mut D::Buffer<f32> {
-        self.block.as_mut().expect("block present until drop")
+    /// Device address of the allocation the view lies in: views with the same address share
+    /// one allocation (an arena).
+    pub fn allocation_address(&self) -> usize {
+        self.alloc.buffer().device_address()
     }
-}
 
-impl<D: DeviceApi> Drop for CudaBuf<D> {
-    fn drop(&mut self) {
-        if let Some(block) = self.block.take() {
-            self.pool.give_back(block);
+    /// The kernel argument: a device pointer to the view's first element.
+    pub(super) fn block(&self) -> &ViewArg<f32> {
+        &self.arg
+    }
+
+    /// The view's start, for device copies, memsets and GEMMs.
+    pub(super) fn at(&self) -> BufferAt<'_, D::Buffer<f32>> {
+        BufferAt::new(self.alloc.buffer(), self.offset)
+    }
+
+    /// The whole allocation (capacity ≥ `offset + len`).
+    pub(super) fn allocation(&self) -> &D::Buffer<f32> {
+        self.alloc.buffer()
+    }
+
+    /// The allocation, writable, when this is its only view and starts at its beginning
+    /// (a pooled block): whole-allocation host writes and reads may then stand for the view.
+    pub(super) fn sole_allocation_mut(&mut self) -> Option<&mut D::Buffer<f32>> {
+        if self.offset != 0 {
+            return None;
         }
+        Arc::get_mut(&mut self.alloc).map(Allocation::buffer_mut)
+    }
+
+    /// Whether this is the only view of its allocation, starting at its beginning.
+    pub(super) fn is_sole_view(&self) -> bool {
+        self.offset == 0 && Arc::strong_count(&self.alloc) == 1
     }
 }
 
 impl<D: DeviceApi> std::fmt::Debug for CudaBuf<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaBuf")
+            .field("offset", &self.offset)
             .field("len", &self.len)
             .finish_non_exhaustive()
     }
 }
 
-// SAFETY: the buffer owns its allocation; moving it moves that ownership (the device
-// buffer type is Send, a bound of the backend).
+// SAFETY: the buffer owns a share of its allocation; moving it moves that share. The last
+// view to drop releases the allocation on its thread, which needs the device buffer type to be
+// Send (a bound of the backend). Views of one allocation are disjoint ranges, so moving one to
+// another thread gives that thread no access to the others' elements.
 unsafe impl<D: DeviceApi> Send for CudaBuf<D> where D::Buffer<f32>: Send {}
-// SAFETY: through `&CudaBuf` nothing can write the allocation: it is private to the backend
-// module (no KernelArg impl hands it to an arbitrary launch), and every backend op that
-// writes a buffer takes it as `&mut`. Two threads sharing `&CudaBuf` can only read it.
+// SAFETY: through `&CudaBuf` nothing can write the view: the kernel argument is private to the
+// backend module, and every backend op that writes a buffer takes it as `&mut`. Two threads
+// sharing `&CudaBuf` can only read it; the allocation's bookkeeping (the Arc count) is atomic.
 unsafe impl<D: DeviceApi> Sync for CudaBuf<D> where D::Buffer<f32>: Send {}
 
 /// A null device pointer to `T`, for the kernels' optional arguments (`h0`, `state_in`, …).

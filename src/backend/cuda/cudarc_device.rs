@@ -23,8 +23,8 @@ use cudarc::nvrtc::Ptx;
 use super::cublaslt::{LtCompute, LtDtype, LtGemm, LtOperands};
 use super::module_cache::KernelCache;
 use crate::emu::{
-    ArgInfo, DeviceApi, DeviceBuffer, DeviceElement, DeviceError, Event, GemmShape, KernelArg,
-    LaunchConfig, StridedGemm,
+    check_disjoint, gemm_ranges, ArgInfo, BufferAt, DeviceApi, DeviceBuffer, DeviceElement,
+    DeviceError, Event, GemmShape, KernelArg, LaunchConfig, StridedGemm,
 };
 
 /// Events kept for [`DeviceApi::wait_event`]; older ones are dropped (waiting on an event
@@ -51,6 +51,9 @@ pub struct CudarcBuffer<T> {
 impl<T> DeviceBuffer for CudarcBuffer<T> {
     fn len(&self) -> usize {
         self.len
+    }
+    fn device_address(&self) -> usize {
+        self.ptr as usize
     }
 }
 
@@ -387,32 +390,28 @@ impl DeviceApi for CudarcDevice {
         b: &CudarcBuffer<f32>,
         shape: GemmShape,
     ) -> Result<(), DeviceError> {
-        check_gemm_lens("gemm", shape, out.len, a.len, b.len)?;
-        self.lt_gemm(
+        self.gemm_f32_at(
+            BufferAt::new(out, 0),
+            BufferAt::new(a, 0),
+            BufferAt::new(b, 0),
             shape,
-            LtOperands {
-                out: out.ptr,
-                a: a.ptr,
-                b: b.ptr,
-                input: LtDtype::F32,
-                output: LtDtype::F32,
-            },
-            self.f32_compute,
         )
     }
 
     fn gemm_bf16(
         &self,
-        out: &mut CudarcBuffer<f32>,
+        out: BufferAt<'_, CudarcBuffer<f32>>,
         a: &CudarcBuffer<half::bf16>,
         b: &CudarcBuffer<half::bf16>,
         shape: GemmShape,
     ) -> Result<(), DeviceError> {
-        check_gemm_lens("gemm_bf16", shape, out.len, a.len, b.len)?;
+        let out_range = out.range(shape.m * shape.n, "gemm_bf16 out")?;
+        check_gemm_lens("gemm_bf16", shape, out_range.len(), a.len, b.len)?;
         self.lt_gemm(
             shape,
             LtOperands {
-                out: out.ptr,
+                out: out.buffer.ptr
+                    + (out_range.start * std::mem::size_of::<f32>()) as sys::CUdeviceptr,
                 a: a.ptr,
                 b: b.ptr,
                 input: LtDtype::Bf16,
@@ -424,7 +423,7 @@ impl DeviceApi for CudarcDevice {
 
     fn gemm_strided_batched_f32(
         &self,
-        out: &mut CudarcBuffer<f32>,
+        out: &CudarcBuffer<f32>,
         a: &CudarcBuffer<f32>,
         b: &CudarcBuffer<f32>,
         gemm: &StridedGemm,
@@ -496,6 +495,85 @@ impl DeviceApi for CudarcDevice {
             )
         }
         .map_err(|e| blas("sgemmStridedBatched", e))
+    }
+
+    fn copy_dtod<T: DeviceElement>(
+        &self,
+        dst: BufferAt<'_, CudarcBuffer<T>>,
+        src: BufferAt<'_, CudarcBuffer<T>>,
+        len: usize,
+    ) -> Result<(), DeviceError> {
+        let elem = std::mem::size_of::<T>();
+        dst.range(len, "copy_dtod dst")?;
+        src.range(len, "copy_dtod src")?;
+        check_disjoint(dst, len, src, len, elem, "copy_dtod")?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver("copy_dtod", e))?;
+        // SAFETY: both ranges lie inside live allocations of this context (checked above) and
+        // do not overlap; the copy is ordered on the one stream with every other operation.
+        unsafe {
+            cu::memcpy_dtod_async(
+                (dst.buffer.ptr as usize + dst.offset * elem) as sys::CUdeviceptr,
+                (src.buffer.ptr as usize + src.offset * elem) as sys::CUdeviceptr,
+                len * elem,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| driver("copy_dtod", e))
+    }
+
+    fn memset_zero<T: DeviceElement>(
+        &self,
+        at: BufferAt<'_, CudarcBuffer<T>>,
+        len: usize,
+    ) -> Result<(), DeviceError> {
+        let elem = std::mem::size_of::<T>();
+        at.range(len, "memset_zero")?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver("memset_zero", e))?;
+        // SAFETY: the range lies inside a live allocation of this context (checked above).
+        unsafe {
+            cu::memset_d8_async(
+                (at.buffer.ptr as usize + at.offset * elem) as sys::CUdeviceptr,
+                0,
+                len * elem,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| driver("memset_zero", e))
+    }
+
+    fn gemm_f32_at(
+        &self,
+        out: BufferAt<'_, CudarcBuffer<f32>>,
+        a: BufferAt<'_, CudarcBuffer<f32>>,
+        b: BufferAt<'_, CudarcBuffer<f32>>,
+        shape: GemmShape,
+    ) -> Result<(), DeviceError> {
+        let [ro, ra, rb] = gemm_ranges(out, a, b, shape)?;
+        let at = |buf: &CudarcBuffer<f32>, start: usize| {
+            buf.ptr + (start * std::mem::size_of::<f32>()) as sys::CUdeviceptr
+        };
+        // The plan cache keys on each pointer's alignment, so views at any offset are safe.
+        self.lt_gemm(
+            shape,
+            LtOperands {
+                out: at(out.buffer, ro.start),
+                a: at(a.buffer, ra.start),
+                b: at(b.buffer, rb.start),
+                input: LtDtype::F32,
+                output: LtDtype::F32,
+            },
+            self.f32_compute,
+        )
     }
 }
 

@@ -26,44 +26,8 @@ pub struct HostFallback {
 /// Every op of [`super::CudaBackend`] that may run on the host.
 pub const HOST_FALLBACKS: &[HostFallback] = &[
     HostFallback {
-        op: "copy",
-        replaced_by: "a device-to-device copy in DeviceApi (cuMemcpyDtoDAsync)",
-    },
-    HostFallback {
-        op: "add_assign",
-        replaced_by: "an elementwise kernel (kernels/elementwise.cu, not yet written)",
-    },
-    HostFallback {
-        op: "scale",
-        replaced_by: "an elementwise kernel (kernels/elementwise.cu)",
-    },
-    HostFallback {
-        op: "mul",
-        replaced_by: "an elementwise kernel (kernels/elementwise.cu)",
-    },
-    HostFallback {
-        op: "add_scalar",
-        replaced_by: "an elementwise kernel (kernels/elementwise.cu)",
-    },
-    HostFallback {
-        op: "sum",
-        replaced_by: "a deterministic two-pass f64 reduction kernel",
-    },
-    HostFallback {
-        op: "sum_squares",
-        replaced_by: "a deterministic two-pass f64 reduction kernel (global-norm clipping)",
-    },
-    HostFallback {
-        op: "scatter_rows",
-        replaced_by: "a row-scatter kernel (the gathers' CSR plan without the adds)",
-    },
-    HostFallback {
         op: "attention_decode",
         replaced_by: "a decode attention kernel over the KV cache",
-    },
-    HostFallback {
-        op: "kv_append",
-        replaced_by: "a row-scatter kernel into the KV cache",
     },
     HostFallback {
         op: "mega_attention_forward",

@@ -102,7 +102,7 @@ where
         let a16 = self.cast_to_bf16(a, m * k, a16);
         let b16 = self.cast_to_bf16(b, k * n, b16);
         self.device
-            .gemm_bf16(out.block_mut(), a16, b16, shape)
+            .gemm_bf16(out.at(), a16, b16, shape)
             .unwrap_or_else(|e| fail("gemm_bf16", e));
     }
 

@@ -13,10 +13,12 @@
 //! Device errors inside an op are internal failures (a kernel that faults, a lost device) and
 //! panic with the device's message; shapes a kernel cannot launch fall back to the host.
 
+pub mod arena;
 mod attention;
 pub mod buffer;
 pub mod cublaslt;
 pub mod cudarc_device;
+pub mod elementwise;
 pub mod host_fallback;
 pub mod matmul;
 pub mod module_cache;
@@ -27,7 +29,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use super::cpu::megalodon_attention::{ChunkKvCache, MegaAttnSaved};
-use super::cpu::{memory, Cpu};
+use super::cpu::Cpu;
 use super::{
     Activation, AdamW, Backend, CemaWeightGrads, CemaWeights, ChunkCallError, MegaAttnShape,
     TsnStats,
@@ -114,9 +116,16 @@ where
     }
 
     fn to_host(&self, buf: &CudaBuf<D>) -> Vec<f32> {
+        if !buf.is_sole_view() {
+            // A view of an arena: copy it out on the device first, so the download moves
+            // the view's bytes only, not the whole arena.
+            let mut staging = self.alloc(buf.len());
+            self.copy_on_device(&mut staging, buf);
+            return self.to_host(&staging);
+        }
         let mut host = self
             .device
-            .download(buf.block())
+            .download(buf.allocation())
             .unwrap_or_else(|e| fail("download", e));
         host.truncate(buf.len());
         host
@@ -125,15 +134,21 @@ where
     fn write_host(&self, buf: &mut CudaBuf<D>, host: &[f32]) {
         use crate::emu::DeviceBuffer;
         assert_eq!(host.len(), buf.len(), "write: length mismatch");
-        let capacity = buf.block().len();
+        let Some(block) = buf.sole_allocation_mut() else {
+            // A view of an arena: upload into a pooled block, then one device copy.
+            let mut staging = self.alloc(host.len());
+            self.write_host(&mut staging, host);
+            return self.copy_on_device(buf, &staging);
+        };
+        let capacity = block.len();
         // DeviceApi writes whole allocations; the slack past `len` gets zeros.
         let result = if capacity == host.len() {
-            self.device.write(host, buf.block_mut())
+            self.device.write(host, block)
         } else {
             let mut padded = Vec::with_capacity(capacity);
             padded.extend_from_slice(host);
             padded.resize(capacity, 0.0);
-            self.device.write(&padded, buf.block_mut())
+            self.device.write(&padded, block)
         };
         result.unwrap_or_else(|e| fail("upload", e));
     }
@@ -170,13 +185,13 @@ where
             b.len()
         );
         self.device
-            .gemm_f32(out.block_mut(), a.block(), b.block(), shape)
+            .gemm_f32_at(out.at(), a.at(), b.at(), shape)
             .unwrap_or_else(|e| fail("gemm", e));
     }
 
     fn ones(&self, n: usize) -> CudaBuf<D> {
         let mut b = self.alloc(n);
-        self.write_host(&mut b, &vec![1.0; n]);
+        self.fill_on_device(&mut b, 1.0);
         b
     }
 
@@ -225,6 +240,14 @@ where
         b
     }
 
+    fn zeros_many(&self, lens: &[usize]) -> Vec<CudaBuf<D>> {
+        self.zeros_in_arena(lens)
+    }
+
+    fn upload_many(&self, hosts: &[&[f32]]) -> Vec<CudaBuf<D>> {
+        self.upload_to_arena(hosts)
+    }
+
     fn upload(&self, host: &[f32]) -> CudaBuf<D> {
         let mut b = self.alloc(host.len());
         self.write_host(&mut b, host);
@@ -240,33 +263,27 @@ where
     }
 
     fn copy(&self, dst: &mut CudaBuf<D>, src: &CudaBuf<D>) {
-        assert_eq!(dst.len(), src.len(), "copy: length mismatch");
-        self.host_fallback("copy", [dst], &[src], |_, o, i| o[0].copy_from_slice(&i[0]));
+        self.copy_on_device(dst, src);
     }
 
     fn fill_zero(&self, buf: &mut CudaBuf<D>) {
-        let zeros = vec![0.0; buf.len()];
-        self.write_host(buf, &zeros);
+        self.fill_zero_on_device(buf);
     }
 
     fn add_assign(&self, dst: &mut CudaBuf<D>, src: &CudaBuf<D>) {
-        self.host_fallback("add_assign", [dst], &[src], |cpu, o, i| {
-            cpu.add_assign(&mut o[0], &i[0])
-        });
+        self.add_assign_on_device(dst, src);
     }
 
     fn scale(&self, buf: &mut CudaBuf<D>, s: f32) {
-        self.host_fallback("scale", [buf], &[], |cpu, o, _| cpu.scale(&mut o[0], s));
+        self.scale_on_device(buf, s);
     }
 
     fn sum_squares(&self, buf: &CudaBuf<D>) -> f64 {
-        self.count_fallback("sum_squares");
-        memory::sum_squares(&self.to_host(buf))
+        self.sum_on_device(buf, true)
     }
 
     fn sum(&self, buf: &CudaBuf<D>) -> f64 {
-        self.count_fallback("sum");
-        memory::sum(&self.to_host(buf))
+        self.sum_on_device(buf, false)
     }
 
     fn gather_rows(&self, out: &mut CudaBuf<D>, src: &CudaBuf<D>, rows: &[u32], d: usize) {
@@ -275,9 +292,7 @@ where
     }
 
     fn scatter_rows(&self, dst: &mut CudaBuf<D>, src: &CudaBuf<D>, rows: &[u32], d: usize) {
-        self.host_fallback("scatter_rows", [dst], &[src], |cpu, o, i| {
-            cpu.scatter_rows(&mut o[0], &i[0], rows, d)
-        });
+        self.scatter_rows_on_device(dst, src, rows, d);
     }
 
     // ---- dense ----------------------------------------------------------------------------
@@ -514,15 +529,11 @@ where
     }
 
     fn mul(&self, out: &mut CudaBuf<D>, a: &CudaBuf<D>, b: &CudaBuf<D>) {
-        self.host_fallback("mul", [out], &[a, b], |cpu, o, i| {
-            cpu.mul(&mut o[0], &i[0], &i[1])
-        });
+        self.mul_on_device(out, a, b);
     }
 
     fn add_scalar(&self, out: &mut CudaBuf<D>, x: &CudaBuf<D>, s: f32) {
-        self.host_fallback("add_scalar", [out], &[x], |cpu, o, i| {
-            cpu.add_scalar(&mut o[0], &i[0], s)
-        });
+        self.add_scalar_on_device(out, x, s);
     }
 
     fn swiglu_forward(&self, out: &mut CudaBuf<D>, x: &CudaBuf<D>, n: usize, h: usize) {
@@ -611,9 +622,7 @@ where
         entries: &[u32],
         c: usize,
     ) {
-        self.host_fallback("kv_append", [k_cache, v_cache], &[qkv], |cpu, [k, v], i| {
-            cpu.kv_append(k, v, &i[0], entries, c)
-        });
+        self.kv_append_on_device(k_cache, v_cache, qkv, entries, c);
     }
 
     // ---- MEGALODON ------------------------------------------------------------------------

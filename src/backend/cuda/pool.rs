@@ -34,8 +34,10 @@ pub struct PoolStats {
     pub cached: usize,
     /// Requests served from the cache.
     pub hits: u64,
-    /// Requests that allocated from the device.
+    /// Requests that allocated from the device (size-class blocks and arenas).
     pub misses: u64,
+    /// Arena allocations alive (each holds many buffers: parameters, gradients, moments).
+    pub arenas: usize,
 }
 
 /// Free lists per size class, plus accounting.
@@ -100,6 +102,31 @@ impl<D: DeviceApi> MemoryPool<D> {
         st.stats.in_use -= class;
         st.stats.cached += class;
         st.free.entry(class).or_default().push(block);
+    }
+
+    /// A dedicated allocation of exactly `len` zeroed elements, for an arena of many buffers:
+    /// counted in the stats, never cached (arenas are few, long-lived and of unique sizes).
+    pub fn take_arena(&self, device: &D, len: usize) -> Result<D::Buffer<f32>, DeviceError> {
+        let block = device.alloc_zeros::<f32>(len)?;
+        let mut st = self.lock();
+        st.stats.misses += 1;
+        st.stats.allocated += len;
+        st.stats.in_use += len;
+        st.stats.arenas += 1;
+        Ok(block)
+    }
+
+    /// Frees an allocation made by [`MemoryPool::take_arena`].
+    pub fn release_arena(&self, block: D::Buffer<f32>) {
+        use crate::emu::DeviceBuffer;
+        let len = block.len();
+        {
+            let mut st = self.lock();
+            st.stats.allocated -= len;
+            st.stats.in_use -= len;
+            st.stats.arenas -= 1;
+        }
+        drop(block);
     }
 
     /// Frees every cached allocation back to the device.
@@ -223,7 +250,8 @@ mod tests {
                 in_use: total,
                 cached: 0,
                 hits: 0,
-                misses: 4
+                misses: 4,
+                arenas: 0,
             }
         );
         for b in blocks {
@@ -237,6 +265,27 @@ mod tests {
         // After a trim the next request allocates again.
         let b = pool.take(&dev, 700).unwrap();
         assert_eq!(pool.stats().misses, 5);
+        pool.give_back(b);
+    }
+
+    #[test]
+    fn arenas_are_exact_counted_and_freed() {
+        let dev = EmulatedDevice::new();
+        let pool = MemoryPool::<EmulatedDevice>::new();
+        let arena = pool.take_arena(&dev, 1001).unwrap();
+        assert_eq!(arena.len(), 1001, "an arena is not rounded to a size class");
+        assert_eq!(arena.to_vec(), vec![0.0; 1001]);
+        let s = pool.stats();
+        assert_eq!(
+            (s.allocated, s.in_use, s.misses, s.arenas),
+            (1001, 1001, 1, 1)
+        );
+        pool.release_arena(arena);
+        let s = pool.stats();
+        assert_eq!((s.allocated, s.in_use, s.cached, s.arenas), (0, 0, 0, 0));
+        // Not cached: a same-size request allocates again.
+        let b = pool.take(&dev, 1001).unwrap();
+        assert_eq!(pool.stats().misses, 2);
         pool.give_back(b);
     }
 }
