@@ -569,12 +569,39 @@ fn kernel_ops_stay_on_the_device_and_fallbacks_are_counted() {
         "{:?}",
         be.host_fallback_calls()
     );
-    be.add_assign(&mut a, &y);
+    // Elementwise ops and sums have kernels too.
     be.add_assign(&mut a, &y);
     let _ = be.sum(&a);
+    assert!(
+        be.host_fallback_calls().is_empty(),
+        "{:?}",
+        be.host_fallback_calls()
+    );
+    // A LayerNorm wider than the backward kernel's shared-memory partials falls back.
+    let wide = 6200usize;
+    let xw = be.upload(&uniform(&mut r, wide, 0.0, 1.0));
+    let ww = be.upload(&uniform(&mut r, wide, 1.0, 0.1));
+    let bw = be.zeros(wide);
+    let (mut yw, mut mean, mut rstd_w) = (be.zeros(wide), be.zeros(1), be.zeros(1));
+    be.layernorm_forward(
+        &mut yw,
+        &mut mean,
+        &mut rstd_w,
+        &xw,
+        &ww,
+        &bw,
+        1,
+        wide,
+        1e-5,
+    );
+    let (mut dx, mut dw, mut db) = (be.zeros(wide), be.zeros(wide), be.zeros(wide));
+    for _ in 0..2 {
+        be.layernorm_backward(
+            &mut dx, &mut dw, &mut db, &yw, &xw, &ww, &mean, &rstd_w, 1, wide,
+        );
+    }
     let calls = be.host_fallback_calls();
-    assert_eq!(calls.get("add_assign"), Some(&2));
-    assert_eq!(calls.get("sum"), Some(&1));
+    assert_eq!(calls.get("layernorm_backward"), Some(&2), "{calls:?}");
     for op in calls.keys() {
         assert!(
             HOST_FALLBACKS.iter().any(|h| h.op == *op),
