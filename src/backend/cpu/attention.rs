@@ -455,8 +455,8 @@ pub mod reference {
         assert_eq!(out.len(), b * c);
         pages.check(lens);
         let hs = c / h;
-        for r in 0..b {
-            let len = lens[r] as usize;
+        for (r, &len) in lens.iter().enumerate() {
+            let len = len as usize;
             let table = pages.row_table(r, b);
             let mut scores = vec![F::zero(); len];
             for hi in 0..h {
