@@ -210,12 +210,13 @@ fn a_rows_result_does_not_depend_on_paging_or_batch() {
                 .all(|(a, b)| a.to_bits() == b.to_bits()),
             "block size {bs}: the result changed with the paging"
         );
-        // The same row in the middle of a batch of rows of other lengths.
-        let other_lens = [7u32, len as u32, 260];
+        // The same row in the middle of a batch of rows of other lengths, enough work in all
+        // that the kernel spreads it over the thread pool (alone, it runs on the caller).
+        let other_lens = [7u32, len as u32, 1200];
         let mut all_keys = vec![random(&mut rng, 7 * c), keys[0].clone()];
-        all_keys.push(random(&mut rng, 260 * c));
+        all_keys.push(random(&mut rng, 1200 * c));
         let mut all_values = vec![random(&mut rng, 7 * c), values[0].clone()];
-        all_values.push(random(&mut rng, 260 * c));
+        all_values.push(random(&mut rng, 1200 * c));
         let need: Vec<usize> = other_lens
             .iter()
             .map(|&l| (l as usize).div_ceil(bs))

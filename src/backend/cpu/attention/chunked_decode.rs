@@ -116,51 +116,66 @@ pub(super) fn decode<F: Real>(
         .map(|&l| l as usize)
         .sum::<usize>()
         .div_ceil(tasks.len());
-    let tasks_per_job = (TASK_MACS / (2 * keys_per_task * c).max(1)).max(1);
-    partials
-        .par_chunks_mut(width)
-        .zip(tasks.par_iter())
-        .with_min_len(tasks_per_job)
-        .for_each_init(
-            || vec![F::zero(); h * KEYS_PER_TASK],
-            |scores, (part, &(r, j0))| {
-                let n = KEYS_PER_TASK.min(lens[r] as usize - j0);
-                let q = &qkv[r * 3 * c..][..c];
-                let table = pages.row_table(r, b);
-                #[cfg(target_arch = "x86_64")]
-                if fma {
-                    // SAFETY: the caller passes `fma` only when the CPU has AVX2 and FMA.
-                    return unsafe {
-                        decode_chunk_avx2(part, scores, q, pages, table, j0, n, h, scale)
-                    };
-                }
-                let _ = fma;
-                decode_chunk::<F, false>(part, scores, q, pages, table, j0, n, h, scale)
-            },
-        );
+    let run_task = |scores: &mut Vec<F>, (part, &(r, j0)): (&mut [F], &(usize, usize))| {
+        let n = KEYS_PER_TASK.min(lens[r] as usize - j0);
+        let q = &qkv[r * 3 * c..][..c];
+        let table = pages.row_table(r, b);
+        #[cfg(target_arch = "x86_64")]
+        if fma {
+            // SAFETY: the caller passes `fma` only when the CPU has AVX2 and FMA.
+            return unsafe { decode_chunk_avx2(part, scores, q, pages, table, j0, n, h, scale) };
+        }
+        let _ = fma;
+        decode_chunk::<F, false>(part, scores, q, pages, table, j0, n, h, scale)
+    };
+    let new_scores = || vec![F::zero(); h * KEYS_PER_TASK];
+    let row_parts = |r: usize| first_task[r] * width..first_task[r + 1] * width;
 
-    // Merge each row's chunks: rescale every partial to the row's overall max.
-    let hs = c / h;
-    out.par_chunks_mut(c).enumerate().for_each(|(r, out)| {
-        let parts = &partials[first_task[r] * width..first_task[r + 1] * width];
-        for (hi, out) in out.chunks_exact_mut(hs).enumerate() {
-            let max = parts
-                .chunks_exact(width)
-                .fold(F::neg_infinity(), |m, p| m.max(p[hi]));
-            out.fill(F::zero());
-            let mut total = F::zero();
-            for part in parts.chunks_exact(width) {
-                let weight = (part[hi] - max).exp();
-                total = total + part[h + hi] * weight;
-                let acc = &part[2 * h + hi * hs..][..hs];
-                for (o, &a) in out.iter_mut().zip(acc) {
-                    *o = *o + a * weight;
-                }
-            }
-            let inv = F::one() / total;
-            for o in out.iter_mut() {
-                *o = *o * inv;
+    // Work under one task's worth (the local model's few short rows) runs on the calling
+    // thread: handing it to the pool costs more than computing it. Same tasks, same
+    // arithmetic, so the result does not depend on which way it ran.
+    let total_macs = 2 * c * lens.iter().map(|&l| l as usize).sum::<usize>();
+    if total_macs <= TASK_MACS {
+        let mut scores = new_scores();
+        for job in partials.chunks_mut(width).zip(tasks.iter()) {
+            run_task(&mut scores, job);
+        }
+    } else {
+        let tasks_per_job = (TASK_MACS / (2 * keys_per_task * c).max(1)).max(1);
+        partials
+            .par_chunks_mut(width)
+            .zip(tasks.par_iter())
+            .with_min_len(tasks_per_job)
+            .for_each_init(new_scores, run_task);
+    }
+    // The merge reads a few partials per row: cheaper on this thread than in the pool.
+    for (r, out) in out.chunks_mut(c).enumerate() {
+        merge_row(out, &partials[row_parts(r)], h);
+    }
+}
+
+/// One row's output from its tasks' partials (`[h | h | c]` each): every partial rescaled to
+/// the row's overall max per head, summed, and normalised.
+fn merge_row<F: Real>(out: &mut [F], parts: &[F], h: usize) {
+    let c = out.len();
+    let (hs, width) = (c / h, 2 * h + c);
+    for (hi, out) in out.chunks_exact_mut(hs).enumerate() {
+        let max = parts
+            .chunks_exact(width)
+            .fold(F::neg_infinity(), |m, p| m.max(p[hi]));
+        out.fill(F::zero());
+        let mut total = F::zero();
+        for part in parts.chunks_exact(width) {
+            let weight = (part[hi] - max).exp();
+            total = total + part[h + hi] * weight;
+            let acc = &part[2 * h + hi * hs..][..hs];
+            for (o, &a) in out.iter_mut().zip(acc) {
+                *o = *o + a * weight;
             }
         }
-    });
+        let inv = F::one() / total;
+        for o in out.iter_mut() {
+            *o = *o * inv;
+        }
+    }
 }
