@@ -59,22 +59,24 @@ fn decode(crit: &mut Criterion) {
         let k_cache = random(b * t_max * c, 4);
         let v_cache = random(b * t_max * c, 5);
         let lens = vec![t_max as u32; b];
+        // Paged in blocks of 16 positions, the rows' blocks interleaved in the pool (block i of
+        // row r is pool block i·b + r), as a serving pool's free list scatters them.
+        let bs = 16;
+        let mb = t_max / bs;
+        let table: Vec<u32> = (0..b)
+            .flat_map(|r| (0..mb).map(move |i| (i * b + r) as u32))
+            .collect();
+        let pages = attention::KvPages {
+            k: &k_cache,
+            v: &v_cache,
+            block_table: &table,
+            block_size: bs,
+            c,
+        };
         let mut out = vec![0.0f32; b * c];
         group.throughput(Throughput::Elements((4 * b * c * t_max) as u64));
         group.bench_function(format!("b{b}"), |bench| {
-            bench.iter(|| {
-                attention::decode(
-                    &mut out,
-                    black_box(&qkv),
-                    &k_cache,
-                    &v_cache,
-                    &lens,
-                    t_max,
-                    c,
-                    h,
-                    scale,
-                )
-            })
+            bench.iter(|| attention::decode(&mut out, black_box(&qkv), &pages, &lens, h, scale))
         });
     }
     group.finish();

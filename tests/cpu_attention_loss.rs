@@ -220,20 +220,10 @@ fn decode_matches_training_forward_last_row() {
         .collect();
     let mut out = vec![0.0f32; b * c];
     let mut out_ref = vec![0.0f32; b * c];
-    attention::decode(
-        &mut out, &last_q, &k_cache, &v_cache, &lens, t_max, c, h, scale,
-    );
-    attn_ref::decode(
-        &mut out_ref,
-        &last_q,
-        &k_cache,
-        &v_cache,
-        &lens,
-        t_max,
-        c,
-        h,
-        scale,
-    );
+    let table = rows_table(b);
+    let pages = contiguous(&k_cache, &v_cache, &table, t_max, c);
+    attention::decode(&mut out, &last_q, &pages, &lens, h, scale);
+    attn_ref::decode(&mut out_ref, &last_q, &pages, &lens, h, scale);
 
     let (mut train_out, mut att) = (
         vec![0.0f32; b * t_max * c],
@@ -250,6 +240,28 @@ fn decode_matches_training_forward_last_row() {
     );
 }
 
+/// Block ids `0..b`: a contiguous `[b, t_max, c]` cache is one `t_max`-position block per row.
+fn rows_table(b: usize) -> Vec<u32> {
+    (0..b as u32).collect()
+}
+
+/// The paged view of a contiguous `[b, t_max, c]` cache.
+fn contiguous<'a>(
+    k: &'a [f32],
+    v: &'a [f32],
+    table: &'a [u32],
+    t_max: usize,
+    c: usize,
+) -> attention::KvPages<'a, f32> {
+    attention::KvPages {
+        k,
+        v,
+        block_table: table,
+        block_size: t_max,
+        c,
+    }
+}
+
 #[test]
 fn decode_long_cache_matches_reference() {
     let (t_max, c, h) = (300, 64, 2);
@@ -261,20 +273,10 @@ fn decode_long_cache_matches_reference() {
     let v_cache = random::<f32>(&mut rng, b * t_max * c, 2.0);
     let (mut out, mut out_ref) = (vec![0.0f32; b * c], vec![0.0f32; b * c]);
     let scale = scale_for(c, h) as f32;
-    attention::decode(
-        &mut out, &qkv, &k_cache, &v_cache, &lens, t_max, c, h, scale,
-    );
-    attn_ref::decode(
-        &mut out_ref,
-        &qkv,
-        &k_cache,
-        &v_cache,
-        &lens,
-        t_max,
-        c,
-        h,
-        scale,
-    );
+    let table = rows_table(b);
+    let pages = contiguous(&k_cache, &v_cache, &table, t_max, c);
+    attention::decode(&mut out, &qkv, &pages, &lens, h, scale);
+    attn_ref::decode(&mut out_ref, &qkv, &pages, &lens, h, scale);
     let e = rel_err(&out, &out_ref);
     assert!(e < 2e-6, "decode fast vs reference {e:e}");
 }

@@ -1205,9 +1205,17 @@ fn attention_and_loss_are_wired_through_the_trait() {
     let q1 = to_f32(&uniform(&mut r, b * 3 * c, -1.0, 1.0));
     let lens = [3u32, 6];
     let mut o = vec![0.0f32; b * c];
-    cpu.attention_decode(&mut o, &q1, &kc, &vc, &lens, t_max, c, h, scale);
+    // A contiguous [b, t_max, c] cache: one block of t_max positions per row.
+    cpu.attention_decode(&mut o, &q1, &kc, &vc, &lens, &[0, 1], t_max, c, h, scale);
     let mut o_r = vec![0.0f32; b * c];
-    attention::reference::decode(&mut o_r, &q1, &kc, &vc, &lens, t_max, c, h, scale);
+    let pages = attention::KvPages {
+        k: &kc,
+        v: &vc,
+        block_table: &[0, 1],
+        block_size: t_max,
+        c,
+    };
+    attention::reference::decode(&mut o_r, &q1, &pages, &lens, h, scale);
     assert_close32("attention decode", &o, &o_r, TOL);
 
     // kv_append addresses flat cache entries: row r, position p is entry r·t_max + p.

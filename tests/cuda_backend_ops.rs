@@ -257,7 +257,19 @@ case!(attention_family, "attention", KERNEL_TOL, |be| {
     let step = be.upload(&uniform(&mut r, b * 3 * c, 0.0, 1.0));
     be.kv_append(&mut kc, &mut vc, &step, &[2, t_max as u32 + 4], c);
     let mut dec = be.zeros(b * c);
-    be.attention_decode(&mut dec, &step, &kc, &vc, &[3, 5], t_max, c, h, scale);
+    // Paged in blocks of 2 positions, row 0 in blocks 2, 0, 1 and row 1 in blocks 5, 3, 4.
+    be.attention_decode(
+        &mut dec,
+        &step,
+        &kc,
+        &vc,
+        &[3, 5],
+        &[2, 0, 1, 5, 3, 4],
+        2,
+        c,
+        h,
+        scale,
+    );
     [out, att, dqkv, kc, vc, dec]
         .iter()
         .map(|x| be.download(x))

@@ -449,3 +449,47 @@ fn logprobs_describe_the_released_bytes() {
     }
     engine.shutdown();
 }
+
+/// The engine is generic over the backend: on the CUDA backend over the emulated device (its
+/// weights and paged caches in that backend's buffers) it gives what `generate()` gives on the
+/// same backend.
+#[test]
+fn engine_on_the_emulated_cuda_backend_matches_generate_there() {
+    use mega::backend::cuda::CudaBackend;
+    use mega::emu::EmulatedDevice;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = megabyte_cfg();
+    let model = Megabyte::new(&cfg);
+    write_checkpoint(dir.path(), &ModelConfig::Megabyte(cfg.clone()), &model);
+    let reqs: Vec<Request> = (0..2)
+        .map(|i| Request {
+            prompt: text(i, 5 + 4 * i),
+            max_bytes: 12,
+            sampling: sampling(1.0, 0, 1.0, 40 + i as u64),
+            stop: Vec::new(),
+            logprobs: None,
+        })
+        .collect();
+    let be = CudaBackend::new(EmulatedDevice::new());
+    let params = model.layout().upload(&be, &model.layout().init_host(SEED));
+    let want: Vec<(Vec<u8>, FinishReason)> = reqs
+        .iter()
+        .map(|r| {
+            let g = GenerateRequest {
+                prompt: r.prompt.clone(),
+                max_bytes: r.max_bytes,
+                sampling: r.sampling,
+                stop: r.stop.clone(),
+            };
+            let out = generate(&model, &be, &params, &[g], |_, _| {}).unwrap();
+            (out[0].bytes.clone(), out[0].finish_reason)
+        })
+        .collect();
+    let mut ecfg = batching_config();
+    ecfg.max_running = 1;
+    let engine =
+        Engine::start_on(CudaBackend::new(EmulatedDevice::new()), dir.path(), ecfg).unwrap();
+    let got = run_all(&engine, &reqs);
+    assert_same(&got, &want);
+    engine.shutdown();
+}

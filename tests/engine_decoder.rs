@@ -261,3 +261,33 @@ fn megalodon_slots_are_reused_after_removal() {
     let b = trace(&mut reused, 1, &target, &follow, &[], usize::MAX);
     assert_bit_equal("megalodon reused slot", &a, &b);
 }
+
+/// The global KV cache is a paged pool: a sequence's logits must not depend on the block size
+/// or on which blocks of the pool its positions land in (shuffled, non-contiguous tables).
+#[test]
+fn megabyte_logits_do_not_depend_on_where_the_blocks_sit() {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let (model, be, params) = megabyte_model();
+    let (target, follow) = (text(0, 23), text(5, 47));
+    let mut alone = MegabyteDecoder::with_slots(&model, &be, &params, 1, 4);
+    let a = trace(&mut alone, 0, &target, &follow, &[], usize::MAX);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    for bs in [1, 3, 5] {
+        let per = MegabyteDecoder::<Cpu<f32>>::blocks_per_context(&model, bs);
+        let slots = 5;
+        let blocks = slots * per + 7;
+        let mut order: Vec<u32> = (0..blocks as u32).collect();
+        order.shuffle(&mut rng);
+        let mut dec = MegabyteDecoder::with_pool(&model, &be, &params, slots, bs, blocks);
+        for s in 0..slots {
+            dec.set_block_table(s, &order[s * per..(s + 1) * per]);
+        }
+        let b = trace(&mut dec, 2, &target, &follow, &others(), 3);
+        assert_bit_equal(
+            &format!("megabyte paged in shuffled blocks of {bs}"),
+            &a,
+            &b,
+        );
+    }
+}

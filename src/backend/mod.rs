@@ -290,9 +290,16 @@ pub trait Backend: Send + Sync {
         h: usize,
         scale: f32,
     );
-    /// Decode form: one query per row. `qkv` is `[b, 3c]` (only the `q` part is read);
-    /// `k_cache`, `v_cache` are `[b, t_max, c]`; row `r` attends to its first `lens[r]` keys
-    /// (the caller has already appended this step's key and value). `out = [b, c]`.
+    /// Decode form over a paged KV cache: one query per row. `qkv` is `[b, 3c]` (only the
+    /// `q` part is read). `k_cache`, `v_cache` are pools of `c`-wide entries grouped in blocks
+    /// of `block_size`, `[n_blocks, block_size, c]`; `block_table` is `[b, max_blocks]`
+    /// (row-major, `max_blocks = block_table.len() / b`) and row `r`'s position `p` lives at
+    /// entry `block_table[r·max_blocks + p / block_size]·block_size + p % block_size`. Row `r`
+    /// attends to its positions `0..lens[r]` (the caller has already appended this step's key
+    /// and value); table entries past a row's last needed block are ignored. Rows may share
+    /// blocks. A contiguous `[b, t_max, c]` cache is the case `block_size = t_max`,
+    /// `block_table = [0, 1, …, b−1]`. `out = [b, c]`. The result for a row does not depend on
+    /// the other rows, the block size or where its blocks sit in the pool.
     #[allow(clippy::too_many_arguments)]
     fn attention_decode(
         &self,
@@ -301,14 +308,15 @@ pub trait Backend: Send + Sync {
         k_cache: &Self::Buf,
         v_cache: &Self::Buf,
         lens: &[u32],
-        t_max: usize,
+        block_table: &[u32],
+        block_size: usize,
         c: usize,
         h: usize,
         scale: f32,
     );
     /// Append keys and values: for row `r` of `qkv` (`[n, 3c]`), copy its `k` and `v` parts
-    /// into entry `entries[r]` of the caches, viewed as flat lists of `c`-wide entries (for a
-    /// `[rows, t_max, c]` cache, entry `row·t_max + position`).
+    /// into entry `entries[r]` of the caches, viewed as flat lists of `c`-wide entries (for the
+    /// paged pools of [`Backend::attention_decode`], entry `block·block_size + offset`).
     fn kv_append(
         &self,
         k_cache: &mut Self::Buf,

@@ -15,28 +15,28 @@
 //! differently from the path for `m ≥ 2`, so a step with one row is padded with a throw-away
 //! copy of that row (see [`pad_to_two`]).
 //!
-//! A sequence's global cache grows in quanta of `grow` positions (the serving engine's block
-//! size), so memory follows use. When a window reaches the context length it slides to its
-//! last half and the caches are rebuilt from it.
+//! The caches are paged pools allocated once (docs/megabyte-model.md, "Serving cache"): the
+//! global KV of every sequence lives in one pool per layer, `[blocks, block_size, D_G]`, at the
+//! blocks of the slot's block table (handed out by the serving engine's allocator, or fixed
+//! per slot for standalone generation); the local KV of slot `s` is block `s` of a local pool
+//! with blocks of `P` positions. One more block in each pool takes the throw-away padding row.
+//! When a window reaches the context length it slides to its last half and the caches are
+//! rebuilt from it, into the same blocks.
 
 use crate::backend::{Backend, PAD_ID};
 use crate::model::megabyte::Megabyte;
-use crate::model::transformer::{CacheSet, KvCache};
+use crate::model::transformer::KvPool;
 use crate::model::Decoder;
 
 /// One sequence's decoding state.
-struct Row<B: Backend> {
+struct Row {
     /// The bytes of the model's context window (positions restart at its first byte).
     window: Vec<u8>,
     /// Events run so far: the caches reflect `window[..events - 1]` (nothing when 0).
     events: usize,
-    /// Global KV cache `[1, t, D_gw]`, one entry per global position run.
-    global: KvCache<B>,
-    /// Local KV cache `[1, P, D_L]` of the current patch.
-    local: KvCache<B>,
 }
 
-impl<B: Backend> Row<B> {
+impl Row {
     /// Events still to run: one per window length `events..=window.len()`.
     fn pending(&self) -> usize {
         self.window.len() + 1 - self.events
@@ -55,16 +55,17 @@ pub struct MegabyteDecoder<'a, B: Backend> {
     model: &'a Megabyte,
     be: &'a B,
     p: &'a [B::Buf],
-    slots: Vec<Option<Row<B>>>,
+    slots: Vec<Option<Row>>,
+    /// Global KV block ids of each slot, in position order.
+    tables: Vec<Vec<u32>>,
+    /// Global KV pool; its last block takes the padding row of single-row steps.
+    global: KvPool<B>,
+    /// Local KV pool, one block of `P` positions per slot plus the padding row's.
+    local: KvPool<B>,
     /// `[slots·P, D_L]`: `W_GL` applied to the P slices of each slot's latest global output.
     cond: B::Buf,
     /// `[slots, 256]` next-byte logits, on the host.
     logits: Vec<f32>,
-    /// Global cache growth quantum in positions.
-    grow: usize,
-    /// One-position caches the padding rows of single-row steps write into.
-    scratch_global: KvCache<B>,
-    scratch_local: KvCache<B>,
 }
 
 impl<'a, B: Backend> MegabyteDecoder<'a, B> {
@@ -80,26 +81,53 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
         dec
     }
 
-    /// `slots` empty slots; global caches grow `grow` positions at a time.
+    /// `slots` empty slots, each owning the global KV blocks for a full context (blocks of
+    /// `block_size` positions, slot `s` holding the `s`-th run of them): standalone use,
+    /// without an allocator.
     pub fn with_slots(
         model: &'a Megabyte,
         be: &'a B,
         p: &'a [B::Buf],
         slots: usize,
-        grow: usize,
+        block_size: usize,
+    ) -> Self {
+        let per_slot = Self::blocks_per_context(model, block_size);
+        let mut dec = Self::with_pool(model, be, p, slots, block_size, slots * per_slot);
+        for slot in 0..slots {
+            let first = (slot * per_slot) as u32;
+            dec.set_block_table(slot, &(first..first + per_slot as u32).collect::<Vec<_>>());
+        }
+        dec
+    }
+
+    /// `slots` empty slots over a global KV pool of `blocks` blocks of `block_size` positions,
+    /// allocated here once; a slot's blocks come from [`Decoder::set_block_table`].
+    pub fn with_pool(
+        model: &'a Megabyte,
+        be: &'a B,
+        p: &'a [B::Buf],
+        slots: usize,
+        block_size: usize,
+        blocks: usize,
     ) -> Self {
         let c = &model.cfg;
+        let block_size = block_size.max(1);
         MegabyteDecoder {
             model,
             be,
             p,
             slots: (0..slots).map(|_| None).collect(),
+            tables: vec![Vec::new(); slots],
+            global: model.global.kv_pool(be, blocks + 1, block_size),
+            local: model.local.kv_pool(be, slots + 1, c.patch_size),
             cond: be.zeros(slots * c.patch_size * c.local_dim),
             logits: vec![0.0; slots * c.vocab_size],
-            grow: grow.max(1),
-            scratch_global: model.global.kv_cache(be, 1, 1),
-            scratch_local: model.local.kv_cache(be, 1, 1),
         }
+    }
+
+    /// Global KV blocks of `block_size` positions one full context needs.
+    pub fn blocks_per_context(model: &Megabyte, block_size: usize) -> usize {
+        model.cfg.patches().div_ceil(block_size.max(1))
     }
 
     /// Number of slots.
@@ -120,7 +148,7 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
 
     /// Bytes of the global cache per position (keys and values of every global layer, f32).
     pub fn global_bytes_per_position(model: &Megabyte) -> usize {
-        2 * model.cfg.global_layers * model.cfg.global_dim * std::mem::size_of::<f32>()
+        model.global.kv_bytes_per_position()
     }
 
     /// Fixed bytes per slot: local cache, conditioning and logits.
@@ -130,31 +158,10 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
         (local + c.patch_size * c.local_dim + c.vocab_size) * std::mem::size_of::<f32>()
     }
 
-    fn row(&self, slot: usize) -> &Row<B> {
+    fn row(&self, slot: usize) -> &Row {
         self.slots[slot]
             .as_ref()
             .unwrap_or_else(|| panic!("slot {slot} is empty"))
-    }
-
-    /// Give `row`'s global cache room for `need` positions.
-    fn reserve_global(&self, row: &mut Row<B>, need: usize) {
-        let old_t = row.global.t_max;
-        if need <= old_t {
-            return;
-        }
-        let cap = self.model.cfg.patches();
-        let new_t = need.div_ceil(self.grow).saturating_mul(self.grow).min(cap);
-        assert!(need <= new_t, "global position beyond the context");
-        let mut grown = self.model.global.kv_cache(self.be, 1, new_t);
-        let width = self.model.global.width;
-        let rows: Vec<u32> = (0..old_t as u32).collect();
-        for (dst, src) in grown.k.iter_mut().zip(&row.global.k) {
-            self.be.scatter_rows(dst, src, &rows, width);
-        }
-        for (dst, src) in grown.v.iter_mut().zip(&row.global.v) {
-            self.be.scatter_rows(dst, src, &rows, width);
-        }
-        row.global = grown;
     }
 
     /// Global steps for every event `e ≡ 0 (mod P)` of the plans; refreshes the
@@ -174,14 +181,26 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
         if steps.is_empty() {
             return;
         }
-        for (k, plan) in plans.iter().enumerate() {
-            if let Some(&(_, g)) = steps.iter().rev().find(|s| s.0 == k) {
-                let mut row = self.slots[plan.slot]
-                    .take()
-                    .expect("planned slot is occupied");
-                self.reserve_global(&mut row, g + 1);
-                self.slots[plan.slot] = Some(row);
-            }
+        // Each step row reads and writes its sequence's blocks; the padding row the scratch block.
+        let bs = self.global.block_size;
+        let scratch = (self.global.blocks - 1) as u32;
+        let width = steps
+            .iter()
+            .map(|&(k, _)| self.tables[plans[k].slot].len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut tables = Vec::with_capacity((steps.len() + 1) * width);
+        for &(k, g) in &steps {
+            let table = &self.tables[plans[k].slot];
+            assert!(
+                g / bs < table.len(),
+                "slot {}: block table of {} blocks does not reach global position {g}",
+                plans[k].slot,
+                table.len()
+            );
+            tables.extend_from_slice(table);
+            tables.extend(std::iter::repeat_n(scratch, width - table.len()));
         }
         let mut ids = Vec::with_capacity(steps.len() * pp);
         let mut pos = Vec::with_capacity(steps.len() * pp);
@@ -210,40 +229,18 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
         );
         let g_x = project(be, p, e.in_proj, &g_in, s, pd, c.global_dim);
         let mut gpos: Vec<u32> = steps.iter().map(|&(_, g)| g as u32).collect();
-        let g = {
-            let Self {
-                slots,
-                scratch_global,
-                ..
-            } = self;
-            let mut cache_of_plan = vec![usize::MAX; plans.len()];
-            let mut caches: Vec<&mut KvCache<B>> = Vec::new();
-            let mut by_slot: Vec<Option<usize>> = vec![None; slots.len()];
-            for (k, plan) in plans.iter().enumerate() {
-                by_slot[plan.slot] = Some(k);
-            }
-            for (slot, row) in slots.iter_mut().enumerate() {
-                if let (Some(k), Some(row)) = (by_slot[slot], row.as_mut()) {
-                    if steps.iter().any(|st| st.0 == k) {
-                        cache_of_plan[k] = caches.len();
-                        caches.push(&mut row.global);
-                    }
-                }
-            }
-            let mut of_step: Vec<usize> = steps.iter().map(|&(k, _)| cache_of_plan[k]).collect();
-            if s > steps.len() {
-                of_step.push(caches.len());
-                caches.push(scratch_global);
-                gpos.push(0);
-            }
-            m.global.decode_step(
-                be,
-                p,
-                &mut CacheSet::Indexed { caches, of_step },
-                g_x.as_ref().unwrap_or(&g_in),
-                &gpos,
-            )
-        };
+        if s > steps.len() {
+            gpos.push(0);
+            tables.extend(std::iter::repeat_n(scratch, width));
+        }
+        let g = m.global.decode_step(
+            be,
+            p,
+            &mut self.global,
+            &tables,
+            g_x.as_ref().unwrap_or(&g_in),
+            &gpos,
+        );
         // The latest global output of every sequence that stepped conditions its patch.
         let mut last_step = Vec::new();
         let mut cond_slots = Vec::new();
@@ -327,39 +324,16 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
             &slots_q,
             dl,
         );
+        // Slot `s`'s local cache is block `s` of the local pool; the padding row's is the last.
         let mut lpos = slots_q.clone();
-        let out = {
-            let Self {
-                slots,
-                scratch_local,
-                ..
-            } = self;
-            let mut by_slot: Vec<Option<usize>> = vec![None; slots.len()];
-            for (k, plan) in plans.iter().enumerate() {
-                by_slot[plan.slot] = Some(k);
-            }
-            let mut cache_of_plan = vec![usize::MAX; plans.len()];
-            let mut caches: Vec<&mut KvCache<B>> = Vec::new();
-            for (slot, row) in slots.iter_mut().enumerate() {
-                if let (Some(k), Some(row)) = (by_slot[slot], row.as_mut()) {
-                    cache_of_plan[k] = caches.len();
-                    caches.push(&mut row.local);
-                }
-            }
-            let mut of_step: Vec<usize> = steps.iter().map(|&(k, _)| cache_of_plan[k]).collect();
-            if pad {
-                of_step.push(caches.len());
-                caches.push(scratch_local);
-                lpos[1] = 0;
-            }
-            m.local.decode_step(
-                be,
-                p,
-                &mut CacheSet::Indexed { caches, of_step },
-                &l_in,
-                &lpos,
-            )
-        };
+        let mut tables: Vec<u32> = steps.iter().map(|&(k, _)| plans[k].slot as u32).collect();
+        if pad {
+            lpos[1] = 0;
+            tables.push((self.local.blocks - 1) as u32);
+        }
+        let out = m
+            .local
+            .decode_step(be, p, &mut self.local, &tables, &l_in, &lpos);
         // Logits for the plans that finish their window.
         let mut head_rows = Vec::new();
         let mut head_slots = Vec::new();
@@ -469,11 +443,6 @@ impl<B: Backend> Decoder for MegabyteDecoder<'_, B> {
         self.slots[slot] = Some(Row {
             window: prompt[start..].to_vec(),
             events: 0,
-            global: self
-                .model
-                .global
-                .kv_cache(self.be, 1, self.grow.min(c.patches())),
-            local: self.model.local.kv_cache(self.be, 1, c.patch_size),
         });
         let v = c.vocab_size;
         self.logits[slot * v..(slot + 1) * v].fill(0.0);
@@ -481,6 +450,16 @@ impl<B: Backend> Decoder for MegabyteDecoder<'_, B> {
 
     fn remove(&mut self, slot: usize) {
         self.slots[slot] = None;
+    }
+
+    fn set_block_table(&mut self, slot: usize, blocks: &[u32]) {
+        let pool = self.global.blocks - 1;
+        assert!(
+            blocks.iter().all(|&b| (b as usize) < pool),
+            "slot {slot}: block id outside the pool of {pool}"
+        );
+        self.tables[slot].clear();
+        self.tables[slot].extend_from_slice(blocks);
     }
 
     fn push(&mut self, slot: usize, byte: u8) {

@@ -82,8 +82,15 @@ pub trait Decoder {
     fn capacity(&self) -> usize;
     /// Start a sequence with `prompt` in free slot `slot` (nothing is computed yet).
     fn insert(&mut self, slot: usize, prompt: &[u8]);
-    /// End the sequence in `slot`, freeing it.
+    /// End the sequence in `slot`, freeing it (its block table stays until replaced).
     fn remove(&mut self, slot: usize);
+    /// Give `slot` the paged-cache blocks `blocks`, in position order: MEGABYTE keeps global
+    /// position `g` of the slot's sequence in block `blocks[g / block_size]` of its KV pool,
+    /// so the table must reach every position [`Decoder::advance`] will write (see
+    /// [`Decoder::cache_positions`]). Models whose state has constant size ignore it.
+    fn set_block_table(&mut self, slot: usize, blocks: &[u32]) {
+        let _ = (slot, blocks);
+    }
     /// Queue one more byte (the one just sampled) for `slot`.
     fn push(&mut self, slot: usize, byte: u8);
     /// Units of work queued for `slot` and not yet run (bytes, plus one for a MEGABYTE

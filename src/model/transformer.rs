@@ -89,11 +89,17 @@ struct Scratch<B: Backend> {
     d_qkv: B::Buf,
 }
 
-/// Per-sequence-row KV cache of one stack: `[rows, t_max, D]` keys and values per layer.
-pub struct KvCache<B: Backend> {
-    pub rows: usize,
-    pub t_max: usize,
+/// A paged KV cache of one stack: per layer, a key pool and a value pool of `blocks` blocks
+/// of `block_size` positions, `[blocks, block_size, D]` each. Which blocks hold a sequence's
+/// positions is the caller's business (its block table); the pool only stores entries.
+pub struct KvPool<B: Backend> {
+    /// Blocks in each pool.
+    pub blocks: usize,
+    /// Positions per block.
+    pub block_size: usize,
+    /// Key pools, one per layer.
     pub k: Vec<B::Buf>,
+    /// Value pools, one per layer.
     pub v: Vec<B::Buf>,
 }
 
@@ -514,56 +520,54 @@ impl Stack {
         be.copy(d_input, &s.d_resid);
     }
 
-    /// An empty KV cache for `rows` sequences of up to `t_max` positions.
-    pub fn kv_cache<B: Backend>(&self, be: &B, rows: usize, t_max: usize) -> KvCache<B> {
-        let size = rows * t_max * self.width;
-        KvCache {
-            rows,
-            t_max,
+    /// A zeroed KV pool of `blocks` blocks of `block_size` positions, allocated once.
+    pub fn kv_pool<B: Backend>(&self, be: &B, blocks: usize, block_size: usize) -> KvPool<B> {
+        let size = blocks * block_size * self.width;
+        KvPool {
+            blocks,
+            block_size,
             k: (0..self.blocks.len()).map(|_| be.zeros(size)).collect(),
             v: (0..self.blocks.len()).map(|_| be.zeros(size)).collect(),
         }
     }
 
-    /// Copy the keys and values a forward pass computed (`acts`, one row of `acts.t`
-    /// positions) into cache row `row`, positions `0..acts.t`.
-    pub fn fill_cache_from_forward<B: Backend>(
-        &self,
-        be: &B,
-        acts: &StackActs<B>,
-        cache: &mut KvCache<B>,
-        row: usize,
-    ) {
-        assert_eq!(acts.b, 1);
-        assert!(acts.t <= cache.t_max && row < cache.rows);
-        let entries: Vec<u32> = (0..acts.t)
-            .map(|i| (row * cache.t_max + i) as u32)
-            .collect();
-        for l in 0..self.blocks.len() {
-            be.kv_append(
-                &mut cache.k[l],
-                &mut cache.v[l],
-                &acts.qkv[l],
-                &entries,
-                self.width,
-            );
-        }
+    /// Bytes of keys and values per cached position (f32, every layer).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        2 * self.blocks.len() * self.width * std::mem::size_of::<f32>()
     }
 
     /// One decode step: row `i` of `x` (`[s, D]`) is the input at position `pos[i]` of its
-    /// sequence, whose earlier keys and values are in `caches`; appends this step's keys
-    /// and values and returns the stack's output `[s, D]`.
+    /// sequence, whose cache lives in the blocks `tables[i·mb..(i+1)·mb]` of `pool`
+    /// (`mb = tables.len() / s`, the block ids in position order). Appends every row's key and
+    /// value, then attends each row to its positions `0..=pos[i]`, and returns the stack's
+    /// output `[s, D]`. Rows may belong to the same sequence (chunked prefill): they share a
+    /// block table, and each attends to the keys of those at earlier positions.
     pub fn decode_step<B: Backend>(
         &self,
         be: &B,
         p: &[B::Buf],
-        caches: &mut CacheSet<'_, B>,
+        pool: &mut KvPool<B>,
+        tables: &[u32],
         x: &B::Buf,
         pos: &[u32],
     ) -> B::Buf {
         let s = pos.len();
         let (d, h, f) = (self.width, self.heads, self.fc_out());
         let lens: Vec<u32> = pos.iter().map(|&q| q + 1).collect();
+        assert!(s > 0 && tables.len() % s == 0, "one block table per row");
+        let mb = tables.len() / s;
+        let bs = pool.block_size;
+        let entries: Vec<u32> = pos
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| {
+                let q = q as usize;
+                assert!(q / bs < mb, "position {q} beyond row {i}'s block table");
+                let blk = tables[i * mb + q / bs] as usize;
+                assert!(blk < pool.blocks, "block {blk} outside the pool");
+                (blk * bs + q % bs) as u32
+            })
+            .collect();
         let mut resid = be.zeros(s * d);
         be.copy(&mut resid, x);
         let mut ln = be.zeros(s * d);
@@ -596,49 +600,19 @@ impl Stack {
                 false,
             );
             be.add_bias(&mut qkv, &p[blk.qkv_b], s, 3 * d);
-            match caches {
-                CacheSet::Batched(c) => {
-                    assert_eq!(c.rows, s);
-                    let entries: Vec<u32> = pos
-                        .iter()
-                        .enumerate()
-                        .map(|(r, &q)| (r * c.t_max) as u32 + q)
-                        .collect();
-                    be.kv_append(&mut c.k[l], &mut c.v[l], &qkv, &entries, d);
-                    be.attention_decode(
-                        &mut atty,
-                        &qkv,
-                        &c.k[l],
-                        &c.v[l],
-                        &lens,
-                        c.t_max,
-                        d,
-                        h,
-                        self.scale(),
-                    );
-                }
-                CacheSet::Indexed { caches, of_step } => {
-                    assert_eq!(of_step.len(), s);
-                    let (mut q1, mut o1) = (be.zeros(3 * d), be.zeros(d));
-                    for (i, &ci) in of_step.iter().enumerate() {
-                        let c = &mut *caches[ci];
-                        be.gather_rows(&mut q1, &qkv, &[i as u32], 3 * d);
-                        be.kv_append(&mut c.k[l], &mut c.v[l], &q1, &pos[i..i + 1], d);
-                        be.attention_decode(
-                            &mut o1,
-                            &q1,
-                            &c.k[l],
-                            &c.v[l],
-                            &lens[i..i + 1],
-                            c.t_max,
-                            d,
-                            h,
-                            self.scale(),
-                        );
-                        be.scatter_rows(&mut atty, &o1, &[i as u32], d);
-                    }
-                }
-            }
+            be.kv_append(&mut pool.k[l], &mut pool.v[l], &qkv, &entries, d);
+            be.attention_decode(
+                &mut atty,
+                &qkv,
+                &pool.k[l],
+                &pool.v[l],
+                &lens,
+                tables,
+                pool.block_size,
+                d,
+                h,
+                self.scale(),
+            );
             be.matmul(
                 &mut resid,
                 &atty,
@@ -692,19 +666,4 @@ impl Stack {
         );
         out
     }
-}
-
-/// The KV caches a decode step reads and appends to.
-pub enum CacheSet<'a, B: Backend> {
-    /// One cache whose rows are exactly the step's rows, in order (the local model).
-    Batched(&'a mut KvCache<B>),
-    /// Single-row caches (one per sequence), any number of steps each: step `i` reads and appends to
-    /// `caches[of_step[i]]`. Steps sharing a cache must come in increasing position order;
-    /// each then attends to the keys of the ones before it (chunked prefill).
-    Indexed {
-        /// The caches.
-        caches: Vec<&'a mut KvCache<B>>,
-        /// Cache of each step.
-        of_step: Vec<usize>,
-    },
 }

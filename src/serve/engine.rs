@@ -4,6 +4,12 @@
 //! by one byte, prefilling ones by a share of the `prefill_chunk` budget), samples a byte for
 //! every sequence whose logits are current, and retires finished or cancelled sequences at
 //! once, freeing their slot and cache blocks for the next step.
+//!
+//! The engine runs on any [`Backend`] ([`Engine::start_on`]); its caches are that backend's
+//! buffers, allocated once at start. MEGABYTE's global KV cache is one paged pool per layer
+//! whose blocks the scheduler's allocator hands out: a running sequence's block table is
+//! passed to the decoder before each step, and a finished or preempted sequence's blocks go
+//! straight back to the free list, with no copy anywhere.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,6 +27,7 @@ use super::request::{Request, RequestHandle, SubmitError};
 use super::scheduler::{Scheduler, SeqId};
 use super::sequence::Sequence;
 use crate::backend::cpu::Cpu;
+use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::infer::generate::FinishReason;
 use crate::infer::megabyte_decoder::MegabyteDecoder;
@@ -91,9 +98,19 @@ impl Sizing {
 }
 
 impl Engine {
-    /// Load the checkpoint (MEGABYTE or MEGALODON), size the caches from the budget, log
-    /// the sizing on stderr in one line and start the engine thread.
+    /// [`Engine::start_on`] the CPU backend.
     pub fn start(checkpoint: &Path, cfg: EngineConfig) -> Result<Engine> {
+        Self::start_on(Cpu::<f32>::new(), checkpoint, cfg)
+    }
+
+    /// Load the checkpoint (MEGABYTE or MEGALODON), size the caches from the budget, log
+    /// the sizing on stderr in one line and start the engine thread, which owns `backend`:
+    /// the weights and every cache live in its buffers (device memory on a GPU backend).
+    pub fn start_on<B: Backend + 'static>(
+        backend: B,
+        checkpoint: &Path,
+        cfg: EngineConfig,
+    ) -> Result<Engine> {
         cfg.validate().map_err(anyhow::Error::msg)?;
         let (model_cfg, tensors) = crate::train::trainer::load_checkpoint(checkpoint)?;
         let host = crate::with_model!(&model_cfg, |m| m.layout().host_from_named(&tensors))
@@ -125,7 +142,17 @@ impl Engine {
         let thread_cfg = cfg.clone();
         let thread = std::thread::Builder::new()
             .name("mega-engine".into())
-            .spawn(move || engine_main(model_cfg, host, sizing, thread_cfg, thread_shared, rx))
+            .spawn(move || {
+                engine_main(
+                    backend,
+                    model_cfg,
+                    host,
+                    sizing,
+                    thread_cfg,
+                    thread_shared,
+                    rx,
+                )
+            })
             .context("starting the engine thread")?;
         Ok(Engine {
             inner: Arc::new(Inner {
@@ -267,8 +294,9 @@ fn size_caches(model: &ModelConfig, cfg: &EngineConfig) -> Result<(Sizing, Strin
                 );
             }
             let line = format!(
-                "engine: megabyte cache {:.1} MiB = {} KV blocks x {} patches x {:.1} KiB \
-                 ({:.1} MiB; a full {}-byte context takes {} blocks) + {} slots x {:.1} KiB local state",
+                "engine: megabyte cache {:.1} MiB = paged global KV pool of {} blocks x {} patches x {:.1} KiB \
+                 ({:.1} MiB over all layers, allocated once, plus one block for padding rows; a full {}-byte context \
+                 takes {} blocks) + {} slots x {:.1} KiB local state",
                 mib(budget),
                 blocks,
                 cfg.block_size,
@@ -325,8 +353,9 @@ fn size_caches(model: &ModelConfig, cfg: &EngineConfig) -> Result<(Sizing, Strin
     }
 }
 
-/// Engine thread entry: builds the model on the CPU backend and runs the loop.
-fn engine_main(
+/// Engine thread entry: builds the model and its caches on `be` and runs the loop.
+fn engine_main<B: Backend>(
+    be: B,
     model_cfg: ModelConfig,
     host: Vec<Vec<f32>>,
     sizing: Sizing,
@@ -334,14 +363,19 @@ fn engine_main(
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Sequence>,
 ) {
-    let be = Cpu::<f32>::new();
     match &model_cfg {
         ModelConfig::Megabyte(c) => {
             let model = Megabyte::new(c);
             let params = model.layout().upload(&be, &host);
             drop(host);
-            let mut dec =
-                MegabyteDecoder::with_slots(&model, &be, &params, sizing.slots, cfg.block_size);
+            let mut dec = MegabyteDecoder::with_pool(
+                &model,
+                &be,
+                &params,
+                sizing.slots,
+                cfg.block_size,
+                sizing.blocks,
+            );
             Loop::new(sizing, &cfg, &shared).run(&mut dec, &rx);
         }
         ModelConfig::Megalodon(c) => {
@@ -466,6 +500,7 @@ impl<'s> Loop<'s> {
         if let Some(seq) = self.seqs.remove(&id) {
             if let Some(slot) = seq.slot {
                 dec.remove(slot);
+                dec.set_block_table(slot, &[]);
                 self.free_slots.push(slot);
             }
         }
@@ -525,12 +560,14 @@ impl<'s> Loop<'s> {
                     .expect("preempted sequence exists");
                 let vslot = seq.slot.take().expect("a running sequence has a slot");
                 dec.remove(vslot);
+                dec.set_block_table(vslot, &[]);
                 self.free_slots.push(vslot);
                 work.retain(|&(s, _)| s != vslot);
                 self.metrics().preemptions.fetch_add(1, Ordering::Relaxed);
                 self.metrics().queue_depth.fetch_add(1, Ordering::AcqRel);
             }
             if !preempted_self {
+                dec.set_block_table(slot, self.sched.blocks_of(id));
                 work.push((slot, units));
             }
         }

@@ -87,54 +87,124 @@ pub fn backward<F: Real>(
     tiled::backward::<F, 16>(dqkv, dout, qkv, att, t, c, h, scale, has_avx2_fma())
 }
 
-/// Single-query attention of each row `r` over its first `lens[r]` cached keys.
-#[allow(clippy::too_many_arguments)]
+/// Where each row's cached keys and values live: pools of `c`-wide entries in blocks of
+/// `block_size`, and a row-major `[rows, max_blocks]` block table (see
+/// [`crate::backend::Backend::attention_decode`]).
+#[derive(Clone, Copy, Debug)]
+pub struct KvPages<'a, F> {
+    /// Key pool `[n_blocks, block_size, c]`.
+    pub k: &'a [F],
+    /// Value pool, same shape.
+    pub v: &'a [F],
+    /// Block ids, `max_blocks` per row.
+    pub block_table: &'a [u32],
+    /// Positions per block.
+    pub block_size: usize,
+    /// Entry width.
+    pub c: usize,
+}
+
+impl<'a, F> KvPages<'a, F> {
+    /// Block-table entries per row for `rows` rows.
+    pub fn max_blocks(&self, rows: usize) -> usize {
+        self.block_table.len() / rows.max(1)
+    }
+
+    /// Row `r`'s block ids (given `rows` rows in all).
+    #[inline]
+    pub fn row_table(&self, r: usize, rows: usize) -> &'a [u32] {
+        let mb = self.max_blocks(rows);
+        &self.block_table[r * mb..(r + 1) * mb]
+    }
+
+    /// Pool entry of position `p` for a row whose block ids are `table`.
+    #[inline(always)]
+    pub fn entry(&self, table: &[u32], p: usize) -> usize {
+        table[p / self.block_size] as usize * self.block_size + p % self.block_size
+    }
+
+    /// Runs of consecutive pool entries holding positions `from..to` of a row whose block ids
+    /// are `table`, as `(first entry, count)` in position order.
+    #[inline]
+    pub fn runs(
+        &self,
+        table: &'a [u32],
+        from: usize,
+        to: usize,
+    ) -> impl Iterator<Item = (usize, usize)> + 'a {
+        let bs = self.block_size;
+        let mut p = from;
+        std::iter::from_fn(move || {
+            (p < to).then(|| {
+                let n = (bs - p % bs).min(to - p);
+                let first = table[p / bs] as usize * bs + p % bs;
+                p += n;
+                (first, n)
+            })
+        })
+    }
+
+    /// Checks the pools and table against `lens` (internal shape errors are bugs, so panics).
+    fn check(&self, lens: &[u32]) {
+        let (c, bs, b) = (self.c, self.block_size, lens.len());
+        assert!(bs > 0, "block size must be positive");
+        assert_eq!(
+            self.k.len(),
+            self.v.len(),
+            "key and value pools differ in size"
+        );
+        assert_eq!(
+            self.k.len() % (bs * c),
+            0,
+            "KV pool must be [n_blocks, block_size = {bs}, c = {c}]"
+        );
+        let n_blocks = self.k.len() / (bs * c);
+        if b == 0 {
+            return;
+        }
+        assert_eq!(
+            self.block_table.len() % b,
+            0,
+            "block table must be [b = {b}, max_blocks]"
+        );
+        let mb = self.max_blocks(b);
+        for (r, &len) in lens.iter().enumerate() {
+            let len = len as usize;
+            assert!(
+                len >= 1 && len <= mb * bs,
+                "decode length {len} outside 1..={} (row {r})",
+                mb * bs
+            );
+            for &blk in &self.row_table(r, b)[..len.div_ceil(bs)] {
+                assert!(
+                    (blk as usize) < n_blocks,
+                    "row {r}: block {blk} outside the pool of {n_blocks}"
+                );
+            }
+        }
+    }
+}
+
+/// Single-query attention of each row `r` over its first `lens[r]` cached positions, read
+/// through the block table of `pages`.
 pub fn decode<F: Real>(
     out: &mut [F],
     qkv: &[F],
-    k_cache: &[F],
-    v_cache: &[F],
+    pages: &KvPages<'_, F>,
     lens: &[u32],
-    t_max: usize,
-    c: usize,
     h: usize,
     scale: F,
 ) {
+    let c = pages.c;
     check_heads(c, h);
     let b = lens.len();
     assert_eq!(qkv.len(), b * 3 * c, "qkv must be [b, 3c]");
     assert_eq!(out.len(), b * c, "out must be [b, c]");
-    assert_eq!(
-        k_cache.len(),
-        b * t_max * c,
-        "k_cache must be [b, t_max, c]"
-    );
-    assert_eq!(
-        v_cache.len(),
-        b * t_max * c,
-        "v_cache must be [b, t_max, c]"
-    );
-    for &len in lens {
-        assert!(
-            len >= 1 && len as usize <= t_max,
-            "decode length {len} outside 1..={t_max}"
-        );
-    }
+    pages.check(lens);
     if out.is_empty() {
         return;
     }
-    chunked_decode::decode(
-        out,
-        qkv,
-        k_cache,
-        v_cache,
-        lens,
-        t_max,
-        c,
-        h,
-        scale,
-        has_avx2_fma(),
-    );
+    chunked_decode::decode(out, qkv, pages, lens, h, scale, has_avx2_fma());
 }
 
 #[cfg(test)]
@@ -216,7 +286,8 @@ mod tests {
     #[test]
     fn decode_on_every_instruction_set_matches_reference() {
         let mut rng = ChaCha8Rng::seed_from_u64(12);
-        let (t_max, c, h) = (2 * chunked_decode::KEYS_PER_TASK + 3, 16, 2);
+        let (c, h, bs) = (16, 2, 7);
+        let t_max = 2 * chunked_decode::KEYS_PER_TASK + 3;
         let lens = [
             1,
             chunked_decode::KEYS_PER_TASK as u32,
@@ -224,26 +295,27 @@ mod tests {
             t_max as u32,
         ];
         let b = lens.len();
+        let mb = t_max.div_ceil(bs);
+        // Every row's blocks scattered over the pool in a shuffled order.
+        let mut ids: Vec<u32> = (0..(b * mb) as u32).collect();
+        for i in (1..ids.len()).rev() {
+            ids.swap(i, rng.random_range(0..=i));
+        }
         let qkv = random(&mut rng, b * 3 * c);
-        let k_cache = random(&mut rng, b * t_max * c);
-        let v_cache = random(&mut rng, b * t_max * c);
-        let mut out_ref = vec![0.0; b * c];
-        reference::decode(
-            &mut out_ref,
-            &qkv,
-            &k_cache,
-            &v_cache,
-            &lens,
-            t_max,
+        let k = random(&mut rng, b * mb * bs * c);
+        let v = random(&mut rng, b * mb * bs * c);
+        let pages = KvPages {
+            k: &k,
+            v: &v,
+            block_table: &ids,
+            block_size: bs,
             c,
-            h,
-            0.3,
-        );
+        };
+        let mut out_ref = vec![0.0; b * c];
+        reference::decode(&mut out_ref, &qkv, &pages, &lens, h, 0.3);
         for fma in instruction_sets() {
             let mut out = vec![f32::NAN; b * c];
-            chunked_decode::decode(
-                &mut out, &qkv, &k_cache, &v_cache, &lens, t_max, c, h, 0.3, fma,
-            );
+            chunked_decode::decode(&mut out, &qkv, &pages, &lens, h, 0.3, fma);
             assert_close(&out, &out_ref, &format!("decode fma={fma}"));
         }
     }
@@ -367,55 +439,48 @@ pub mod reference {
         }
     }
 
-    /// Reference of [`super::decode`].
-    #[allow(clippy::too_many_arguments)]
+    /// Reference of [`super::decode`]: every position's entry looked up one at a time.
     pub fn decode<F: Real>(
         out: &mut [F],
         qkv: &[F],
-        k_cache: &[F],
-        v_cache: &[F],
+        pages: &super::KvPages<'_, F>,
         lens: &[u32],
-        t_max: usize,
-        c: usize,
         h: usize,
         scale: F,
     ) {
+        let c = pages.c;
         assert_eq!(c % h, 0);
         let b = lens.len();
         assert_eq!(qkv.len(), b * 3 * c);
         assert_eq!(out.len(), b * c);
-        assert_eq!(k_cache.len(), b * t_max * c);
-        assert_eq!(v_cache.len(), b * t_max * c);
+        pages.check(lens);
         let hs = c / h;
-        let mut scores = vec![F::zero(); t_max];
-        for r in 0..b {
-            let len = lens[r] as usize;
-            assert!(
-                len >= 1 && len <= t_max,
-                "decode length {len} outside 1..={t_max}"
-            );
+        for (r, &len) in lens.iter().enumerate() {
+            let len = len as usize;
+            let table = pages.row_table(r, b);
+            let mut scores = vec![F::zero(); len];
             for hi in 0..h {
                 let q = r * 3 * c + hi * hs;
                 let mut max = F::neg_infinity();
-                for (j, sj) in scores.iter_mut().enumerate().take(len) {
-                    let k = (r * t_max + j) * c + hi * hs;
+                for (j, sj) in scores.iter_mut().enumerate() {
+                    let k = pages.entry(table, j) * c + hi * hs;
                     let mut s = F::zero();
                     for d in 0..hs {
-                        s = s + qkv[q + d] * k_cache[k + d];
+                        s = s + qkv[q + d] * pages.k[k + d];
                     }
                     *sj = s * scale;
                     max = max.max(*sj);
                 }
                 let mut sum = F::zero();
-                for sj in scores.iter_mut().take(len) {
+                for sj in scores.iter_mut() {
                     *sj = (*sj - max).exp();
                     sum = sum + *sj;
                 }
                 let o = r * c + hi * hs;
                 for d in 0..hs {
                     let mut acc = F::zero();
-                    for (j, sj) in scores.iter().enumerate().take(len) {
-                        acc = acc + *sj * v_cache[(r * t_max + j) * c + hi * hs + d];
+                    for (j, sj) in scores.iter().enumerate() {
+                        acc = acc + *sj * pages.v[pages.entry(table, j) * c + hi * hs + d];
                     }
                     out[o + d] = acc / sum;
                 }

@@ -1,8 +1,8 @@
 //! Appending keys and values to a KV cache.
 //!
 //! A cache is a flat list of entries of width `c`; callers address entries directly
-//! (`row · t_max + position` for a `[rows, t_max, c]` cache), which also covers prefill
-//! (many positions of one row) and, later, paged layouts.
+//! (`block · block_size + offset` in a paged pool, `row · t_max + position` in a contiguous
+//! cache), which also covers prefill (many positions of one row).
 
 use super::Real;
 

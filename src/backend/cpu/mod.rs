@@ -299,22 +299,20 @@ impl<F: Real> Backend for Cpu<F> {
         k_cache: &Vec<F>,
         v_cache: &Vec<F>,
         lens: &[u32],
-        t_max: usize,
+        block_table: &[u32],
+        block_size: usize,
         c: usize,
         h: usize,
         scale: f32,
     ) {
-        attention::decode(
-            out,
-            qkv,
-            k_cache,
-            v_cache,
-            lens,
-            t_max,
+        let pages = attention::KvPages {
+            k: k_cache,
+            v: v_cache,
+            block_table,
+            block_size,
             c,
-            h,
-            real(scale as f64),
-        );
+        };
+        attention::decode(out, qkv, &pages, lens, h, real(scale as f64));
     }
 
     fn kv_append(

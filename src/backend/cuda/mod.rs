@@ -599,7 +599,8 @@ where
         k_cache: &CudaBuf<D>,
         v_cache: &CudaBuf<D>,
         lens: &[u32],
-        t_max: usize,
+        block_table: &[u32],
+        block_size: usize,
         c: usize,
         h: usize,
         scale: f32,
@@ -609,7 +610,18 @@ where
             [out],
             &[qkv, k_cache, v_cache],
             |cpu, o, i| {
-                cpu.attention_decode(&mut o[0], &i[0], &i[1], &i[2], lens, t_max, c, h, scale)
+                cpu.attention_decode(
+                    &mut o[0],
+                    &i[0],
+                    &i[1],
+                    &i[2],
+                    lens,
+                    block_table,
+                    block_size,
+                    c,
+                    h,
+                    scale,
+                )
             },
         );
     }

@@ -26,6 +26,13 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 /// The application: every route, the body limit, status counting and the panic layer.
 pub fn router(app: Arc<AppState>) -> Router {
+    router_with(app, Router::new())
+}
+
+/// [`router`] with `extra` routes merged in under the same layers (tests use it to add a
+/// handler that panics; no production route goes through it).
+#[doc(hidden)]
+pub fn router_with(app: Arc<AppState>, extra: Router<Arc<AppState>>) -> Router {
     let on_panic = {
         let app = app.clone();
         move |_: Box<dyn std::any::Any + Send + 'static>| {
@@ -41,6 +48,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/models", get(info::models))
         .route("/health", get(info::health))
         .route("/metrics", get(info::metrics))
+        .merge(extra)
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(app.config.max_body_bytes))
@@ -65,13 +73,25 @@ async fn count_status(State(app): State<Arc<AppState>>, req: Request, next: Next
     resp
 }
 
-/// Serve on `listener` until SIGINT or SIGTERM; then refuse new work, stop the engine (running
-/// sequences end with an error event) and let open responses finish.
+/// Serve on `listener` until SIGINT or SIGTERM; then shut down as [`serve_until`] does.
 pub async fn serve(listener: tokio::net::TcpListener, app: Arc<AppState>) -> std::io::Result<()> {
+    serve_until(listener, app, shutdown_signal()).await
+}
+
+/// Serve on `listener` until `signal` resolves; then stop listening (new connections are
+/// refused), answer requests still arriving on open connections with 503 `shutting_down`,
+/// stop the engine (running sequences end: a stream with an error event and `[DONE]`, a
+/// plain request with a 503), and return once every open response has finished.
+#[doc(hidden)]
+pub async fn serve_until(
+    listener: tokio::net::TcpListener,
+    app: Arc<AppState>,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let on_signal = app.clone();
     axum::serve(listener, router(app))
         .with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            signal.await;
             eprintln!("shutting down: refusing new requests, cancelling running sequences");
             on_signal.begin_shutdown();
         })
