@@ -75,8 +75,9 @@ pub enum Resolved {
     },
     /// The CUDA backend on an opened GPU.
     Cuda {
-        /// The device, ready for [`crate::backend::cuda::CudaBackend::new`].
-        device: CudarcDevice,
+        /// The device, ready for [`crate::backend::cuda::CudaBackend::new`] (boxed: it holds
+        /// the cuBLAS/cuBLASLt handles and plan cache).
+        device: Box<CudarcDevice>,
         /// e.g. `using CUDA device 0 (NVIDIA H100 80GB HBM3, compute capability 9.0, 79.1 GiB)`.
         reason: String,
     },
@@ -131,7 +132,7 @@ macro_rules! with_backend {
                 $body
             }
             $crate::device::Resolved::Cuda { device, .. } => {
-                let $be = $crate::backend::cuda::CudaBackend::new(device);
+                let $be = $crate::backend::cuda::CudaBackend::new(*device);
                 $body
             }
             $crate::device::Resolved::Emulated { .. } => {
@@ -269,7 +270,7 @@ fn open_cuda(spec: DeviceSpec, ordinal: usize) -> Result<Resolved, DeviceError> 
             message: e.to_string(),
         })?;
     Ok(Resolved::Cuda {
-        device: opened,
+        device: Box::new(opened),
         reason: format!("using CUDA device {ordinal} ({})", info.describe()),
     })
 }

@@ -237,6 +237,8 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// Throughput benchmarks, printed as JSON.
     ///
@@ -302,6 +304,8 @@ enum Command {
         /// Largest request body in bytes (larger: 413).
         #[arg(long, default_value_t = 4 << 20)]
         max_body_bytes: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// Devices, kernel build and presets.
     Info,
@@ -497,14 +501,15 @@ fn run(cmd: Command) -> Result<()> {
             output,
             engine,
             quiet,
+            device,
         } => {
-            let s = mega::serve::batch::run_batch(
+            let cfg = engine.to_config();
+            let engine = with_backend!(device.select()?, |be| mega::serve::Engine::start_on(
+                be,
                 &checkpoint,
-                &input,
-                &output,
-                engine.to_config(),
-                !quiet,
-            )?;
+                cfg.clone()
+            ))?;
+            let s = mega::serve::batch::run_batch(engine, &input, &output, cfg, !quiet)?;
             eprintln!(
                 "batch: {} results written ({} errors), {} already done, {} bytes generated in {:.1} s ({:.0} bytes/s)",
                 s.written,
@@ -567,6 +572,7 @@ fn run(cmd: Command) -> Result<()> {
             engine,
             max_concurrent_requests,
             max_body_bytes,
+            device,
         } => serve(
             &checkpoint,
             &host,
@@ -574,6 +580,7 @@ fn run(cmd: Command) -> Result<()> {
             engine.to_config(),
             max_concurrent_requests,
             max_body_bytes,
+            device,
         ),
         Command::Info => {
             let m = mega::bench::Machine::detect();
@@ -625,6 +632,7 @@ fn serve(
     cfg: mega::serve::EngineConfig,
     max_concurrent_requests: usize,
     max_body_bytes: usize,
+    device: DeviceArgs,
 ) -> Result<()> {
     use mega::serve::http::{serve, AppState, HttpConfig};
     if max_concurrent_requests == 0 || max_body_bytes == 0 {
@@ -636,10 +644,11 @@ fn serve(
         max_prompt_bytes: cfg.max_prompt_bytes,
         max_total_bytes: cfg.max_total_bytes,
     };
-    // Still on the CPU: with `Engine::start_on(backend, checkpoint, cfg)` this becomes
-    // `with_backend!(device.select()?, |be| Engine::start_on(be, checkpoint, cfg))?` plus a
-    // `DeviceArgs` on the command, as for train/eval/generate/bench (likewise `mega batch`).
-    let engine = mega::serve::Engine::start(checkpoint, cfg)?;
+    // The engine thread owns the backend: weights and caches live in its buffers (device
+    // memory on a GPU).
+    let engine = with_backend!(device.select()?, |be| mega::serve::Engine::start_on(
+        be, checkpoint, cfg
+    ))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -79,10 +79,10 @@ pub struct BatchSummary {
     pub elapsed_s: f64,
 }
 
-/// Runs every request of `input` not yet in `output` on the checkpoint and appends the
-/// results to `output`.
+/// Runs every request of `input` not yet in `output` on `engine` (started on the checkpoint
+/// with `cfg`) and appends the results to `output`.
 pub fn run_batch(
-    checkpoint: &Path,
+    engine: Engine,
     input: &Path,
     output: &Path,
     cfg: EngineConfig,
@@ -109,7 +109,6 @@ pub fn run_batch(
             output.display()
         );
     }
-    let engine = Engine::start(checkpoint, cfg.clone())?;
     let pb = progress_bar(progress, todo.len() as u64);
     let mut writer = ResultWriter {
         file: &mut out,
