@@ -3,12 +3,12 @@
 //! backend from the same parameters and bytes.
 //!
 //! Tolerances, with the differences measured when they were set (docs/cuda-backend.md):
-//! - loss: `|Δ| ≤ 1e-5` nats (measured 1.5e-8 MEGABYTE, 7.5e-8 MEGALODON: the kernels reduce
+//! - loss: `|Δ| ≤ 1e-5` nats (measured 3.0e-8 MEGABYTE, 7.5e-8 MEGALODON: the kernels reduce
 //!   in other orders than the CPU loops);
-//! - gradients: per tensor, `max|Δ| ≤ 1e-4 · max|g_cpu|` (measured 7.1e-7 and 9.1e-7: norm
+//! - gradients: per tensor, `max|Δ| ≤ 1e-4 · max|g_cpu|` (measured 7.0e-7 and 9.1e-7: norm
 //!   partials, CEMA and TimestepNorm scans, the CSR scatters and the cross-entropy rows sum in
 //!   other orders);
-//! - updated parameters and AdamW moments: `|Δ| ≤ 1e-4 + 1e-4·|x|` (measured 9.4e-6 and
+//! - updated parameters and AdamW moments: `|Δ| ≤ 1e-4 + 1e-4·|x|` (measured 1.6e-5 and
 //!   3.1e-6). The first AdamW step moves a weight by lr·g/(|g| + ε), which turns a gradient
 //!   difference at |g| ≈ ε into up to lr·|Δg|/ε, so the bound is 1 % of the learning rate;
 //!   the gradients themselves are held to the tighter bound above.
