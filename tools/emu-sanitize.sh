@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the CPU-emulator tests (tests/emu_harness.rs, tests/emu_kernels.rs) with the emulator
+# Runs the CPU-emulator tests (tests/emu_harness.rs, tests/emu_kernels*.rs) with the emulator
 # runtime and every kernel compiled under AddressSanitizer + UBSan (MEGA_EMU_SANITIZE=1 in
 # build.rs: -fsanitize=address,undefined -fno-sanitize-recover=all), host buffers sized exactly.
 #
@@ -24,7 +24,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:${UBSAN_OPTIONS:-}"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --release --test emu_harness --test emu_kernels --test emu_device --test emu_kernels_megalodon --test emu_kernels_ops --test emu_kernels_cast --test emu_kernels_softmax 2>&1 | tee "$log"
+cargo test --release --test emu_harness --test emu_kernels --test emu_device --test emu_kernels_megalodon --test emu_kernels_ops --test emu_kernels_cast --test emu_kernels_softmax --test emu_kernels_elementwise 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 if (( status != 0 )); then
