@@ -29,9 +29,12 @@ use mega::model::megabyte::Megabyte;
 use mega::model::megalodon::Megalodon;
 use mega::model::params::ParamLayout;
 use mega::model::{LanguageModel, ModelShape};
-use mega::train::trainer::{optimizer_step, TrainHparams, TrainState};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+#[path = "support/train_step.rs"]
+mod train_step;
+use train_step::{hparams, one_step, StepResult, LR};
 
 /// bf16 unit roundoff.
 const U_BF16: f64 = 1.0 / 256.0;
@@ -457,65 +460,6 @@ fn backend_matmul_precision_decides_the_rounding() {
 }
 
 // ---- one training step -----------------------------------------------------------------------
-
-/// Everything one step produced, on the host.
-struct StepResult {
-    loss: f64,
-    grads: Vec<Vec<f32>>,
-    params: Vec<Vec<f32>>,
-    m: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-}
-
-const LR: f32 = 1e-2;
-
-fn hparams(b: usize, t: usize) -> TrainHparams {
-    TrainHparams {
-        batch_size: b,
-        seq_len: t,
-        total_steps: 10,
-        lr: LR,
-        min_lr: 1e-3,
-        warmup_steps: 0,
-        weight_decay: 0.1,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        grad_clip: 1.0,
-        seed: 0,
-        valid_fraction: 0.0,
-    }
-}
-
-fn one_step<B: Backend, M: LanguageModel<B>>(
-    be: &B,
-    model: &M,
-    layout: &ParamLayout,
-    host: &[Vec<f32>],
-    windows: &[u8],
-    b: usize,
-    t: usize,
-) -> StepResult {
-    let mut st = TrainState {
-        params: layout.upload(be, host),
-        grads: layout.zeros(be),
-        m: layout.zeros(be),
-        v: layout.zeros(be),
-    };
-    let mut ws = model.workspace(be, b, t, true);
-    let loss = model.forward(be, &st.params, &mut ws, windows);
-    model.backward(be, &st.params, &mut st.grads, &mut ws);
-    let grads = st.grads.iter().map(|g| be.download(g)).collect();
-    optimizer_step(be, model, &mut st, &hparams(b, t), LR, 0);
-    let get = |v: &[B::Buf]| v.iter().map(|x| be.download(x)).collect();
-    StepResult {
-        loss,
-        grads,
-        params: get(&st.params),
-        m: get(&st.m),
-        v: get(&st.v),
-    }
-}
 
 /// Initial parameters plus uniform ±0.05 (so every path carries signal) and random bytes.
 fn inputs(layout: &ParamLayout, window_bytes: usize, seed: u64) -> (Vec<Vec<f32>>, Vec<u8>) {

@@ -16,77 +16,23 @@
 use mega::backend::cpu::Cpu;
 use mega::backend::cuda::buffer::CudaBuf;
 use mega::backend::cuda::CudaBackend;
-use mega::backend::Backend;
 use mega::config::{MegabyteConfig, MegalodonConfig};
 use mega::emu::EmulatedDevice;
 use mega::model::megabyte::Megabyte;
 use mega::model::megalodon::Megalodon;
 use mega::model::params::ParamLayout;
-use mega::model::{LanguageModel, ModelShape};
-use mega::train::trainer::{optimizer_step, TrainHparams, TrainState};
+use mega::model::ModelShape;
+use mega::train::trainer::{optimizer_step, TrainState};
 use rand::{Rng, SeedableRng};
+
+#[path = "support/train_step.rs"]
+mod train_step;
+use train_step::{hparams, one_step, StepResult, LR};
 
 const LOSS_TOL: f64 = 1e-5;
 const GRAD_TOL: f32 = 1e-4;
 const PARAM_ABS_TOL: f32 = 1e-4;
 const PARAM_REL_TOL: f32 = 1e-4;
-
-/// Everything one step produced, on the host.
-struct StepResult {
-    loss: f64,
-    grads: Vec<Vec<f32>>,
-    params: Vec<Vec<f32>>,
-    m: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-}
-
-fn hparams(b: usize, t: usize) -> TrainHparams {
-    TrainHparams {
-        batch_size: b,
-        seq_len: t,
-        total_steps: 10,
-        lr: 1e-2,
-        min_lr: 1e-3,
-        warmup_steps: 0,
-        weight_decay: 0.1,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        grad_clip: 1.0,
-        seed: 0,
-        valid_fraction: 0.0,
-    }
-}
-
-fn one_step<B: Backend, M: LanguageModel<B>>(
-    be: &B,
-    model: &M,
-    layout: &ParamLayout,
-    host: &[Vec<f32>],
-    windows: &[u8],
-    b: usize,
-    t: usize,
-) -> StepResult {
-    let mut st = TrainState {
-        params: layout.upload(be, host),
-        grads: layout.zeros(be),
-        m: layout.zeros(be),
-        v: layout.zeros(be),
-    };
-    let mut ws = model.workspace(be, b, t, true);
-    let loss = model.forward(be, &st.params, &mut ws, windows);
-    model.backward(be, &st.params, &mut st.grads, &mut ws);
-    let grads = st.grads.iter().map(|g| be.download(g)).collect();
-    optimizer_step(be, model, &mut st, &hparams(b, t), 1e-2, 0);
-    let get = |v: &[B::Buf]| v.iter().map(|x| be.download(x)).collect();
-    StepResult {
-        loss,
-        grads,
-        params: get(&st.params),
-        m: get(&st.m),
-        v: get(&st.v),
-    }
-}
 
 /// Random bytes and a random perturbation of the initial parameters (std 0.05 on top of the
 /// init, so every path carries signal, as in a trained model).
@@ -241,7 +187,7 @@ fn megabyte_training_state_lives_in_one_allocation_per_category() {
         let mut ws = model.workspace(&be, b, t, true);
         model.forward(&be, &st.params, &mut ws, &bytes);
         model.backward(&be, &st.params, &mut st.grads, &mut ws);
-        optimizer_step(&be, &model, &mut st, &hparams(b, t), 1e-2, 0);
+        optimizer_step(&be, &model, &mut st, &hparams(b, t), LR, 0);
     }
     let categories = [
         ("parameters", &st.params),
