@@ -610,11 +610,11 @@ fn cudarc_device_fails_cleanly_without_a_driver() {
     }
 }
 
-/// The memory-side ops that moved onto the device (kernels/elementwise.cu, kernels/reduce.cu,
-/// device copies and memsets) on awkward sizes: repeated scatter rows (the last one wins),
-/// KV appends with a repeated entry, sums over several reduction blocks. The elementwise ops
-/// are the CPU's arithmetic, one operation per element, so they must agree exactly; the sums
-/// are f64 in another order, so to f64 rounding (far below the f32 output tolerance).
+// The memory-side ops that moved onto the device (kernels/elementwise.cu, kernels/reduce.cu,
+// device copies and memsets) on awkward sizes: repeated scatter rows (the last one wins),
+// KV appends with a repeated entry, sums over several reduction blocks. The elementwise ops
+// are the CPU's arithmetic, one operation per element, so they must agree exactly; the sums
+// are f64 in another order, so to f64 rounding (far below the f32 output tolerance).
 case!(memory_ops_on_device, "memory on device", EXACT_TOL, |be| {
     let mut r = rng(21);
     let mut outs = Vec::new();
@@ -696,5 +696,9 @@ fn zeros_many_and_upload_many_share_one_arena() {
     assert_eq!(be.download(&out), vec![0.0; 5]);
     drop(up);
     drop(zs);
-    assert_eq!(be.pool_stats().arenas, 0, "arenas freed with their last view");
+    assert_eq!(
+        be.pool_stats().arenas,
+        0,
+        "arenas freed with their last view"
+    );
 }

@@ -103,7 +103,15 @@ fn row_scatter_and_kv_append_match_the_twins() {
         for schedule in SCHEDULES {
             let what = format!("d={d} {schedule:?}");
             let dst = nan_buf(dst_rows * d);
-            rows_copy(&dst, &HostBuffer::from_slice(&src), &rows, d, d, 0, schedule);
+            rows_copy(
+                &dst,
+                &HostBuffer::from_slice(&src),
+                &rows,
+                d,
+                d,
+                0,
+                schedule,
+            );
             assert_eq!(bits(&dst.to_vec()), bits(&want), "scatter_rows {what}");
             let (k, v, q) = (
                 nan_buf(dst_rows * c),
@@ -141,10 +149,11 @@ fn device_sum(x: &HostBuffer<f32>, n: usize, square: bool, schedule: Schedule) -
 
 #[test]
 fn sums_are_schedule_independent_and_match_the_twin() {
-    let sizes = SIZES
-        .iter()
-        .copied()
-        .chain([4095, 4096, 4097, 65_537, reduce::MAX_PARTIALS * 4096 + 4099]);
+    let sizes =
+        SIZES
+            .iter()
+            .copied()
+            .chain([4095, 4096, 4097, 65_537, reduce::MAX_PARTIALS * 4096 + 4099]);
     let mut worst = 0.0f64;
     for (case, n) in sizes.enumerate() {
         let mut r = rng(300 + case as u64);
@@ -158,7 +167,13 @@ fn sums_are_schedule_independent_and_match_the_twin() {
             };
             let scale: f64 = x
                 .iter()
-                .map(|&v| if square { (v as f64).powi(2) } else { (v as f64).abs() })
+                .map(|&v| {
+                    if square {
+                        (v as f64).powi(2)
+                    } else {
+                        (v as f64).abs()
+                    }
+                })
                 .sum();
             let mut first: Option<f64> = None;
             for schedule in SCHEDULES
@@ -168,7 +183,10 @@ fn sums_are_schedule_independent_and_match_the_twin() {
                 let got = device_sum(&xb, n, square, schedule);
                 let err = (got - want).abs() / scale.max(1e-300);
                 worst = worst.max(err);
-                assert!(err <= 1e-13, "n={n} square={square} {schedule:?}: {got} vs {want}");
+                assert!(
+                    err <= 1e-13,
+                    "n={n} square={square} {schedule:?}: {got} vs {want}"
+                );
                 match first {
                     None => first = Some(got),
                     Some(f) => assert_eq!(

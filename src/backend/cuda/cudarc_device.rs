@@ -294,7 +294,9 @@ impl DeviceApi for CudarcDevice {
         if len == 0 {
             return Ok(());
         }
-        self.ctx.bind_to_thread().map_err(|e| driver("copy_dtod", e))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver("copy_dtod", e))?;
         // SAFETY: both ranges lie inside live allocations of this context (checked above) and
         // do not overlap; the copy is ordered on the one stream with every other operation.
         unsafe {

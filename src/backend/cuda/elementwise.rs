@@ -17,7 +17,10 @@ pub fn last_writer_rows(rows: &[u32]) -> (Vec<u32>, Vec<u32>) {
     for (i, &r) in rows.iter().enumerate() {
         last.insert(r, i);
     }
-    let (mut dst, mut src) = (Vec::with_capacity(last.len()), Vec::with_capacity(last.len()));
+    let (mut dst, mut src) = (
+        Vec::with_capacity(last.len()),
+        Vec::with_capacity(last.len()),
+    );
     for (i, &r) in rows.iter().enumerate() {
         if last[&r] == i {
             dst.push(r);

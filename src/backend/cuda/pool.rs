@@ -276,7 +276,10 @@ mod tests {
         assert_eq!(arena.len(), 1001, "an arena is not rounded to a size class");
         assert_eq!(arena.to_vec(), vec![0.0; 1001]);
         let s = pool.stats();
-        assert_eq!((s.allocated, s.in_use, s.misses, s.arenas), (1001, 1001, 1, 1));
+        assert_eq!(
+            (s.allocated, s.in_use, s.misses, s.arenas),
+            (1001, 1001, 1, 1)
+        );
         pool.release_arena(arena);
         let s = pool.stats();
         assert_eq!((s.allocated, s.in_use, s.cached, s.arenas), (0, 0, 0, 0));
