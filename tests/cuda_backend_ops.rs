@@ -581,9 +581,14 @@ fn kernel_ops_stay_on_the_device_and_fallbacks_are_counted() {
         "{:?}",
         be.host_fallback_calls()
     );
-    // Elementwise ops and sums have kernels too.
+    // The memory-side ops run on the device too.
     be.add_assign(&mut a, &y);
+    be.scale(&mut a, 0.5);
     let _ = be.sum(&a);
+    let _ = be.sum_squares(&a);
+    let mut c = be.zeros(n * d);
+    be.copy(&mut c, &a);
+    be.fill_zero(&mut c);
     assert!(
         be.host_fallback_calls().is_empty(),
         "{:?}",
@@ -845,4 +850,97 @@ fn log_softmax_on_device_matches_cpu_without_host_fallbacks() {
     }
     println!("log_softmax worst |cuda − cpu|/(1+|cpu|): {worst:.1e}");
     assert!(cuda.host_fallback_calls().is_empty());
+}
+
+// The memory-side ops that moved onto the device (kernels/elementwise.cu, kernels/reduce.cu,
+// device copies and memsets) on awkward sizes: repeated scatter rows (the last one wins),
+// KV appends with a repeated entry, sums over several reduction blocks. The elementwise ops
+// are the CPU's arithmetic, one operation per element, so they must agree exactly; the sums
+// are f64 in another order, so to f64 rounding (far below the f32 output tolerance).
+case!(memory_ops_on_device, "memory on device", EXACT_TOL, |be| {
+    let mut r = rng(21);
+    let mut outs = Vec::new();
+    for n in [1usize, 255, 256, 257, 4099, 70_001] {
+        let a = be.upload(&uniform(&mut r, n, 0.0, 1.0));
+        let b = be.upload(&uniform(&mut r, n, 0.5, 1.0));
+        let mut c = be.upload(&uniform(&mut r, n, 0.0, 1.0));
+        be.add_assign(&mut c, &a);
+        be.scale(&mut c, -1.7);
+        let mut m = be.zeros(n);
+        be.mul(&mut m, &c, &b);
+        let mut s = be.zeros(n);
+        be.add_scalar(&mut s, &m, 0.25);
+        let mut k = be.zeros(n);
+        be.copy(&mut k, &s);
+        outs.push(be.download(&k));
+        let (sum, sq) = (be.sum(&s), be.sum_squares(&s));
+        // Relative to the sum's own scale, to f64 rounding.
+        outs.push(vec![(sum / n as f64) as f32, (sq / n as f64) as f32]);
+    }
+    let d = 19usize;
+    let src = be.upload(&uniform(&mut r, 6 * d, 0.0, 1.0));
+    let mut dst = be.upload(&uniform(&mut r, 9 * d, 0.0, 1.0));
+    be.scatter_rows(&mut dst, &src, &[4, 0, 4, 8, 2, 4], d);
+    outs.push(be.download(&dst));
+    let c = 13usize;
+    let qkv = be.upload(&uniform(&mut r, 5 * 3 * c, 0.0, 1.0));
+    let (mut kc, mut vc) = (
+        be.upload(&uniform(&mut r, 7 * c, 0.0, 1.0)),
+        be.upload(&uniform(&mut r, 7 * c, 0.0, 1.0)),
+    );
+    be.kv_append(&mut kc, &mut vc, &qkv, &[6, 1, 3, 1, 0], c);
+    outs.push(be.download(&kc));
+    outs.push(be.download(&vc));
+    outs
+});
+
+/// Buffers allocated together share one allocation on the CUDA backend, each view reads and
+/// writes only its own range, and the arena is freed when its last view drops.
+#[test]
+fn zeros_many_and_upload_many_share_one_arena() {
+    let be = Cuda::new(EmulatedDevice::new());
+    let lens = [5usize, 0, 300, 1, 64];
+    let hosts: Vec<Vec<f32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (0..n).map(|j| (i * 1000 + j) as f32).collect())
+        .collect();
+    let slices: Vec<&[f32]> = hosts.iter().map(Vec::as_slice).collect();
+    let before = be.pool_stats();
+    let mut up = be.upload_many(&slices);
+    let zs = be.zeros_many(&lens);
+    let after = be.pool_stats();
+    assert_eq!(after.misses - before.misses, 2, "one allocation per call");
+    assert_eq!(after.arenas, 2);
+    for v in [&up, &zs] {
+        let first = v[0].allocation_address();
+        assert!(v.iter().all(|b| b.allocation_address() == first));
+    }
+    for (i, b) in up.iter().enumerate() {
+        assert_eq!(be.download(b), hosts[i], "view {i}");
+        assert_eq!(be.download(&zs[i]), vec![0.0; lens[i]]);
+    }
+    // Ops on one view leave its neighbours alone.
+    let add = be.upload(&vec![1.0; 300]);
+    be.add_assign(&mut up[2], &add);
+    be.fill_zero(&mut up[3]);
+    let fresh: Vec<f32> = (0..64).map(|j| -(j as f32)).collect();
+    let src = be.upload(&fresh);
+    be.copy(&mut up[4], &src);
+    let want2: Vec<f32> = hosts[2].iter().map(|x| x + 1.0).collect();
+    assert_eq!(be.download(&up[0]), hosts[0]);
+    assert_eq!(be.download(&up[2]), want2);
+    assert_eq!(be.download(&up[3]), vec![0.0]);
+    assert_eq!(be.download(&up[4]), fresh);
+    // A matmul on views inside one arena.
+    let mut out = be.zeros(5);
+    be.matmul(&mut out, &up[0], &up[3], 5, 1, 1, false, false, false);
+    assert_eq!(be.download(&out), vec![0.0; 5]);
+    drop(up);
+    drop(zs);
+    assert_eq!(
+        be.pool_stats().arenas,
+        0,
+        "arenas freed with their last view"
+    );
 }

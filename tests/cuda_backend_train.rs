@@ -118,6 +118,7 @@ fn megabyte_tiny_step_matches_cpu() {
     println!("host fallbacks: {:?}", be.host_fallback_calls());
     println!("pool: {:?}", be.pool_stats());
     compare("megabyte tiny", &model.layout, &cpu, &cuda);
+    assert_state_in_arenas(&be, &model.layout);
 }
 
 #[test]
@@ -140,6 +141,45 @@ fn megalodon_tiny_step_matches_cpu() {
     println!("host fallbacks: {:?}", be.host_fallback_calls());
     println!("pool: {:?}", be.pool_stats());
     compare("megalodon tiny", &model.layout, &cpu, &cuda);
+    assert_state_in_arenas(&be, &model.layout);
+}
+
+/// A training state's parameters, gradients and AdamW moments each lie in at most 3
+/// allocations (here one arena per category), as the pool and the views' allocations show.
+fn assert_state_in_arenas(be: &CudaBackend<EmulatedDevice>, layout: &ParamLayout) {
+    let host = layout.init_host(0);
+    let before = be.pool_stats();
+    let st: TrainState<CudaBackend<EmulatedDevice>> = TrainState {
+        params: layout.upload(be, &host),
+        grads: layout.zeros(be),
+        m: layout.zeros(be),
+        v: layout.zeros(be),
+    };
+    let after = be.pool_stats();
+    assert!(
+        after.misses - before.misses <= 12,
+        "{} allocations for {} tensors × 4",
+        after.misses - before.misses,
+        layout.specs.len()
+    );
+    let categories: [(&str, &Vec<mega::backend::cuda::CudaBuf<EmulatedDevice>>); 4] = [
+        ("params", &st.params),
+        ("grads", &st.grads),
+        ("m", &st.m),
+        ("v", &st.v),
+    ];
+    for (what, bufs) in categories {
+        let mut allocations: Vec<usize> = bufs.iter().map(|b| b.allocation_address()).collect();
+        allocations.sort();
+        allocations.dedup();
+        assert!(
+            allocations.len() <= 3,
+            "{what}: {} tensors in {} allocations",
+            bufs.len(),
+            allocations.len()
+        );
+    }
+    assert_eq!(after.arenas - before.arenas, 4);
 }
 
 /// The allocations a category of training state (parameters, gradients, a moment) lies in,

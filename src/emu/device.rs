@@ -497,3 +497,58 @@ impl DeviceApi for EmulatedDevice {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod offset_op_tests {
+    use super::*;
+
+    #[test]
+    fn copies_memsets_and_gemms_work_on_sub_ranges() {
+        let dev = EmulatedDevice::new();
+        let host: Vec<f32> = (0..10).map(|i| i as f32).collect();
+        let buf = dev.upload(&host).unwrap();
+        let other = dev.alloc_zeros::<f32>(4).unwrap();
+        // Within one allocation: [0, 3) → [5, 8).
+        dev.copy_dtod(BufferAt::new(&buf, 5), BufferAt::new(&buf, 0), 3)
+            .unwrap();
+        dev.copy_dtod(BufferAt::new(&other, 1), BufferAt::new(&buf, 8), 2)
+            .unwrap();
+        dev.memset_zero(BufferAt::new(&buf, 1), 2).unwrap();
+        assert_eq!(
+            buf.to_vec(),
+            vec![0.0, 0.0, 0.0, 3.0, 4.0, 0.0, 1.0, 2.0, 8.0, 9.0]
+        );
+        assert_eq!(other.to_vec(), vec![0.0, 8.0, 9.0, 0.0]);
+        // Overlapping or out-of-range ranges are errors, and change nothing.
+        for (dst, src, len) in [(2, 0, 3), (8, 0, 3), (0, 9, 2)] {
+            let r = dev.copy_dtod(BufferAt::new(&buf, dst), BufferAt::new(&buf, src), len);
+            assert!(matches!(r, Err(DeviceError::Shape(_))), "{dst} {src} {len}");
+        }
+        assert!(dev.memset_zero(BufferAt::new(&buf, 9), 2).is_err());
+        // out[1,1] = a[1,2]·b[2,1] with every operand at an offset of one buffer.
+        let m = dev.upload(&[9.0f32, 2.0, 3.0, 4.0, 5.0, 7.0]).unwrap();
+        let shape = GemmShape {
+            m: 1,
+            k: 2,
+            n: 1,
+            trans_a: false,
+            trans_b: false,
+            accumulate: false,
+        };
+        dev.gemm_f32_at(
+            BufferAt::new(&m, 0),
+            BufferAt::new(&m, 1),
+            BufferAt::new(&m, 3),
+            shape,
+        )
+        .unwrap();
+        assert_eq!(m.to_vec()[0], 2.0 * 4.0 + 3.0 * 5.0);
+        let overlap = dev.gemm_f32_at(
+            BufferAt::new(&m, 1),
+            BufferAt::new(&m, 1),
+            BufferAt::new(&m, 3),
+            shape,
+        );
+        assert!(matches!(overlap, Err(DeviceError::Shape(_))));
+    }
+}
