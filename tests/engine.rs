@@ -5,7 +5,6 @@
 #[path = "support/checkpoint.rs"]
 mod checkpoint;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mega::backend::cpu::Cpu;
@@ -45,8 +44,22 @@ fn megalodon_cfg() -> MegalodonConfig {
     MegalodonConfig::preset("tiny").unwrap()
 }
 
-fn write_checkpoint<M: ModelShape>(dir: &Path, cfg: &ModelConfig, model: &M) {
-    checkpoint::write_checkpoint(dir, cfg, model, SEED);
+/// A checkpoint of the test MEGABYTE in a fresh directory, and the model it holds.
+fn megabyte_checkpoint() -> (tempfile::TempDir, Megabyte) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = megabyte_cfg();
+    let model = Megabyte::new(&cfg);
+    checkpoint::write_checkpoint(dir.path(), &ModelConfig::Megabyte(cfg), &model, SEED);
+    (dir, model)
+}
+
+/// A checkpoint of the test MEGALODON in a fresh directory, and the model it holds.
+fn megalodon_checkpoint() -> (tempfile::TempDir, Megalodon) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = megalodon_cfg();
+    let model = Megalodon::new(&cfg);
+    checkpoint::write_checkpoint(dir.path(), &ModelConfig::Megalodon(cfg), &model, SEED);
+    (dir, model)
 }
 
 fn text(seed: usize, len: usize) -> Vec<u8> {
@@ -189,10 +202,7 @@ fn batching_config() -> EngineConfig {
 
 #[test]
 fn megabyte_engine_matches_generate_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = megabyte_cfg();
-    let model = Megabyte::new(&cfg);
-    write_checkpoint(dir.path(), &ModelConfig::Megabyte(cfg.clone()), &model);
+    let (dir, model) = megabyte_checkpoint();
     let reqs = with_stops(&model, requests());
     assert!(reqs.iter().any(|r| !r.stop.is_empty()));
     let want = reference(&model, &reqs);
@@ -217,10 +227,7 @@ fn megabyte_engine_matches_generate_alone() {
 
 #[test]
 fn megalodon_engine_matches_generate_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = megalodon_cfg();
-    let model = Megalodon::new(&cfg);
-    write_checkpoint(dir.path(), &ModelConfig::Megalodon(cfg.clone()), &model);
+    let (dir, model) = megalodon_checkpoint();
     let reqs = with_stops(&model, requests());
     let want = reference(&model, &reqs);
     let engine = Engine::start(dir.path(), batching_config()).unwrap();
@@ -233,10 +240,7 @@ fn megalodon_engine_matches_generate_alone() {
 #[test]
 fn megalodon_engine_with_one_slot_matches_generate_alone() {
     // One slot: every call runs the whole (padded) state in place, sequence after sequence.
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = megalodon_cfg();
-    let model = Megalodon::new(&cfg);
-    write_checkpoint(dir.path(), &ModelConfig::Megalodon(cfg.clone()), &model);
+    let (dir, model) = megalodon_checkpoint();
     let reqs = requests();
     let want = reference(&model, &reqs);
     let mut ecfg = batching_config();
@@ -249,10 +253,7 @@ fn megalodon_engine_with_one_slot_matches_generate_alone() {
 
 #[test]
 fn preempted_sequences_are_recomputed_to_the_same_bytes() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = megabyte_cfg();
-    let model = Megabyte::new(&cfg);
-    write_checkpoint(dir.path(), &ModelConfig::Megabyte(cfg.clone()), &model);
+    let (dir, model) = megabyte_checkpoint();
     // Room for one full context (8 patches = 4 blocks of 2) and one more block, for four
     // running sequences that each grow to the full context.
     let mut ecfg = batching_config();
@@ -283,10 +284,7 @@ fn preempted_sequences_are_recomputed_to_the_same_bytes() {
 
 #[test]
 fn too_small_a_budget_is_refused_at_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = megabyte_cfg();
-    let model = Megabyte::new(&cfg);
-    write_checkpoint(dir.path(), &ModelConfig::Megabyte(cfg), &model);
+    let (dir, _) = megabyte_checkpoint();
     let mut ecfg = batching_config();
     ecfg.memory_budget_bytes = 1024;
     let err = Engine::start(dir.path(), ecfg).err().expect("refused");
@@ -314,10 +312,7 @@ fn metric(text: &str, name: &str) -> f64 {
 
 #[test]
 fn dropping_the_handle_cancels_and_frees_the_blocks() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = megabyte_cfg();
-    let model = Megabyte::new(&cfg);
-    write_checkpoint(dir.path(), &ModelConfig::Megabyte(cfg), &model);
+    let (dir, _) = megabyte_checkpoint();
     let engine = Engine::start(dir.path(), batching_config()).unwrap();
     let mut h = engine
         .submit(Request {
@@ -344,10 +339,7 @@ fn dropping_the_handle_cancels_and_frees_the_blocks() {
 
 #[test]
 fn limits_are_enforced_and_shutdown_aborts_running_sequences() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = megalodon_cfg();
-    let model = Megalodon::new(&cfg);
-    write_checkpoint(dir.path(), &ModelConfig::Megalodon(cfg), &model);
+    let (dir, _) = megalodon_checkpoint();
     let mut ecfg = batching_config();
     ecfg.max_running = 1;
     ecfg.max_queued = 1;
@@ -420,10 +412,7 @@ fn limits_are_enforced_and_shutdown_aborts_running_sequences() {
 
 #[test]
 fn logprobs_describe_the_released_bytes() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = megabyte_cfg();
-    let model = Megabyte::new(&cfg);
-    write_checkpoint(dir.path(), &ModelConfig::Megabyte(cfg), &model);
+    let (dir, _) = megabyte_checkpoint();
     let engine = Engine::start(dir.path(), batching_config()).unwrap();
     // Greedy: every released byte is the most likely one.
     let out = collect(
@@ -457,10 +446,7 @@ fn logprobs_describe_the_released_bytes() {
 fn engine_on_the_emulated_cuda_backend_matches_generate_there() {
     use mega::backend::cuda::CudaBackend;
     use mega::emu::EmulatedDevice;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = megabyte_cfg();
-    let model = Megabyte::new(&cfg);
-    write_checkpoint(dir.path(), &ModelConfig::Megabyte(cfg.clone()), &model);
+    let (dir, model) = megabyte_checkpoint();
     let reqs: Vec<Request> = (0..2)
         .map(|i| Request {
             prompt: text(i, 5 + 4 * i),
