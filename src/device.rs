@@ -66,7 +66,7 @@ impl fmt::Display for DeviceSpec {
 }
 
 /// The backend a [`DeviceSpec`] resolved to, with the one line that says why. A CUDA device
-/// is already open (context, stream, cuBLAS handle), so every driver error surfaced here.
+/// is already open (context, stream, cuBLASLt handle), so every driver error surfaced here.
 pub enum Resolved {
     /// The CPU backend.
     Cpu {
@@ -183,7 +183,7 @@ pub enum DeviceError {
         ordinal: usize,
         /// The device's name.
         name: String,
-        /// What failed, e.g. `CUDA: cuBLAS (libcublas.so.13) not found`.
+        /// What failed, e.g. `CUDA: cuBLASLt (libcublasLt.so.13) not found`.
         message: String,
     },
 }

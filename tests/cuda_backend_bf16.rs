@@ -19,7 +19,8 @@
 use half::bf16;
 use mega::backend::cpu::Cpu;
 use mega::backend::cuda::cublaslt::{
-    column_major, pointer_alignment, ColumnMajorGemm, GemmKey, LtCompute, LtDtype, PlanCache,
+    column_major, pointer_alignment, ColumnMajorGemm, GemmKey, LtCompute, LtDtype, LtProblem,
+    PlanCache,
 };
 use mega::backend::cuda::{CudaBackend, Precision};
 use mega::backend::Backend;
@@ -201,7 +202,7 @@ fn pointer_alignment_is_the_largest_power_of_two_up_to_256() {
 
 fn key(shape: GemmShape) -> GemmKey {
     GemmKey {
-        shape,
+        problem: LtProblem::dense(shape),
         input: LtDtype::Bf16,
         output: LtDtype::F32,
         compute: LtCompute::F32,
@@ -211,52 +212,50 @@ fn key(shape: GemmShape) -> GemmKey {
 
 #[test]
 fn plan_cache_builds_one_plan_per_distinct_key() {
-    let base = key(GemmShape {
+    let shape = GemmShape {
         m: 8,
         k: 16,
         n: 4,
         trans_a: false,
         trans_b: true,
         accumulate: false,
-    });
+    };
+    let base = key(shape);
+    let with_shape = |key: GemmKey, shape: GemmShape| GemmKey {
+        problem: LtProblem::dense(shape),
+        ..key
+    };
+    let with_problem = |key: GemmKey, f: &dyn Fn(&mut LtProblem)| {
+        let mut problem = key.problem;
+        f(&mut problem);
+        GemmKey { problem, ..key }
+    };
     // Each variant differs from `base` in one field, so each needs its own plan.
     let variants = [
-        GemmKey {
-            shape: GemmShape { m: 9, ..base.shape },
-            ..base
-        },
-        GemmKey {
-            shape: GemmShape {
-                k: 17,
-                ..base.shape
-            },
-            ..base
-        },
-        GemmKey {
-            shape: GemmShape { n: 5, ..base.shape },
-            ..base
-        },
-        GemmKey {
-            shape: GemmShape {
+        with_shape(base, GemmShape { m: 9, ..shape }),
+        with_shape(base, GemmShape { k: 17, ..shape }),
+        with_shape(base, GemmShape { n: 5, ..shape }),
+        with_shape(
+            base,
+            GemmShape {
                 trans_a: true,
-                ..base.shape
+                ..shape
             },
-            ..base
-        },
-        GemmKey {
-            shape: GemmShape {
+        ),
+        with_shape(
+            base,
+            GemmShape {
                 trans_b: false,
-                ..base.shape
+                ..shape
             },
-            ..base
-        },
-        GemmKey {
-            shape: GemmShape {
+        ),
+        with_shape(
+            base,
+            GemmShape {
                 accumulate: true,
-                ..base.shape
+                ..shape
             },
-            ..base
-        },
+        ),
         GemmKey {
             input: LtDtype::F32,
             ..base
@@ -273,6 +272,20 @@ fn plan_cache_builds_one_plan_per_distinct_key() {
             alignment: [256, 4, 256],
             ..base
         },
+        // Leading dimensions, batch count and strides (strided-batched GEMMs).
+        with_problem(base, &|p| p.ld[1] = 48),
+        with_problem(base, &|p| {
+            p.batch = 3;
+            p.stride = [32, 128, 64];
+        }),
+        with_problem(base, &|p| {
+            p.batch = 4;
+            p.stride = [32, 128, 64];
+        }),
+        with_problem(base, &|p| {
+            p.batch = 3;
+            p.stride = [32, 256, 64];
+        }),
     ];
     let mut cache = PlanCache::<usize>::new();
     let builds = std::cell::Cell::new(0usize);

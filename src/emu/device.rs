@@ -193,14 +193,25 @@ pub trait DeviceApi {
     ) -> Result<(), DeviceError>;
 
     /// Strided-batched f32 GEMM (see [`StridedGemm`]): `batch` products whose matrices lie at
-    /// fixed strides inside `out`, `a`, `b` (cuBLAS `sgemmStridedBatched`). `a` and `b` may
-    /// be the same buffer, and `out` may share their allocation (views of an arena) as long as
-    /// the elements it writes are not read.
+    /// fixed strides inside `out`, `a`, `b` (cuBLASLt with batched layouts on a GPU). `a` and
+    /// `b` may be the same buffer, and `out` may share their allocation (views of an arena) as
+    /// long as the elements it writes are not read.
     fn gemm_strided_batched_f32(
         &self,
         out: &Self::Buffer<f32>,
         a: &Self::Buffer<f32>,
         b: &Self::Buffer<f32>,
+        gemm: &StridedGemm,
+    ) -> Result<(), DeviceError>;
+
+    /// Strided-batched mixed-precision GEMM: bf16 `a` and `b`, products and sums in f32, f32
+    /// `out` (cuBLASLt A/B `CUDA_R_16BF`, C/D `CUDA_R_32F`, `CUBLAS_COMPUTE_32F`, batched
+    /// layouts); otherwise as [`DeviceApi::gemm_strided_batched_f32`].
+    fn gemm_strided_batched_bf16(
+        &self,
+        out: &Self::Buffer<f32>,
+        a: &Self::Buffer<half::bf16>,
+        b: &Self::Buffer<half::bf16>,
         gemm: &StridedGemm,
     ) -> Result<(), DeviceError>;
 
@@ -259,6 +270,7 @@ pub fn gemm_ranges<B: DeviceBuffer>(
 #[derive(Debug, Default)]
 pub struct EmulatedDevice {
     issued: std::sync::atomic::AtomicU64,
+    allocations: std::sync::atomic::AtomicU64,
 }
 
 impl EmulatedDevice {
@@ -269,6 +281,17 @@ impl EmulatedDevice {
 
     fn issue(&self) {
         self.issued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Device allocations made so far (`alloc_zeros` and `upload`): what a GPU would pay a
+    /// cuMemAlloc for, so tests can check that a hot path allocates nothing once warm.
+    pub fn allocations(&self) -> u64 {
+        self.allocations.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_allocation(&self) {
+        self.allocations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
@@ -285,11 +308,13 @@ impl DeviceApi for EmulatedDevice {
         len: usize,
     ) -> Result<HostBuffer<T>, DeviceError> {
         self.issue();
+        self.count_allocation();
         Ok(HostBuffer::filled(len, T::default()))
     }
 
     fn upload<T: DeviceElement>(&self, host: &[T]) -> Result<HostBuffer<T>, DeviceError> {
         self.issue();
+        self.count_allocation();
         Ok(HostBuffer::from_slice(host))
     }
 
@@ -424,6 +449,32 @@ impl DeviceApi for EmulatedDevice {
         // SAFETY: no launch runs during this call (launches are synchronous on this thread),
         // and after the copies the mutable slice is the only live access to `out`.
         let (a, b) = unsafe { (a.view().to_vec(), b.view().to_vec()) };
+        let out = unsafe { std::slice::from_raw_parts_mut(out.as_ptr(), out.len()) };
+        strided_gemm_on_host(out, &a, &b, gemm);
+        Ok(())
+    }
+
+    fn gemm_strided_batched_bf16(
+        &self,
+        out: &HostBuffer<f32>,
+        a: &HostBuffer<half::bf16>,
+        b: &HostBuffer<half::bf16>,
+        gemm: &StridedGemm,
+    ) -> Result<(), DeviceError> {
+        gemm.check(out.len(), a.len(), b.len())?;
+        self.issue();
+        // As `gemm_bf16`: widened exactly to f32, the products are exact, so only the
+        // summation order differs from a GPU's. `out` (f32) cannot share the bf16 inputs'
+        // allocations.
+        // SAFETY: no launch runs during this call (launches are synchronous on this thread);
+        // the inputs are read into copies before the mutable slice of `out` is made.
+        let widen = |x: &HostBuffer<half::bf16>| {
+            unsafe { x.view() }
+                .iter()
+                .map(|v| v.to_f32())
+                .collect::<Vec<f32>>()
+        };
+        let (a, b) = (widen(a), widen(b));
         let out = unsafe { std::slice::from_raw_parts_mut(out.as_ptr(), out.len()) };
         strided_gemm_on_host(out, &a, &b, gemm);
         Ok(())

@@ -1,7 +1,8 @@
 //! Strided-batched f32 GEMM: `batch` independent row-major products
 //! `out_i = alpha · op(a_i) · op(b_i) + beta · out_i`, each matrix addressed by an element
-//! offset, a leading dimension and a batch stride inside one buffer — cuBLAS's
-//! `sgemmStridedBatched` in row-major terms. Attention uses it to address the heads of an
+//! offset, a leading dimension and a batch stride inside one buffer — a cuBLASLt matmul with
+//! batched layouts (`BATCH_COUNT`, `STRIDED_BATCH_OFFSET`; src/backend/cuda/cublaslt.rs) in
+//! row-major terms. Attention uses it to address the heads of an
 //! interleaved `[b, t, 3c]` qkv tensor in place (leading dimension `3c`), so no gather into
 //! head-major copies is needed.
 

@@ -1,6 +1,9 @@
 //! GEMMs through cuBLASLt for [`super::cudarc_device::CudarcDevice`]: the row-major →
 //! column-major mapping, the plan cache key, and the cached plans (matmul descriptor, matrix
-//! layouts, preference and the heuristic's algorithm) with one workspace per device.
+//! layouts, preference and the heuristic's algorithm) with one workspace per device. Plain and
+//! strided-batched GEMMs take the same path: a plain GEMM is the problem with one matrix per
+//! operand and the natural leading dimensions ([`LtProblem::dense`]), a strided-batched one
+//! sets each layout's batch count and stride ([`LtProblem::strided`]).
 //!
 //! The mapping and the cache are pure host logic, tested without a GPU
 //! (tests/cuda_backend_bf16.rs); [`LtGemm`] is the only part that calls cuBLASLt, and it runs
@@ -19,6 +22,10 @@
 //! - an algorithm may use at most the workspace the preference allows
 //!   (`CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES`); the workspace must stay valid until the
 //!   GEMM has run (ours lives as long as the device);
+//! - a batch is a layout attribute: `CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT` (`int32_t`, default
+//!   1) and `CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET` (`int64_t`, elements from one matrix
+//!   to the next, default 0), set on A, B and C/D alike (cudarc's `MatrixLayout::set_batch`
+//!   sets the same pair); matrix `i` of an operand starts `i·stride` elements after its pointer;
 //! - descriptors are host objects: building them and asking the heuristic costs tens of
 //!   microseconds, which is why they are cached per problem instead of rebuilt per call
 //!   (cudarc's `Matmul::matmul` rebuilds them on every call).
@@ -31,7 +38,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::cublaslt::{result as lt, sys as lt_sys};
 
-use crate::emu::{DeviceError, GemmShape};
+use crate::emu::{DeviceError, GemmShape, StridedGemm};
 
 /// Element type of a GEMM operand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -88,9 +95,104 @@ pub struct LtLayout {
     pub cols: u64,
     /// Leading dimension: elements between the starts of two columns.
     pub ld: i64,
+    /// Elements between the first elements of consecutive matrices of a batch (0 for a single
+    /// matrix).
+    pub batch_stride: i64,
 }
 
-/// A row-major [`GemmShape`] restated as the column-major problem cuBLASLt solves.
+/// A row-major GEMM problem as cuBLASLt runs it: the shape, each operand's leading
+/// dimension, and a strided batch (one matrix per operand for a plain GEMM). Part of the plan
+/// key: the layouts are built from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LtProblem {
+    /// Rows, reduction length, columns, transposes; `accumulate` says whether C is read
+    /// (beta ≠ 0).
+    pub shape: GemmShape,
+    /// Row-major leading dimensions of `out`, `a`, `b`: elements between two stored rows.
+    pub ld: [usize; 3],
+    /// Number of products.
+    pub batch: usize,
+    /// Elements between consecutive matrices of `out`, `a`, `b`; all 0 when `batch` is 1 (so
+    /// one problem has one key whatever strides the caller passed).
+    pub stride: [usize; 3],
+}
+
+impl LtProblem {
+    /// A plain GEMM: contiguous row-major operands (`ld` = stored row length), one matrix.
+    pub fn dense(shape: GemmShape) -> Self {
+        let GemmShape { k, n, .. } = shape;
+        let a_cols = if shape.trans_a { shape.m } else { k };
+        let b_cols = if shape.trans_b { k } else { n };
+        Self {
+            shape,
+            ld: [n, a_cols, b_cols],
+            batch: 1,
+            stride: [0; 3],
+        }
+    }
+
+    /// A strided-batched GEMM ([`StridedGemm`]; its element offsets go into the operand
+    /// addresses, its alpha into the call; beta ≠ 0 is `accumulate`).
+    pub fn strided(g: &StridedGemm) -> Self {
+        let stride = if g.batch == 1 {
+            [0; 3]
+        } else {
+            [g.out.stride, g.a.stride, g.b.stride]
+        };
+        Self {
+            shape: GemmShape {
+                m: g.m,
+                k: g.k,
+                n: g.n,
+                trans_a: g.trans_a,
+                trans_b: g.trans_b,
+                accumulate: g.beta != 0.0,
+            },
+            ld: [g.out.ld, g.a.ld, g.b.ld],
+            batch: g.batch,
+            stride,
+        }
+    }
+
+    /// Whether `out`'s matrices fill one contiguous range of `batch·m·n` elements (rows `n`
+    /// apart, matrices `m·n` apart): then an empty product (k = 0) can zero it in one memset.
+    pub fn out_is_contiguous(&self) -> bool {
+        let GemmShape { m, n, .. } = self.shape;
+        (self.ld[0] == n || m <= 1) && (self.batch <= 1 || self.stride[0] == m * n)
+    }
+}
+
+impl From<GemmShape> for LtProblem {
+    fn from(shape: GemmShape) -> Self {
+        Self::dense(shape)
+    }
+}
+
+/// What a GEMM with k = 0 does instead of reaching cuBLASLt (which rejects empty layouts):
+/// `out = beta·out`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmptyProduct {
+    /// Nothing to do: no output elements, or beta = 1.
+    Nothing,
+    /// Zero this many contiguous output elements from `out`'s address (beta = 0).
+    Zero(usize),
+    /// Scaling by another beta, or zeroing non-contiguous matrices: not supported.
+    Unsupported,
+}
+
+/// The [`EmptyProduct`] for `problem` with factor `beta` on the old output.
+pub fn empty_product(problem: &LtProblem, beta: f32) -> EmptyProduct {
+    let GemmShape { m, n, .. } = problem.shape;
+    if m == 0 || n == 0 || problem.batch == 0 || beta == 1.0 {
+        EmptyProduct::Nothing
+    } else if beta == 0.0 && problem.out_is_contiguous() {
+        EmptyProduct::Zero(problem.batch * m * n)
+    } else {
+        EmptyProduct::Unsupported
+    }
+}
+
+/// A row-major [`LtProblem`] restated as the column-major problem cuBLASLt solves.
 ///
 /// The row-major `out[m, n]` is, byte for byte, the column-major `outᵀ[n, m]` with leading
 /// dimension n, and `outᵀ = op(b)ᵀ · op(a)ᵀ`. So cuBLASLt's A is our `b`, its B is our `a`, its
@@ -105,6 +207,8 @@ pub struct ColumnMajorGemm {
     pub n: u64,
     /// Reduction length.
     pub k: u64,
+    /// Matrices per operand (the layouts' `BATCH_COUNT`).
+    pub batch: u64,
     /// cuBLASLt's A (our `b`) is transposed.
     pub trans_a: bool,
     /// cuBLASLt's B (our `a`) is transposed.
@@ -117,54 +221,45 @@ pub struct ColumnMajorGemm {
     pub c: LtLayout,
 }
 
-/// The column-major problem for a row-major `shape` (see [`ColumnMajorGemm`]). Leading
-/// dimensions are at least 1 (cuBLASLt rejects 0), which only matters for empty operands.
-pub fn column_major(shape: GemmShape) -> ColumnMajorGemm {
+/// The column-major problem for a row-major `problem` (see [`ColumnMajorGemm`]; a
+/// [`GemmShape`] is the dense problem). Each row-major leading dimension is the column-major
+/// one of the transposed view, so it passes unchanged; leading dimensions are at least 1
+/// (cuBLASLt rejects 0), which only matters for empty operands.
+pub fn column_major(problem: impl Into<LtProblem>) -> ColumnMajorGemm {
+    let p: LtProblem = problem.into();
+    let shape = p.shape;
     let (m, k, n) = (shape.m as u64, shape.k as u64, shape.n as u64);
-    let ld = |x: u64| x.max(1) as i64;
-    // Our b, stored row-major [k, n] (or [n, k] when transposed), read column-major: [n, k]
-    // with ld n (or [k, n] with ld k).
-    let a = if shape.trans_b {
-        LtLayout {
-            rows: k,
-            cols: n,
-            ld: ld(k),
-        }
-    } else {
-        LtLayout {
-            rows: n,
-            cols: k,
-            ld: ld(n),
-        }
+    let [ld_out, ld_a, ld_b] = p.ld.map(|x| x.max(1) as i64);
+    let [stride_out, stride_a, stride_b] = p.stride.map(|x| x as i64);
+    let layout = |rows: u64, cols: u64, ld: i64, batch_stride: i64| LtLayout {
+        rows,
+        cols,
+        ld,
+        batch_stride,
     };
-    // Our a, stored row-major [m, k] (or [k, m]), read column-major: [k, m] with ld k (or
-    // [m, k] with ld m).
-    let b = if shape.trans_a {
-        LtLayout {
-            rows: m,
-            cols: k,
-            ld: ld(m),
-        }
+    // Our b, stored row-major [k, n] (or [n, k] when transposed), read column-major: [n, k]
+    // (or [k, n]), ld as stored.
+    let a = if shape.trans_b {
+        layout(k, n, ld_b, stride_b)
     } else {
-        LtLayout {
-            rows: k,
-            cols: m,
-            ld: ld(k),
-        }
+        layout(n, k, ld_b, stride_b)
+    };
+    // Our a, stored row-major [m, k] (or [k, m]), read column-major: [k, m] (or [m, k]).
+    let b = if shape.trans_a {
+        layout(m, k, ld_a, stride_a)
+    } else {
+        layout(k, m, ld_a, stride_a)
     };
     ColumnMajorGemm {
         m: n,
         n: m,
         k,
+        batch: p.batch as u64,
         trans_a: shape.trans_b,
         trans_b: shape.trans_a,
         a,
         b,
-        c: LtLayout {
-            rows: n,
-            cols: m,
-            ld: ld(n),
-        },
+        c: layout(n, m, ld_out, stride_out),
     }
 }
 
@@ -177,19 +272,30 @@ pub fn pointer_alignment(address: u64) -> u32 {
     1u32 << address.trailing_zeros().min(8)
 }
 
+/// What the preference may promise for an operand whose matrices start at `address`,
+/// `address + stride_bytes`, …: the alignment every one of them has (the first pointer's when
+/// the batch has one matrix).
+pub fn operand_alignment(address: u64, stride_bytes: u64, batch: usize) -> u32 {
+    if batch > 1 {
+        pointer_alignment(address | stride_bytes)
+    } else {
+        pointer_alignment(address)
+    }
+}
+
 /// Everything a cached plan depends on: one descriptor set, layouts and algorithm per key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GemmKey {
-    /// The row-major problem, `accumulate` included (the algorithm is chosen knowing whether C
-    /// is read).
-    pub shape: GemmShape,
+    /// The row-major problem: shape, `accumulate` (the algorithm is chosen knowing whether C
+    /// is read), leading dimensions, batch count and strides.
+    pub problem: LtProblem,
     /// Element type of `a` and `b`.
     pub input: LtDtype,
     /// Element type of `out` (C and D).
     pub output: LtDtype,
     /// Accumulation mode.
     pub compute: LtCompute,
-    /// [`pointer_alignment`] of out, a, b, in bytes.
+    /// [`operand_alignment`] of out, a, b, in bytes.
     pub alignment: [u32; 3],
 }
 
@@ -244,6 +350,33 @@ fn lt_error(what: &str, e: lt::CublasError) -> DeviceError {
     DeviceError::Driver(format!("cuBLASLt {what}: {e:?}"))
 }
 
+/// Sets a layout's batch: `count` matrices, `stride` elements apart.
+fn set_batch(
+    layout: lt_sys::cublasLtMatrixLayout_t,
+    count: i32,
+    stride: i64,
+) -> Result<(), DeviceError> {
+    use lt_sys::cublasLtMatrixLayoutAttribute_t as Attr;
+    // SAFETY: the layout is live; each buffer is the attribute's value with its documented
+    // type (BATCH_COUNT int32_t, STRIDED_BATCH_OFFSET int64_t).
+    unsafe {
+        lt::set_matrix_layout_attribute(
+            layout,
+            Attr::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+            &count as *const i32 as *const c_void,
+            size_of::<i32>(),
+        )
+        .map_err(|e| lt_error("batch count", e))?;
+        lt::set_matrix_layout_attribute(
+            layout,
+            Attr::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+            &stride as *const i64 as *const c_void,
+            size_of::<i64>(),
+        )
+        .map_err(|e| lt_error("batch stride", e))
+    }
+}
+
 /// One cached cuBLASLt problem: descriptors, layouts and the chosen algorithm. Destroyed with
 /// the cache (the device's lifetime).
 struct LtPlan {
@@ -269,7 +402,7 @@ impl LtPlan {
         key: &GemmKey,
         workspace_bytes: usize,
     ) -> Result<Self, DeviceError> {
-        let cm = column_major(key.shape);
+        let cm = column_major(key.problem);
         let mut plan = Self {
             desc: std::ptr::null_mut(),
             a: std::ptr::null_mut(),
@@ -284,6 +417,14 @@ impl LtPlan {
         plan.a = layout(key.input, cm.a)?;
         plan.b = layout(key.input, cm.b)?;
         plan.c = layout(key.output, cm.c)?;
+        if cm.batch > 1 {
+            let count = i32::try_from(cm.batch).map_err(|_| {
+                DeviceError::Shape(format!("batched gemm: {} matrices exceed i32", cm.batch))
+            })?;
+            for (layout, l) in [(plan.a, cm.a), (plan.b, cm.b), (plan.c, cm.c)] {
+                set_batch(layout, count, l.batch_stride)?;
+            }
+        }
         // Scales (alpha, beta) are f32 host values for every variant here.
         plan.desc = lt::create_matmul_desc(key.compute.cuda(), lt_sys::cudaDataType_t::CUDA_R_32F)
             .map_err(|e| lt_error("matmul descriptor", e))?;
@@ -387,7 +528,8 @@ impl Drop for LtPlan {
     }
 }
 
-/// Operands of one GEMM: device addresses (start of each matrix) and element types.
+/// Operands of one GEMM: device addresses (start of each operand's first matrix) and element
+/// types.
 #[derive(Debug, Clone, Copy)]
 pub struct LtOperands {
     /// `out` (C and D).
@@ -450,9 +592,11 @@ impl LtGemm {
         self.plans.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Enqueues `out = op(a)·op(b)` (`+ out` when `shape.accumulate`) on `stream`. The caller
-    /// has checked that the operands hold the elements `shape` addresses, that `out` overlaps
-    /// neither input, and that `m`, `n`, `k` are all non-zero.
+    /// Enqueues `out_i = alpha·op(a_i)·op(b_i) + beta·out_i` for every matrix `i` of
+    /// `problem` on `stream` (`beta` must be 0 unless `problem.shape.accumulate`; C is not read
+    /// when it is 0). The caller has checked that the operands hold every element the problem
+    /// addresses, that `out` overlaps neither input, and that `m`, `n`, `k` and the batch are
+    /// all non-zero; the addresses are those of each operand's first matrix.
     ///
     /// # Safety
     /// The addresses are device memory of the context `stream` belongs to (the one current on
@@ -460,26 +604,27 @@ impl LtGemm {
     pub unsafe fn matmul(
         &self,
         stream: lt_sys::cudaStream_t,
-        shape: GemmShape,
+        problem: LtProblem,
         ops: LtOperands,
         compute: LtCompute,
+        (alpha, beta): (f32, f32),
     ) -> Result<(), DeviceError> {
+        debug_assert!(problem.shape.accumulate || beta == 0.0);
+        let stride_bytes = |i: usize, dtype: LtDtype| (problem.stride[i] * dtype.bytes()) as u64;
         let key = GemmKey {
-            shape,
+            problem,
             input: ops.input,
             output: ops.output,
             compute,
             alignment: [
-                pointer_alignment(ops.out),
-                pointer_alignment(ops.a),
-                pointer_alignment(ops.b),
+                operand_alignment(ops.out, stride_bytes(0, ops.output), problem.batch),
+                operand_alignment(ops.a, stride_bytes(1, ops.input), problem.batch),
+                operand_alignment(ops.b, stride_bytes(2, ops.input), problem.batch),
             ],
         };
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         let plan =
             plans.get_or_try_insert(key, |k| LtPlan::new(self.handle, k, self.workspace_bytes))?;
-        let alpha = 1.0f32;
-        let beta = if shape.accumulate { 1.0f32 } else { 0.0 };
         // cuBLASLt's A is our b and its B our a (see ColumnMajorGemm); C = D = out.
         lt::matmul(
             self.handle,

@@ -1,8 +1,9 @@
 //! [`DeviceApi`] on a real GPU through cudarc: one context and stream on device N, kernels
 //! from the embedded PTX ([`crate::kernels::MODULES`]) loaded lazily by a
 //! [`KernelCache`], launches through `cuLaunchKernel` with the same argument pointers the
-//! emulator takes, GEMMs through cuBLASLt ([`super::cublaslt`]: descriptors, layouts and the
-//! heuristic's algorithm cached per problem, one workspace per device).
+//! emulator takes, every GEMM (plain, bf16, strided-batched) through cuBLASLt
+//! ([`super::cublaslt`]: descriptors, layouts and the heuristic's algorithm cached per
+//! problem, one workspace per device).
 //!
 //! Nothing here runs in `cargo test` on a host without a driver: [`CudarcDevice::new`] checks
 //! for `libcuda.so.1` first (cudarc panics on the first driver call without it) and returns
@@ -13,14 +14,15 @@ use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 
-use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     result as cu, sys, CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream,
     DevicePtr,
 };
 use cudarc::nvrtc::Ptx;
 
-use super::cublaslt::{LtCompute, LtDtype, LtGemm, LtOperands};
+use super::cublaslt::{
+    empty_product, EmptyProduct, LtCompute, LtDtype, LtGemm, LtOperands, LtProblem,
+};
 use super::module_cache::KernelCache;
 use crate::emu::{
     check_disjoint, gemm_ranges, ArgInfo, BufferAt, DeviceApi, DeviceBuffer, DeviceElement,
@@ -33,10 +35,6 @@ const KEPT_EVENTS: usize = 1024;
 
 fn driver(what: &str, e: impl std::fmt::Display) -> DeviceError {
     DeviceError::Driver(format!("{what}: {e}"))
-}
-
-fn blas(what: &str, e: impl std::fmt::Debug) -> DeviceError {
-    DeviceError::Driver(format!("cuBLAS {what}: {e:?}"))
 }
 
 /// A device allocation of `len` `T`s, kept as bytes (cudarc's typed allocations need its own
@@ -84,9 +82,6 @@ pub struct CudarcDevice {
     lt: LtGemm,
     _lt_workspace: CudaSlice<u8>,
     f32_compute: LtCompute,
-    // cuBLAS for the strided-batched GEMMs of the interim attention (cuBLASLt takes batches
-    // through layout attributes; moving them there is part of the fused-attention work).
-    blas: CudaBlas,
     kernels: KernelCache<Arc<CudaModule>, CudaFunction>,
     events: Mutex<(u64, VecDeque<(u64, CudaEvent)>)>,
 }
@@ -107,12 +102,6 @@ impl CudarcDevice {
                 "cuBLASLt (libcublasLt.so.13) not found".to_string(),
             ));
         }
-        // SAFETY: as above.
-        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-            return Err(DeviceError::Driver(
-                "cuBLAS (libcublas.so.13) not found".to_string(),
-            ));
-        }
         let ctx = CudaContext::new(ordinal).map_err(|e| driver("context", e))?;
         // One stream: cudarc's per-buffer event tracking only pays with several.
         // SAFETY: called before any allocation of this context.
@@ -130,7 +119,6 @@ impl CudarcDevice {
             ptr
         };
         let lt = LtGemm::new(workspace_ptr, workspace_bytes)?;
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| blas("handle", e))?;
         Ok(Self {
             ordinal,
             ctx,
@@ -138,7 +126,6 @@ impl CudarcDevice {
             lt,
             _lt_workspace: workspace,
             f32_compute: LtCompute::F32,
-            blas,
             kernels: KernelCache::new(),
             events: Mutex::new((0, VecDeque::new())),
         })
@@ -175,7 +162,7 @@ impl CudarcDevice {
     ) -> Result<(), DeviceError> {
         check_gemm_lens("gemm_bf16_to_bf16", shape, out.len, a.len, b.len)?;
         self.lt_gemm(
-            shape,
+            shape.into(),
             LtOperands {
                 out: out.ptr,
                 a: a.ptr,
@@ -187,48 +174,97 @@ impl CudarcDevice {
         )
     }
 
-    /// Runs a GEMM whose operand lengths were checked, on device addresses: the one path
-    /// every GEMM variant takes. Empty products (k = 0) never reach cuBLASLt, which rejects
-    /// empty layouts: they leave `out` as is, or zero it.
+    /// Runs a GEMM whose operand extents were checked, on device addresses (each operand's
+    /// first matrix): the one path every GEMM variant takes, with `alpha = 1` and
+    /// `beta = accumulate`.
     fn lt_gemm(
         &self,
-        shape: GemmShape,
+        problem: LtProblem,
         ops: LtOperands,
         compute: LtCompute,
     ) -> Result<(), DeviceError> {
-        let GemmShape { m, k, n, .. } = shape;
-        if m == 0 || n == 0 {
+        let beta = if problem.shape.accumulate { 1.0 } else { 0.0 };
+        self.lt_run(problem, ops, compute, (1.0, beta))
+    }
+
+    /// [`CudarcDevice::lt_gemm`] with any factors. Empty products (k = 0) never reach
+    /// cuBLASLt, which rejects empty layouts: they leave `out` as is (beta = 1) or zero it
+    /// (beta = 0, contiguous output); any other case is an error ([`empty_product`]).
+    fn lt_run(
+        &self,
+        problem: LtProblem,
+        ops: LtOperands,
+        compute: LtCompute,
+        scales: (f32, f32),
+    ) -> Result<(), DeviceError> {
+        let GemmShape { m, k, n, .. } = problem.shape;
+        if m == 0 || n == 0 || problem.batch == 0 {
             return Ok(());
         }
         self.ctx.bind_to_thread().map_err(|e| driver("gemm", e))?;
         if k == 0 {
-            if shape.accumulate {
-                return Ok(());
-            }
-            let bytes = m * n * ops.output.bytes();
-            // SAFETY: `out` holds at least m·n elements of the output type (checked by the
-            // caller), in this context.
-            return unsafe {
-                cu::memset_d8_async(
-                    ops.out as sys::CUdeviceptr,
-                    0,
-                    bytes,
-                    self.stream.cu_stream(),
-                )
-            }
-            .map_err(|e| driver("gemm (k = 0)", e));
+            return match empty_product(&problem, scales.1) {
+                EmptyProduct::Nothing => Ok(()),
+                // SAFETY: `out` holds these elements of the output type (checked by the
+                // caller), in this context.
+                EmptyProduct::Zero(elements) => unsafe {
+                    cu::memset_d8_async(
+                        ops.out as sys::CUdeviceptr,
+                        0,
+                        elements * ops.output.bytes(),
+                        self.stream.cu_stream(),
+                    )
+                }
+                .map_err(|e| driver("gemm (k = 0)", e)),
+                EmptyProduct::Unsupported => Err(DeviceError::Shape(format!(
+                    "gemm with k = 0: beta = {} on a strided output is not supported \
+                     (cuBLASLt rejects empty layouts)",
+                    scales.1
+                ))),
+            };
         }
         // SAFETY: the addresses are allocations of this context holding the elements the
-        // shape addresses (checked by the caller); `out` is a `&mut` borrow, so it overlaps
-        // neither input; the work is ordered on this device's one stream.
+        // problem addresses (checked by the caller); `out` does not overlap the inputs
+        // (checked or guaranteed by the caller); the work is ordered on this device's stream.
         unsafe {
             self.lt.matmul(
                 self.stream.cu_stream() as cudarc::cublaslt::sys::cudaStream_t,
-                shape,
+                problem,
                 ops,
                 compute,
+                scales,
             )
         }
+    }
+
+    /// A strided-batched GEMM on `out` (f32) and inputs of `input` type: checks the extents,
+    /// then one cuBLASLt call with batched layouts (the batch count and strides of
+    /// [`LtProblem::strided`], the element offsets added to each operand's address).
+    fn strided<A, B>(
+        &self,
+        out: &CudarcBuffer<f32>,
+        a: &CudarcBuffer<A>,
+        b: &CudarcBuffer<B>,
+        gemm: &StridedGemm,
+        input: LtDtype,
+        compute: LtCompute,
+    ) -> Result<(), DeviceError> {
+        gemm.check(out.len, a.len, b.len)?;
+        let at = |ptr: sys::CUdeviceptr, offset: usize, dtype: LtDtype| {
+            ptr + (offset * dtype.bytes()) as sys::CUdeviceptr
+        };
+        self.lt_run(
+            LtProblem::strided(gemm),
+            LtOperands {
+                out: at(out.ptr, gemm.out.offset, LtDtype::F32),
+                a: at(a.ptr, gemm.a.offset, input),
+                b: at(b.ptr, gemm.b.offset, input),
+                input,
+                output: LtDtype::F32,
+            },
+            compute,
+            (gemm.alpha, gemm.beta),
+        )
     }
 
     fn function(&self, name: &str) -> Result<CudaFunction, DeviceError> {
@@ -408,7 +444,7 @@ impl DeviceApi for CudarcDevice {
         let out_range = out.range(shape.m * shape.n, "gemm_bf16 out")?;
         check_gemm_lens("gemm_bf16", shape, out_range.len(), a.len, b.len)?;
         self.lt_gemm(
-            shape,
+            shape.into(),
             LtOperands {
                 out: out.buffer.ptr
                     + (out_range.start * std::mem::size_of::<f32>()) as sys::CUdeviceptr,
@@ -428,73 +464,17 @@ impl DeviceApi for CudarcDevice {
         b: &CudarcBuffer<f32>,
         gemm: &StridedGemm,
     ) -> Result<(), DeviceError> {
-        gemm.check(out.len, a.len, b.len)?;
-        if gemm.batch == 0 || gemm.m == 0 || gemm.n == 0 {
-            return Ok(());
-        }
-        let int = |x: usize| {
-            i32::try_from(x)
-                .map_err(|_| DeviceError::Shape(format!("strided gemm: {x} exceeds cuBLAS's int")))
-        };
-        let long = |x: usize| {
-            i64::try_from(x)
-                .map_err(|_| DeviceError::Shape(format!("strided gemm: stride {x} exceeds i64")))
-        };
-        let (m, k, n, batch) = (int(gemm.m)?, int(gemm.k)?, int(gemm.n)?, int(gemm.batch)?);
-        // cuBLAS wants ld ≥ 1 even where a zero-width operand addresses nothing.
-        let (lda, ldb, ldc) = (
-            int(gemm.a.ld.max(1))?,
-            int(gemm.b.ld.max(1))?,
-            int(gemm.out.ld.max(1))?,
-        );
-        let (stride_a, stride_b, stride_c) = (
-            long(gemm.a.stride)?,
-            long(gemm.b.stride)?,
-            long(gemm.out.stride)?,
-        );
-        let op = |t: bool| {
-            if t {
-                blas_sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                blas_sys::cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        let at = |buf: &CudarcBuffer<f32>, offset: usize| {
-            (buf.ptr + (offset * std::mem::size_of::<f32>()) as sys::CUdeviceptr) as *mut f32
-        };
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| driver("strided gemm", e))?;
-        // Row-major out_i = op(a_i)·op(b_i) is column-major out_iᵀ = op(b_i)ᵀ·op(a_i)ᵀ: b goes
-        // first and m, n swap, as in `gemm_f32`; a row-major leading dimension is the
-        // column-major one of the transposed view, so it passes unchanged.
-        // SAFETY: the pointers are device addresses inside allocations of this context, and
-        // `check` proved every element the offsets, leading dimensions, strides and sizes
-        // address lies inside them; alpha and beta are host values cuBLAS reads before
-        // returning (host pointer mode, the handle's default).
-        unsafe {
-            blas_result::sgemm_strided_batched(
-                *self.blas.handle(),
-                op(gemm.trans_b),
-                op(gemm.trans_a),
-                n,
-                m,
-                k,
-                &gemm.alpha,
-                at(b, gemm.b.offset),
-                ldb,
-                stride_b,
-                at(a, gemm.a.offset),
-                lda,
-                stride_a,
-                &gemm.beta,
-                at(out, gemm.out.offset),
-                ldc,
-                stride_c,
-                batch,
-            )
-        }
-        .map_err(|e| blas("sgemmStridedBatched", e))
+        self.strided(out, a, b, gemm, LtDtype::F32, self.f32_compute)
+    }
+
+    fn gemm_strided_batched_bf16(
+        &self,
+        out: &CudarcBuffer<f32>,
+        a: &CudarcBuffer<half::bf16>,
+        b: &CudarcBuffer<half::bf16>,
+        gemm: &StridedGemm,
+    ) -> Result<(), DeviceError> {
+        self.strided(out, a, b, gemm, LtDtype::Bf16, LtCompute::F32)
     }
 
     fn copy_dtod<T: DeviceElement>(
@@ -564,7 +544,7 @@ impl DeviceApi for CudarcDevice {
         };
         // The plan cache keys on each pointer's alignment, so views at any offset are safe.
         self.lt_gemm(
-            shape,
+            shape.into(),
             LtOperands {
                 out: at(out.buffer, ro.start),
                 a: at(a.buffer, ra.start),

@@ -94,16 +94,16 @@ where
     }
 
     /// `Σ buf` or `Σ buf²` in f64 (`sum_partials_f32`, then `sum_combine_f64` when the buffer
-    /// spans more than one block): the same value on every run and under every schedule.
+    /// spans more than one block): the same value on every run and under every schedule. The
+    /// total and the partials live in cached scratch (no allocation once warm); the total's
+    /// buffer is exactly one element, since it is downloaded whole.
     pub(super) fn sum_on_device(&self, buf: &CudaBuf<D>, square: bool) -> f64 {
         let n = buf.len();
         let blocks = reduce::partial_blocks(n);
-        let alloc = |len| {
-            self.device
-                .alloc_zeros::<f64>(len)
-                .unwrap_or_else(|e| fail("reduction scratch", e))
-        };
-        let out = alloc(1);
+        let out = self
+            .scratch
+            .take_exact::<f64>(&self.device, 1)
+            .unwrap_or_else(|e| fail("reduction scratch", e));
         let (count, sq) = (n as i64, i32::from(square));
         if blocks == 1 {
             // One block's partial is the total.
@@ -113,7 +113,10 @@ where
                 &[&out, buf.block(), &count, &sq],
             );
         } else {
-            let partials = alloc(blocks);
+            let partials = self
+                .scratch
+                .take::<f64>(&self.device, blocks)
+                .unwrap_or_else(|e| fail("reduction scratch", e));
             self.run(
                 "sum_partials_f32",
                 reduce::partials(n),
@@ -124,7 +127,7 @@ where
         }
         let host = self
             .device
-            .download(&out)
+            .download(&*out)
             .unwrap_or_else(|e| fail("reduction download", e));
         host[0]
     }

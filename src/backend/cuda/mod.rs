@@ -9,7 +9,8 @@
 //! - [`buffer::CudaBuf`]: f32 buffers carved from a size-class [`pool::MemoryPool`];
 //! - [`DeviceApi`]: allocate, copy, launch by name, events, GEMM.
 //!
-//! Index arrays (ids, positions, scatter plans) are uploaded per call as `u32` buffers.
+//! Index arrays (ids, positions, scatter plans) are uploaded per call into cached `u32`
+//! scratch buffers ([`scratch::ScratchPool`]), as are the f64 reduction buffers and bf16 casts.
 //! Device errors inside an op are internal failures (a kernel that faults, a lost device) and
 //! panic with the device's message; shapes a kernel cannot launch fall back to the host.
 
@@ -23,6 +24,7 @@ pub mod host_fallback;
 pub mod matmul;
 pub mod module_cache;
 pub mod pool;
+pub mod scratch;
 pub mod shapes;
 
 use std::collections::BTreeMap;
@@ -48,6 +50,7 @@ pub struct CudaBackend<D: DeviceApi> {
     fallbacks: Mutex<BTreeMap<&'static str, u64>>,
     precision: Precision,
     bf16_scratch: matmul::Bf16Scratch<D>,
+    scratch: scratch::ScratchPool<D>,
 }
 
 fn fail(what: &str, e: DeviceError) -> ! {
@@ -68,6 +71,7 @@ where
             fallbacks: Mutex::new(BTreeMap::new()),
             precision: Precision::F32,
             bf16_scratch: matmul::Bf16Scratch::default(),
+            scratch: scratch::ScratchPool::new(),
         }
     }
 
@@ -79,6 +83,12 @@ where
     /// The memory pool's accounting.
     pub fn pool_stats(&self) -> PoolStats {
         self.pool.stats()
+    }
+
+    /// How the cached non-f32 scratch (index arrays, reduction buffers, bf16 casts) was
+    /// served: device allocations vs reuses.
+    pub fn scratch_stats(&self) -> scratch::ScratchStats {
+        self.scratch.stats()
     }
 
     /// How often each host-fallback op ran since the backend was made (or last reset).
@@ -153,15 +163,12 @@ where
         result.unwrap_or_else(|e| fail("upload", e));
     }
 
-    /// An index array on the device (at least one element: kernels never read past the
-    /// count they are given, and some devices refuse empty allocations).
-    fn indices(&self, host: &[u32]) -> D::Buffer<u32> {
-        let r = if host.is_empty() {
-            self.device.upload(&[0u32])
-        } else {
-            self.device.upload(host)
-        };
-        r.unwrap_or_else(|e| fail("index upload", e))
+    /// An index array on the device, in a cached scratch buffer (at least one size class:
+    /// kernels never read past the count they are given).
+    fn indices(&self, host: &[u32]) -> scratch::Scratch<'_, D, u32> {
+        self.scratch
+            .upload(&self.device, host)
+            .unwrap_or_else(|e| fail("index upload", e))
     }
 
     fn run(&self, kernel: &str, shape: LaunchShape, args: &[&dyn KernelArg]) {
