@@ -10,13 +10,22 @@
 //! product is one strided-batched GEMM per head over the batch (or per batch row over the
 //! heads, whichever needs fewer calls).
 //!
+//! Under [`Precision::Bf16Gemm`] every product takes bf16 operands
+//! ([`DeviceApi::gemm_strided_batched_bf16`], f32 accumulate and output): `qkv`, the
+//! probabilities, `dout` and the score gradients are cast (`cast_f32_to_bf16`, round to
+//! nearest even) into cached scratch right before the GEMMs that read them; the softmax and
+//! every stored tensor stay f32.
+//!
 //! The score GEMMs compute the full `[t, t]` square although the softmax only reads the lower
 //! triangle: twice the FLOPs of a causal product, the price of using plain GEMMs until the
 //! fused kernels land (docs/perf.md §8).
 
+use half::bf16;
+
 use super::buffer::CudaBuf;
-use super::CudaBackend;
-use crate::cuda::launch::softmax as softmax_shape;
+use super::scratch::Scratch;
+use super::{CudaBackend, Precision};
+use crate::cuda::launch::{self as launch_shapes, softmax as softmax_shape};
 use crate::emu::{DeviceApi, MatrixLayout, StridedGemm};
 
 /// Where the matrix of (batch row `bi`, head `hi`) of one operand starts:
@@ -116,6 +125,42 @@ struct HeadGemm {
     beta: f32,
 }
 
+/// The strided-batched GEMMs of `g` over every (batch, head) pair: one per head batched over
+/// the batch rows, or one per batch row batched over the heads when that is fewer calls.
+/// `offsets` (out, a, b) shift every matrix (views into larger allocations).
+fn head_gemms(
+    shape: AttentionLayout,
+    g: HeadGemm,
+    offsets: [usize; 3],
+) -> impl Iterator<Item = StridedGemm> {
+    let heads_outer = shape.h <= shape.b;
+    let (outer, batch) = if heads_outer {
+        (shape.h, shape.b)
+    } else {
+        (shape.b, shape.h)
+    };
+    (0..outer).map(move |i| {
+        let shifted = |op: HeadOperand, offset: usize| {
+            let mut layout = op.layout(i, heads_outer);
+            layout.offset += offset;
+            layout
+        };
+        StridedGemm {
+            m: g.m,
+            k: g.k,
+            n: g.n,
+            batch,
+            trans_a: g.trans_a,
+            trans_b: g.trans_b,
+            a: shifted(g.a, offsets[1]),
+            b: shifted(g.b, offsets[2]),
+            out: shifted(g.out, offsets[0]),
+            alpha: 1.0,
+            beta: g.beta,
+        }
+    })
+}
+
 fn int(x: usize, what: &str) -> i32 {
     i32::try_from(x).unwrap_or_else(|_| panic!("CUDA backend: {what} = {x} exceeds i32"))
 }
@@ -125,7 +170,7 @@ where
     D: DeviceApi + Send + Sync + 'static,
     D::Buffer<f32>: Send,
 {
-    /// Runs `g` for every (batch, head) pair as strided-batched GEMMs.
+    /// Runs `g` for every (batch, head) pair as strided-batched GEMMs on the f32 operands.
     fn head_gemm(
         &self,
         out: &mut CudaBuf<D>,
@@ -134,34 +179,51 @@ where
         shape: AttentionLayout,
         g: HeadGemm,
     ) {
-        let heads_outer = shape.h <= shape.b;
-        let (outer, batch) = if heads_outer {
-            (shape.h, shape.b)
-        } else {
-            (shape.b, shape.h)
-        };
-        for i in 0..outer {
-            let mut gemm = StridedGemm {
-                m: g.m,
-                k: g.k,
-                n: g.n,
-                batch,
-                trans_a: g.trans_a,
-                trans_b: g.trans_b,
-                a: g.a.layout(i, heads_outer),
-                b: g.b.layout(i, heads_outer),
-                out: g.out.layout(i, heads_outer),
-                alpha: 1.0,
-                beta: g.beta,
-            };
-            // The buffers may be views into larger allocations.
-            gemm.a.offset += a.offset();
-            gemm.b.offset += b.offset();
-            gemm.out.offset += out.offset();
+        // The buffers may be views into larger allocations.
+        let offsets = [out.offset(), a.offset(), b.offset()];
+        for gemm in head_gemms(shape, g, offsets) {
             self.device
                 .gemm_strided_batched_f32(out.allocation(), a.allocation(), b.allocation(), &gemm)
                 .unwrap_or_else(|e| super::fail("attention gemm", e));
         }
+    }
+
+    /// [`Self::head_gemm`] on bf16 copies of the inputs (f32 accumulate into f32 `out`). The
+    /// copies start at element 0 ([`Self::cast_to_bf16_scratch`]).
+    fn head_gemm_bf16(
+        &self,
+        out: &mut CudaBuf<D>,
+        a: &D::Buffer<bf16>,
+        b: &D::Buffer<bf16>,
+        shape: AttentionLayout,
+        g: HeadGemm,
+    ) {
+        for gemm in head_gemms(shape, g, [out.offset(), 0, 0]) {
+            self.device
+                .gemm_strided_batched_bf16(out.allocation(), a, b, &gemm)
+                .unwrap_or_else(|e| super::fail("attention bf16 gemm", e));
+        }
+    }
+
+    /// A bf16 copy of `src` (round to nearest even, `cast_f32_to_bf16`) in cached scratch.
+    fn cast_to_bf16_scratch(&self, src: &CudaBuf<D>) -> Scratch<'_, D, bf16> {
+        let dst = self
+            .scratch
+            .take::<bf16>(&self.device, src.len())
+            .unwrap_or_else(|e| super::fail("bf16 scratch", e));
+        if !src.is_empty() {
+            let n = src.len() as i64;
+            self.run(
+                "cast_f32_to_bf16",
+                launch_shapes::elementwise(src.len()),
+                &[&dst, src.block(), &n],
+            );
+        }
+        dst
+    }
+
+    fn bf16_gemms(&self) -> bool {
+        self.precision == Precision::Bf16Gemm
     }
 
     /// [`Backend::attention_forward`](crate::backend::Backend::attention_forward) on the
@@ -196,7 +258,11 @@ where
             b: s.qkv(1),
             beta: 0.0,
         };
-        self.head_gemm(att, qkv, qkv, s, scores);
+        let qkv16 = self.bf16_gemms().then(|| self.cast_to_bf16_scratch(qkv));
+        match &qkv16 {
+            Some(q16) => self.head_gemm_bf16(att, q16, q16, s, scores),
+            None => self.head_gemm(att, qkv, qkv, s, scores),
+        }
         let (rows, ti) = (int(s.square_rows(), "b·h·t"), int(t, "t"));
         let probs: &CudaBuf<D> = att;
         self.run(
@@ -215,7 +281,13 @@ where
             b: s.qkv(2),
             beta: 0.0,
         };
-        self.head_gemm(out, att, qkv, s, values);
+        match &qkv16 {
+            Some(q16) => {
+                let p16 = self.cast_to_bf16_scratch(att);
+                self.head_gemm_bf16(out, &p16, q16, s, values);
+            }
+            None => self.head_gemm(out, att, qkv, s, values),
+        }
     }
 
     /// [`Backend::attention_backward`](crate::backend::Backend::attention_backward) on the
@@ -254,7 +326,16 @@ where
             b: s.qkv(2),
             beta: 0.0,
         };
-        self.head_gemm(&mut ds, dout, qkv, s, dprobs);
+        let inputs16 = self.bf16_gemms().then(|| {
+            (
+                self.cast_to_bf16_scratch(qkv),
+                self.cast_to_bf16_scratch(dout),
+            )
+        });
+        match &inputs16 {
+            Some((q16, dout16)) => self.head_gemm_bf16(&mut ds, dout16, q16, s, dprobs),
+            None => self.head_gemm(&mut ds, dout, qkv, s, dprobs),
+        }
         let (rows, ti) = (int(s.square_rows(), "b·h·t"), int(t, "t"));
         self.run(
             "causal_softmax_backward_f32",
@@ -273,21 +354,34 @@ where
             b: s.qkv(1),
             beta: 1.0,
         };
-        self.head_gemm(dqkv, &ds, qkv, s, dq);
         let dk = HeadGemm {
             trans_a: true,
             out: s.qkv(1),
             b: s.qkv(0),
             ..dq
         };
-        self.head_gemm(dqkv, &ds, qkv, s, dk);
         let dv = HeadGemm {
             trans_a: true,
             out: s.qkv(2),
             b: s.rows(),
             ..dq
         };
-        self.head_gemm(dqkv, att, dout, s, dv);
+        match &inputs16 {
+            Some((q16, dout16)) => {
+                let (ds16, p16) = (
+                    self.cast_to_bf16_scratch(&ds),
+                    self.cast_to_bf16_scratch(att),
+                );
+                self.head_gemm_bf16(dqkv, &ds16, q16, s, dq);
+                self.head_gemm_bf16(dqkv, &ds16, q16, s, dk);
+                self.head_gemm_bf16(dqkv, &p16, dout16, s, dv);
+            }
+            None => {
+                self.head_gemm(dqkv, &ds, qkv, s, dq);
+                self.head_gemm(dqkv, &ds, qkv, s, dk);
+                self.head_gemm(dqkv, att, dout, s, dv);
+            }
+        }
     }
 
     /// [`Backend::log_softmax`](crate::backend::Backend::log_softmax) on the device
