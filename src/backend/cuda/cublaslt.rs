@@ -22,10 +22,11 @@
 //! - an algorithm may use at most the workspace the preference allows
 //!   (`CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES`); the workspace must stay valid until the
 //!   GEMM has run (ours lives as long as the device);
-//! - a batch is a layout attribute: `CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT` (`int32_t`, default
-//!   1) and `CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET` (`int64_t`, elements from one matrix
-//!   to the next, default 0), set on A, B and C/D alike (cudarc's `MatrixLayout::set_batch`
-//!   sets the same pair); matrix `i` of an operand starts `i·stride` elements after its pointer;
+//! - a batch is a layout attribute: `CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT` (an `int32_t`,
+//!   default one) and `CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET` (an `int64_t`, elements
+//!   from one matrix to the next, default zero), set on A, B and C/D alike (cudarc's
+//!   `MatrixLayout::set_batch` sets the same pair); matrix `i` of an operand starts
+//!   `i·stride` elements after its pointer;
 //! - descriptors are host objects: building them and asking the heuristic costs tens of
 //!   microseconds, which is why they are cached per problem instead of rebuilt per call
 //!   (cudarc's `Matmul::matmul` rebuilds them on every call).
