@@ -11,10 +11,12 @@
 //! way to keep such a copy once parameters carry a bf16 shadow). The cast costs one f32 read
 //! and one bf16 write per operand element per call (docs/perf.md §8).
 //!
-//! Everything else stays f32: the GEMM outputs (so bias adds, residuals and gradient
-//! accumulation into `out` are f32), `add_bias` and `bias_backward` (rank-1 GEMMs with a ones
-//! vector, exact in f32), norms, CEMA, TimestepNorm, RoPE, softmax, attention (a host
-//! fallback for now), the loss, and the optimizer's master weights and moments.
+//! MEGABYTE's device attention takes bf16 operands at this precision too
+//! ([`DeviceApi::gemm_strided_batched_bf16`], src/backend/cuda/attention.rs). Everything else
+//! stays f32: the GEMM outputs (so bias adds, residuals and gradient accumulation into `out`
+//! are f32), `add_bias` and `bias_backward` (rank-1 GEMMs with a ones vector, exact in f32),
+//! norms, CEMA, TimestepNorm, RoPE, softmax, the MEGALODON attention (a host fallback for
+//! now), the loss, and the optimizer's master weights and moments.
 
 use std::sync::Mutex;
 
