@@ -335,8 +335,13 @@ fn emulated_gemm_bf16_matches_the_f64_reference() {
         // are): the elements before and after it must stay untouched.
         let out =
             HostBuffer::from_slice(&[vec![f32::NAN; 2], c0.clone(), vec![f32::NAN; 3]].concat());
-        dev.gemm_bf16(BufferAt::new(&out, 2), &a16, &b16, s)
-            .unwrap();
+        dev.gemm_bf16(
+            BufferAt::new(&out, 2),
+            BufferAt::new(&a16, 0),
+            BufferAt::new(&b16, 0),
+            s,
+        )
+        .unwrap();
         let all = out.to_vec();
         assert!(
             all[..2]
@@ -375,7 +380,12 @@ fn emulated_gemm_bf16_rejects_short_buffers() {
     let b = HostBuffer::filled(12, bf16::ONE);
     let out = HostBuffer::filled(8, 0.0f32);
     assert!(matches!(
-        dev.gemm_bf16(BufferAt::new(&out, 0), &a, &b, s),
+        dev.gemm_bf16(
+            BufferAt::new(&out, 0),
+            BufferAt::new(&a, 0),
+            BufferAt::new(&b, 0),
+            s
+        ),
         Err(DeviceError::Shape(_))
     ));
 }
