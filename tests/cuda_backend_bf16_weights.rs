@@ -88,6 +88,8 @@ struct Run {
     params: Vec<Vec<f32>>,
     weight_casts: Vec<u64>,
     other_casts: Vec<u64>,
+    /// Elements cast to bf16 per step (forward and backward).
+    cast_elements: Vec<u64>,
 }
 
 /// Trains `batches.len()` steps on `be` from `params` (already on `be`), checking the working
@@ -115,6 +117,7 @@ fn train<M: LanguageModel<Emu> + ModelShape>(
         params: vec![],
         weight_casts: vec![],
         other_casts: vec![],
+        cast_elements: vec![],
     };
     for (step, batch) in batches.iter().enumerate() {
         be.reset_bf16_operand_stats();
@@ -127,6 +130,7 @@ fn train<M: LanguageModel<Emu> + ModelShape>(
         let all: u64 = gemms.casts_by_allocation.values().sum();
         run.weight_casts.push(weight);
         run.other_casts.push(all - weight);
+        run.cast_elements.push(gemms.cast_elements);
         optimizer_step(be, model, &mut st, &hp, LR, step as u64);
         if copies {
             assert_eq!(
@@ -202,8 +206,12 @@ fn check_training<M: LanguageModel<Emu> + ModelShape>(
     }
     println!(
         "{what}: weight casts per step {:?} with working copies, {:?} cast per call; \
-         activation/gradient casts per step {:?}",
-        with_copies.weight_casts, cast_per_call.weight_casts, with_copies.other_casts
+         activation/gradient casts per step {:?}; elements cast per step {:?} vs {:?}",
+        with_copies.weight_casts,
+        cast_per_call.weight_casts,
+        with_copies.other_casts,
+        with_copies.cast_elements,
+        cast_per_call.cast_elements
     );
     // Cast per call, each weight a GEMM reads is cast at least twice a step (forward and
     // input gradient).
