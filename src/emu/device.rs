@@ -396,12 +396,11 @@ impl DeviceApi for EmulatedDevice {
         // bf16 values (8 significant bits each) is exact in f32 (16 bits ≤ 24), so the f32
         // GEMM of the widened inputs differs from cuBLASLt's only in the summation order.
         let widen = |x: BufferAt<'_, HostBuffer<half::bf16>>, r: std::ops::Range<usize>| {
-            HostBuffer::from_slice(
-                &x.buffer.to_vec()[r]
-                    .iter()
-                    .map(|v| v.to_f32())
-                    .collect::<Vec<_>>(),
-            )
+            // SAFETY: the range lies inside the live allocation (checked above), and no launch
+            // runs during this call (launches are synchronous on this thread).
+            let values =
+                unsafe { std::slice::from_raw_parts(x.buffer.as_ptr().add(r.start), r.len()) };
+            HostBuffer::from_slice(&values.iter().map(|v| v.to_f32()).collect::<Vec<_>>())
         };
         let (a32, b32) = (widen(a, ra), widen(b, rb));
         self.gemm_f32_at(out, BufferAt::new(&a32, 0), BufferAt::new(&b32, 0), shape)
