@@ -8,7 +8,19 @@
 // inv_bc1 = 1/(1 − β1ᵗ) and inv_bc2 = 1/(1 − β2ᵗ) come from the host, computed in f64 and
 // rounded once (src/cuda/launch.rs: adamw_bias_corrections), as the CPU twin does.
 // Parameters, gradients and moments are f32 (master weights). The `_bf16_copy` variant also
-// writes the updated parameters rounded to bf16, the copy the forward pass reads.
+// writes the updated parameters rounded to bf16: the weights' working copy, which the bf16
+// GEMMs read (src/backend/cuda/shadow.rs), refreshed in the same pass that reads and writes
+// the master, so keeping it costs 2 bytes written per parameter and no extra launch.
+//
+// Rounding: to nearest, ties to even (`__float2bfloat16`), bit-exact with
+// `half::bf16::from_f32` and with kernels/cast.cu, so the copy equals what a per-call cast of
+// the master would give. Not stochastic rounding (llm.c's choice): llm.c's bf16 parameters
+// are the only copy, and an update below half a bf16 ulp would vanish under nearest
+// rounding, so it rounds up or down at random to keep the update in expectation. Here the f32
+// master keeps every update; the bf16 copy is re-derived from it each step, so small updates
+// accumulate in the master and show up in the copy once they cross a rounding boundary. The
+// copy is then the best bf16 approximation of the master, and the step stays deterministic
+// (no seed, the same bits on every run and on the emulator).
 //
 // Launch: any 1-D shape; threads stride over the n elements.
 #include "common.cuh"

@@ -340,16 +340,24 @@ fn emulated_gemm_bf16_matches_the_f64_reference() {
         let b = round_bf16(&uniform(&mut rng, s.k * s.n));
         let c0 = uniform(&mut rng, s.m * s.n);
         let to_bf16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
-        let (a16, b16) = (
-            HostBuffer::from_slice(&to_bf16(&a)),
-            HostBuffer::from_slice(&to_bf16(&b)),
-        );
+        // The inputs are views 3 and 5 elements into longer allocations (as weights in a bf16
+        // working copy are), with NaN around them: reading outside the view poisons the output.
+        let nan_around = |v: &[f32], before: usize| {
+            let padded = [vec![f32::NAN; before], v.to_vec(), vec![f32::NAN; 4]].concat();
+            HostBuffer::from_slice(&to_bf16(&padded))
+        };
+        let (a16, b16) = (nan_around(&a, 3), nan_around(&b, 5));
         // The output is a view two elements into a longer allocation (as arena buffers
         // are): the elements before and after it must stay untouched.
         let out =
             HostBuffer::from_slice(&[vec![f32::NAN; 2], c0.clone(), vec![f32::NAN; 3]].concat());
-        dev.gemm_bf16(BufferAt::new(&out, 2), &a16, &b16, s)
-            .unwrap();
+        dev.gemm_bf16(
+            BufferAt::new(&out, 2),
+            BufferAt::new(&a16, 3),
+            BufferAt::new(&b16, 5),
+            s,
+        )
+        .unwrap();
         let all = out.to_vec();
         assert!(
             all[..2]
@@ -388,9 +396,33 @@ fn emulated_gemm_bf16_rejects_short_buffers() {
     let b = HostBuffer::filled(12, bf16::ONE);
     let out = HostBuffer::filled(8, 0.0f32);
     assert!(matches!(
-        dev.gemm_bf16(BufferAt::new(&out, 0), &a, &b, s),
+        dev.gemm_bf16(
+            BufferAt::new(&out, 0),
+            BufferAt::new(&a, 0),
+            BufferAt::new(&b, 0),
+            s
+        ),
         Err(DeviceError::Shape(_))
     ));
+    // b holds the 12 elements it needs, but not from offset 1.
+    let a = HostBuffer::filled(6, bf16::ONE);
+    assert!(matches!(
+        dev.gemm_bf16(
+            BufferAt::new(&out, 0),
+            BufferAt::new(&a, 0),
+            BufferAt::new(&b, 1),
+            s
+        ),
+        Err(DeviceError::Shape(_))
+    ));
+    assert!(dev
+        .gemm_bf16(
+            BufferAt::new(&out, 0),
+            BufferAt::new(&a, 0),
+            BufferAt::new(&b, 0),
+            s
+        )
+        .is_ok());
 }
 
 // ---- CudaBackend matmul at each precision ----------------------------------------------------

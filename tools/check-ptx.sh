@@ -46,6 +46,7 @@ HOT_KERNELS=(
   swiglu_forward_bf16
   swiglu_backward_bf16
   adamw_step_f32
+  adamw_step_f32_bf16_copy
   add_assign_f32
   scale_f32
   sum_partials_f32

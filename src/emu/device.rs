@@ -182,13 +182,14 @@ pub trait DeviceApi {
 
     /// Mixed-precision GEMM: bf16 `a` and `b`, products and sums in f32, f32 `out` (cuBLASLt
     /// with A/B `CUDA_R_16BF`, C/D `CUDA_R_32F`, `CUBLAS_COMPUTE_32F`). Same [`GemmShape`] and
-    /// buffer rules as [`DeviceApi::gemm_f32_at`]: `out` starts at an element offset of its
-    /// allocation (a view of an arena, e.g. a weight gradient).
+    /// buffer rules as [`DeviceApi::gemm_f32_at`]: every operand starts at an element offset of
+    /// its allocation (`out` a view of an arena, e.g. a weight gradient; `a` or `b` a weight's
+    /// part of the arena's bf16 shadow).
     fn gemm_bf16(
         &self,
         out: BufferAt<'_, Self::Buffer<f32>>,
-        a: &Self::Buffer<half::bf16>,
-        b: &Self::Buffer<half::bf16>,
+        a: BufferAt<'_, Self::Buffer<half::bf16>>,
+        b: BufferAt<'_, Self::Buffer<half::bf16>>,
         shape: GemmShape,
     ) -> Result<(), DeviceError>;
 
@@ -408,30 +409,25 @@ impl DeviceApi for EmulatedDevice {
     fn gemm_bf16(
         &self,
         out: BufferAt<'_, HostBuffer<f32>>,
-        a: &HostBuffer<half::bf16>,
-        b: &HostBuffer<half::bf16>,
+        a: BufferAt<'_, HostBuffer<half::bf16>>,
+        b: BufferAt<'_, HostBuffer<half::bf16>>,
         shape: GemmShape,
     ) -> Result<(), DeviceError> {
         let GemmShape { m, k, n, .. } = shape;
-        if a.len() < m * k || b.len() < k * n {
-            return Err(DeviceError::Shape(format!(
-                "gemm_bf16 {m}x{k}x{n}: buffers hold a {}, b {}",
-                a.len(),
-                b.len()
-            )));
-        }
+        let what = format!("gemm_bf16 {m}x{k}x{n}");
+        let ra = a.range(m * k, &format!("{what} a"))?;
+        let rb = b.range(k * n, &format!("{what} b"))?;
         // What a GPU computes: every bf16 value widens to f32 exactly, and the product of two
         // bf16 values (8 significant bits each) is exact in f32 (16 bits ≤ 24), so the f32
         // GEMM of the widened inputs differs from cuBLASLt's only in the summation order.
-        let widen = |x: &HostBuffer<half::bf16>, len: usize| {
-            HostBuffer::from_slice(
-                &x.to_vec()[..len]
-                    .iter()
-                    .map(|v| v.to_f32())
-                    .collect::<Vec<_>>(),
-            )
+        let widen = |x: BufferAt<'_, HostBuffer<half::bf16>>, r: std::ops::Range<usize>| {
+            // SAFETY: the range lies inside the live allocation (checked above), and no launch
+            // runs during this call (launches are synchronous on this thread).
+            let values =
+                unsafe { std::slice::from_raw_parts(x.buffer.as_ptr().add(r.start), r.len()) };
+            HostBuffer::from_slice(&values.iter().map(|v| v.to_f32()).collect::<Vec<_>>())
         };
-        let (a32, b32) = (widen(a, m * k), widen(b, k * n));
+        let (a32, b32) = (widen(a, ra), widen(b, rb));
         self.gemm_f32_at(out, BufferAt::new(&a32, 0), BufferAt::new(&b32, 0), shape)
     }
 

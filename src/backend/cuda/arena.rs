@@ -3,11 +3,15 @@
 //! ([`crate::backend::Backend::zeros_many`] / [`crate::backend::Backend::upload_many`]), so a
 //! training state is four allocations instead of four per tensor, its memory is fixed up
 //! front, and an op over all of it could run as one launch.
+//!
+//! Under [`Precision::Bf16Gemm`] an uploaded arena (the parameters: `ParamLayout::upload`)
+//! also gets a bf16 shadow of the same layout, the weights' working copy for the GEMMs
+//! ([`super::shadow`]); zeroed arenas (gradients, moments) do not.
 
 use std::sync::Arc;
 
 use super::buffer::{Allocation, CudaBuf, Release};
-use super::{fail, CudaBackend};
+use super::{fail, CudaBackend, Precision};
 use crate::emu::DeviceApi;
 
 /// Every view of an arena starts at a multiple of this many elements (256 bytes of f32, the
@@ -34,7 +38,8 @@ where
     D::Buffer<f32>: Send,
 {
     /// An arena holding views of `lens` elements at `offsets` (from [`arena_layout`]); with
-    /// `image` (the whole arena's contents) written before any view exists.
+    /// `image` (the whole arena's contents) written before any view exists, and then, under
+    /// `Bf16Gemm`, a bf16 shadow (allocated when a GEMM first reads one of the views).
     fn arena(
         &self,
         lens: &[usize],
@@ -51,7 +56,11 @@ where
                 .write(image, &mut block)
                 .unwrap_or_else(|e| fail("arena upload", e));
         }
-        let alloc = Arc::new(Allocation::new(block, self.pool.clone(), Release::Arena));
+        let mut alloc = Allocation::new(block, self.pool.clone(), Release::Arena);
+        if image.is_some() && self.precision == Precision::Bf16Gemm {
+            alloc = alloc.with_shadow();
+        }
+        let alloc = Arc::new(alloc);
         offsets
             .iter()
             .zip(lens)

@@ -1,14 +1,19 @@
 //! The CUDA backend's buffer: a view (offset, length) into a device allocation, and the way
 //! back to the pool. Most buffers are the only view of a pooled allocation; parameters,
 //! gradients and optimizer moments are many views of one arena allocation
-//! ([`super::arena`]). Element type f32 for now (bf16 activations come with the bf16 kernels'
-//! wiring).
+//! ([`super::arena`]). Element type f32; an uploaded arena may also carry a bf16 working copy
+//! of its views for the bf16 GEMMs ([`super::shadow`]), and each view records whether its part
+//! of that copy is current.
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use half::bf16;
+
 use super::pool::MemoryPool;
+use super::shadow::Bf16Shadow;
 use crate::emu::{
     ArgInfo, BufferAt, DeviceApi, DeviceBuffer, DeviceElement, KernelArg, ViewArg, ViewBoundsError,
 };
@@ -27,6 +32,9 @@ pub(super) struct Allocation<D: DeviceApi> {
     block: Option<D::Buffer<f32>>,
     pool: Arc<MemoryPool<D>>,
     release: Release,
+    /// The bf16 working copy, for arenas that may hold weights (uploaded under
+    /// [`super::Precision::Bf16Gemm`]); `None` for everything else.
+    shadow: Option<Bf16Shadow<D>>,
 }
 
 impl<D: DeviceApi> Allocation<D> {
@@ -35,7 +43,15 @@ impl<D: DeviceApi> Allocation<D> {
             block: Some(block),
             pool,
             release,
+            shadow: None,
         }
+    }
+
+    /// Gives the allocation a bf16 working copy of the same length (allocated on first use).
+    pub(super) fn with_shadow(mut self) -> Self {
+        let len = self.buffer().len();
+        self.shadow = Some(Bf16Shadow::new(len));
+        self
     }
 
     /// The device buffer.
@@ -68,6 +84,11 @@ pub struct CudaBuf<D: DeviceApi> {
     len: usize,
     /// The device pointer to element `offset`, which kernels receive.
     arg: ViewArg<f32>,
+    /// Whether the allocation's bf16 shadow holds `bf16(x)` for every element of this view.
+    /// Set by a cast into the shadow or by the fused AdamW; cleared by every backend op that
+    /// may write a weight (they hold `&mut`). Atomic because a GEMM refreshes a stale shadow
+    /// through `&self` (under the shadow's lock).
+    shadow_fresh: AtomicBool,
 }
 
 impl<D: DeviceApi> CudaBuf<D> {
@@ -90,6 +111,7 @@ impl<D: DeviceApi> CudaBuf<D> {
             offset,
             len,
             arg,
+            shadow_fresh: AtomicBool::new(false),
         })
     }
 
@@ -141,6 +163,34 @@ impl<D: DeviceApi> CudaBuf<D> {
     /// Whether this is the only view of its allocation, starting at its beginning.
     pub(super) fn is_sole_view(&self) -> bool {
         self.offset == 0 && Arc::strong_count(&self.alloc) == 1
+    }
+
+    /// The bf16 shadow of the allocation, if it has one (whether or not this view's part of
+    /// it is current).
+    pub(super) fn shadow(&self) -> Option<&Bf16Shadow<D>> {
+        self.alloc.shadow.as_ref()
+    }
+
+    /// The kernel argument for this view's part of `shadow` (the allocation's shadow buffer).
+    pub(super) fn shadow_arg(&self, shadow: &D::Buffer<bf16>) -> ViewArg<bf16> {
+        ViewArg::new(shadow.device_address(), shadow.len(), self.offset, self.len)
+            .expect("the shadow has the arena's length")
+    }
+
+    /// Whether this view's part of the shadow equals `bf16(view)`.
+    pub(super) fn shadow_is_fresh(&self) -> bool {
+        self.shadow_fresh.load(Ordering::Acquire)
+    }
+
+    /// Records that this view's part of the shadow was just written from the view.
+    pub(super) fn mark_shadow_fresh(&self) {
+        self.shadow_fresh.store(true, Ordering::Release);
+    }
+
+    /// Records a write to the view: its shadow (if any) no longer matches. Every backend op
+    /// that may write a weight calls this (docs/cuda-backend.md, "bf16 working copies").
+    pub(super) fn invalidate_shadow(&mut self) {
+        *self.shadow_fresh.get_mut() = false;
     }
 }
 

@@ -437,19 +437,25 @@ impl DeviceApi for CudarcDevice {
     fn gemm_bf16(
         &self,
         out: BufferAt<'_, CudarcBuffer<f32>>,
-        a: &CudarcBuffer<half::bf16>,
-        b: &CudarcBuffer<half::bf16>,
+        a: BufferAt<'_, CudarcBuffer<half::bf16>>,
+        b: BufferAt<'_, CudarcBuffer<half::bf16>>,
         shape: GemmShape,
     ) -> Result<(), DeviceError> {
-        let out_range = out.range(shape.m * shape.n, "gemm_bf16 out")?;
-        check_gemm_lens("gemm_bf16", shape, out_range.len(), a.len, b.len)?;
+        let GemmShape { m, k, n, .. } = shape;
+        let ro = out.range(m * n, "gemm_bf16 out")?;
+        let ra = a.range(m * k, "gemm_bf16 a")?;
+        let rb = b.range(k * n, "gemm_bf16 b")?;
+        let at = |ptr: sys::CUdeviceptr, start: usize, elem: usize| {
+            ptr + (start * elem) as sys::CUdeviceptr
+        };
+        let bf16_bytes = std::mem::size_of::<half::bf16>();
+        // The plan cache keys on each pointer's alignment, so views at any offset are safe.
         self.lt_gemm(
             shape.into(),
             LtOperands {
-                out: out.buffer.ptr
-                    + (out_range.start * std::mem::size_of::<f32>()) as sys::CUdeviceptr,
-                a: a.ptr,
-                b: b.ptr,
+                out: at(out.buffer.ptr, ro.start, std::mem::size_of::<f32>()),
+                a: at(a.buffer.ptr, ra.start, bf16_bytes),
+                b: at(b.buffer.ptr, rb.start, bf16_bytes),
                 input: LtDtype::Bf16,
                 output: LtDtype::F32,
             },

@@ -43,6 +43,7 @@ where
     /// `dst = src` as one device-to-device copy.
     pub(super) fn copy_on_device(&self, dst: &mut CudaBuf<D>, src: &CudaBuf<D>) {
         assert_eq!(dst.len(), src.len(), "copy: length mismatch");
+        dst.invalidate_shadow();
         self.device
             .copy_dtod(dst.at(), src.at(), src.len())
             .unwrap_or_else(|e| fail("copy", e));
@@ -50,6 +51,7 @@ where
 
     /// `buf = 0` as one device memset.
     pub(super) fn fill_zero_on_device(&self, buf: &mut CudaBuf<D>) {
+        buf.invalidate_shadow();
         self.device
             .memset_zero(buf.at(), buf.len())
             .unwrap_or_else(|e| fail("fill_zero", e));
@@ -66,17 +68,20 @@ where
 
     /// `buf = value` (`fill_f32`).
     pub(super) fn fill_on_device(&self, buf: &mut CudaBuf<D>, value: f32) {
+        buf.invalidate_shadow();
         self.pointwise("fill_f32", buf.len(), &[buf.block(), &value]);
     }
 
     /// `dst += src` (`add_assign_f32`).
     pub(super) fn add_assign_on_device(&self, dst: &mut CudaBuf<D>, src: &CudaBuf<D>) {
         assert_eq!(dst.len(), src.len(), "add_assign: length mismatch");
+        dst.invalidate_shadow();
         self.pointwise("add_assign_f32", dst.len(), &[dst.block(), src.block()]);
     }
 
     /// `buf *= s` (`scale_f32`).
     pub(super) fn scale_on_device(&self, buf: &mut CudaBuf<D>, s: f32) {
+        buf.invalidate_shadow();
         self.pointwise("scale_f32", buf.len(), &[buf.block(), &s]);
     }
 
@@ -84,12 +89,14 @@ where
     pub(super) fn mul_on_device(&self, out: &mut CudaBuf<D>, a: &CudaBuf<D>, b: &CudaBuf<D>) {
         assert_eq!(out.len(), a.len(), "mul: out and a differ in length");
         assert_eq!(a.len(), b.len(), "mul: a and b differ in length");
+        out.invalidate_shadow();
         self.pointwise("mul_f32", out.len(), &[out.block(), a.block(), b.block()]);
     }
 
     /// `out = x + s` (`add_scalar_f32`).
     pub(super) fn add_scalar_on_device(&self, out: &mut CudaBuf<D>, x: &CudaBuf<D>, s: f32) {
         assert_eq!(out.len(), x.len(), "add_scalar: out and x differ in length");
+        out.invalidate_shadow();
         self.pointwise("add_scalar_f32", out.len(), &[out.block(), x.block(), &s]);
     }
 
@@ -183,6 +190,7 @@ where
             rows.len() * d,
             "scatter_rows: src must be [rows, d]"
         );
+        dst.invalidate_shadow();
         if d == 0 {
             return;
         }

@@ -25,6 +25,7 @@ pub mod matmul;
 pub mod module_cache;
 pub mod pool;
 pub mod scratch;
+pub mod shadow;
 pub mod shapes;
 
 use std::collections::BTreeMap;
@@ -42,6 +43,7 @@ use crate::emu::{DeviceApi, DeviceError, GemmShape, KernelArg, LaunchConfig};
 pub use buffer::{CudaBuf, NullArg};
 pub use matmul::Precision;
 pub use pool::{MemoryPool, PoolStats};
+pub use shadow::Bf16OperandStats;
 
 /// [`Backend`] over the device `D`.
 pub struct CudaBackend<D: DeviceApi> {
@@ -179,6 +181,7 @@ where
     }
 
     fn gemm(&self, out: &mut CudaBuf<D>, a: &CudaBuf<D>, b: &CudaBuf<D>, shape: GemmShape) {
+        out.invalidate_shadow();
         assert!(
             out.len() >= shape.m * shape.n
                 && a.len() >= shape.m * shape.k
@@ -1292,23 +1295,43 @@ where
         let (c1, c2) = launch_shapes::adamw::bias_corrections(hp)
             .unwrap_or_else(|e| panic!("CUDA backend: {e}"));
         let n = param.len() as i64;
-        self.run(
-            "adamw_step_f32",
-            launch_shapes::adamw::step(param.len()),
-            &[
-                param.block(),
-                grad.block(),
-                m.block(),
-                v.block(),
-                &n,
-                &hp.lr,
-                &hp.beta1,
-                &hp.beta2,
-                &hp.eps,
-                &hp.weight_decay,
-                &c1,
-                &c2,
-            ],
-        );
+        let shape = launch_shapes::adamw::step(param.len());
+        let scalars: [&dyn KernelArg; 8] = [
+            &n,
+            &hp.lr,
+            &hp.beta1,
+            &hp.beta2,
+            &hp.eps,
+            &hp.weight_decay,
+            &c1,
+            &c2,
+        ];
+        m.invalidate_shadow();
+        v.invalidate_shadow();
+        // A weight whose bf16 working copy exists gets it rewritten in the same pass.
+        match param.shadow().and_then(|s| s.allocated()) {
+            Some(shadow) => {
+                let copy = param.shadow_arg(shadow);
+                let buffers: [&dyn KernelArg; 5] =
+                    [param.block(), &copy, grad.block(), m.block(), v.block()];
+                self.run(
+                    "adamw_step_f32_bf16_copy",
+                    shape,
+                    &[&buffers[..], &scalars[..]].concat(),
+                );
+                param.mark_shadow_fresh();
+                self.bf16_scratch.stats().fused_adamw_steps += 1;
+            }
+            None => {
+                let buffers: [&dyn KernelArg; 4] =
+                    [param.block(), grad.block(), m.block(), v.block()];
+                self.run(
+                    "adamw_step_f32",
+                    shape,
+                    &[&buffers[..], &scalars[..]].concat(),
+                );
+                param.invalidate_shadow();
+            }
+        }
     }
 }
