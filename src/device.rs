@@ -17,6 +17,7 @@ use std::str::FromStr;
 use cudarc::driver::{result as cu, sys};
 
 use crate::backend::cuda::cudarc_device::CudarcDevice;
+use crate::backend::cuda::Precision;
 
 /// A device request, as given on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -80,11 +81,15 @@ pub enum Resolved {
         device: Box<CudarcDevice>,
         /// e.g. `using CUDA device 0 (NVIDIA H100 80GB HBM3, compute capability 9.0, 79.1 GiB)`.
         reason: String,
+        /// The GEMM precision (`--precision`; f32 unless asked).
+        precision: Precision,
     },
     /// The CUDA backend on the CPU emulator (debugging).
     Emulated {
         /// States that this is the slow debugging path.
         reason: String,
+        /// The GEMM precision (`--precision`; f32 unless asked).
+        precision: Precision,
     },
 }
 
@@ -92,7 +97,34 @@ impl Resolved {
     /// The one line to print at start-up.
     pub fn reason(&self) -> &str {
         match self {
-            Self::Cpu { reason } | Self::Cuda { reason, .. } | Self::Emulated { reason } => reason,
+            Self::Cpu { reason } | Self::Cuda { reason, .. } | Self::Emulated { reason, .. } => {
+                reason
+            }
+        }
+    }
+
+    /// Applies `--precision`. The CUDA backends take it as their GEMM precision. The CPU
+    /// backend computes in f32 only: `bf16` is an error when the CPU was asked for by name
+    /// (`requested` is `cpu`), and a note in the reason when `auto` fell back to the CPU.
+    pub fn with_precision(
+        self,
+        requested: DeviceSpec,
+        precision: Precision,
+    ) -> Result<Self, DeviceError> {
+        match self {
+            Self::Cuda { device, reason, .. } => Ok(Self::Cuda {
+                device,
+                reason,
+                precision,
+            }),
+            Self::Emulated { reason, .. } => Ok(Self::Emulated { reason, precision }),
+            Self::Cpu { .. } if precision == Precision::F32 => Ok(self),
+            Self::Cpu { .. } if requested == DeviceSpec::Cpu => Err(DeviceError::PrecisionOnCpu),
+            Self::Cpu { reason } => Ok(Self::Cpu {
+                reason: format!(
+                    "{reason} (--precision bf16 ignored: the CPU backend computes in f32)"
+                ),
+            }),
         }
     }
 
@@ -131,13 +163,17 @@ macro_rules! with_backend {
                 let $be = $crate::backend::cpu::Cpu::<f32>::new();
                 $body
             }
-            $crate::device::Resolved::Cuda { device, .. } => {
-                let $be = $crate::backend::cuda::CudaBackend::new(*device);
+            $crate::device::Resolved::Cuda {
+                device, precision, ..
+            } => {
+                let $be = $crate::backend::cuda::CudaBackend::with_precision(*device, precision);
                 $body
             }
-            $crate::device::Resolved::Emulated { .. } => {
-                let $be =
-                    $crate::backend::cuda::CudaBackend::new($crate::emu::EmulatedDevice::new());
+            $crate::device::Resolved::Emulated { precision, .. } => {
+                let $be = $crate::backend::cuda::CudaBackend::with_precision(
+                    $crate::emu::EmulatedDevice::new(),
+                    precision,
+                );
                 $body
             }
         }
@@ -168,6 +204,12 @@ pub enum DeviceError {
         /// The driver's error, e.g. `DriverError(CUDA_ERROR_NO_DEVICE, "no CUDA-capable device is detected")`.
         message: String,
     },
+    /// `--precision bf16` with `--device cpu`.
+    #[error(
+        "--precision bf16 needs the CUDA backend (bf16 GEMMs on tensor cores); \
+         the CPU backend computes in f32: use --precision f32 or --device cuda"
+    )]
+    PrecisionOnCpu,
     /// The ordinal is past the last device.
     #[error("--device cuda:{ordinal}: there is no such device ({count} CUDA device(s) found)")]
     NoSuchDevice {
@@ -210,6 +252,7 @@ pub fn resolve(spec: DeviceSpec) -> Result<Resolved, DeviceError> {
         }),
         DeviceSpec::Emulated => Ok(Resolved::Emulated {
             reason: EMULATED_REASON.to_string(),
+            precision: Precision::F32,
         }),
         DeviceSpec::Cuda(ordinal) => open_cuda(spec, ordinal),
         DeviceSpec::Auto => {
@@ -272,6 +315,7 @@ fn open_cuda(spec: DeviceSpec, ordinal: usize) -> Result<Resolved, DeviceError> 
     Ok(Resolved::Cuda {
         device: Box::new(opened),
         reason: format!("using CUDA device {ordinal} ({})", info.describe()),
+        precision: Precision::F32,
     })
 }
 

@@ -23,7 +23,8 @@ use std::time::Duration;
     about = "Train, evaluate and run byte-level MEGA-family language models",
     after_help = "Devices: train, eval, generate and bench take --device auto|cpu|cuda[:N] \
                   (default auto: CUDA device 0 when a driver and a GPU are usable, else the CPU, \
-                  saying why in one line); `mega info` lists them.\n\
+                  saying why in one line); `mega info` lists them. --precision bf16 runs the CUDA \
+                  backend's GEMMs in bf16 (f32 accumulation and master weights).\n\
                   Debugging: --device emu runs the CUDA backend on the CPU emulator (the CUDA \
                   kernels compiled for the host): very slow, for checking the CUDA code path \
                   without a GPU."
@@ -50,12 +51,28 @@ struct DeviceArgs {
     /// Debugging: emu runs the CUDA backend on the CPU emulator (very slow).
     #[arg(long, default_value = "auto", value_name = "auto|cpu|cuda[:N]")]
     device: DeviceSpec,
+    /// GEMM precision on a CUDA device: f32, or bf16 (bf16 operands on tensor cores with f32
+    /// accumulation; weights keep an f32 master copy). The CPU backend computes in f32.
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: PrecisionArg,
+}
+
+/// `--precision`.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum PrecisionArg {
+    F32,
+    Bf16,
 }
 
 impl DeviceArgs {
     /// Resolves the request, printing the one-line reason for the choice (to stderr).
     fn select(self) -> Result<Resolved> {
-        let resolved = mega::device::resolve(self.device)?;
+        let precision = match self.precision {
+            PrecisionArg::F32 => mega::backend::cuda::Precision::F32,
+            PrecisionArg::Bf16 => mega::backend::cuda::Precision::Bf16Gemm,
+        };
+        let resolved =
+            mega::device::resolve(self.device)?.with_precision(self.device, precision)?;
         eprintln!("device: {}", resolved.reason());
         Ok(resolved)
     }

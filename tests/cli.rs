@@ -755,3 +755,69 @@ fn emulated_cuda_backend_trains_evaluates_and_generates_like_the_cpu() {
         }
     }
 }
+
+/// `--precision bf16`: the CUDA backend's bf16 GEMMs (here on the emulator) train within the
+/// bf16 bound of the CPU's f32 run and differ from the f32 device run (so the flag reached the
+/// backend); the CPU backend, asked for by name, refuses it in one line; `auto` falling back
+/// to the CPU says the flag is ignored.
+#[test]
+fn precision_bf16_reaches_the_cuda_backend_and_is_refused_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let data = data.to_str().unwrap();
+    let run = |device: &str, precision: &str| {
+        let out = dir.path().join(format!("{device}-{precision}"));
+        let mut args = tiny_train_args("megabyte", device, data, out.to_str().unwrap());
+        args.extend(["--precision", precision]);
+        (mega(&args), out)
+    };
+
+    let (o, out) = run("cpu", "bf16");
+    assert_clean_error(&o, "--precision bf16 needs the CUDA backend");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!out.exists(), "nothing was trained");
+
+    let (cpu, cpu_dir) = run("cpu", "f32");
+    let (f32_run, f32_dir) = run("emu", "f32");
+    let (bf16_run, bf16_dir) = run("emu", "bf16");
+    for o in [&cpu, &f32_run, &bf16_run] {
+        assert!(o.status.success(), "{}", stderr(o));
+    }
+    let history = |dir: &Path| {
+        mega::train::checkpoint::load(dir)
+            .unwrap()
+            .trainer
+            .unwrap()
+            .history
+    };
+    // The training-step bound of docs/cuda-backend.md for bf16 GEMMs: 2u nats, u = 2⁻⁸.
+    let bf16_loss_bound = 2.0 / 256.0;
+    for (c, b) in history(&cpu_dir).iter().zip(&history(&bf16_dir)) {
+        let (lc, lb) = (c.train_loss.unwrap(), b.train_loss.unwrap());
+        assert!(
+            (lc - lb).abs() <= bf16_loss_bound,
+            "step {}: CPU f32 loss {lc} vs emulated bf16 {lb}",
+            c.step
+        );
+    }
+    let (f32_params, bf16_params) = (
+        mega::train::checkpoint::load(&f32_dir).unwrap().model,
+        mega::train::checkpoint::load(&bf16_dir).unwrap().model,
+    );
+    let differs = f32_params
+        .iter()
+        .zip(&bf16_params)
+        .any(|(a, b)| a.data.iter().zip(&b.data).any(|(x, y)| x != y));
+    assert!(differs, "--precision bf16 trained exactly like f32");
+
+    if !driver_present() {
+        let (o, _) = run("auto", "bf16");
+        assert!(o.status.success(), "{}", stderr(&o));
+        let lines = device_lines(&o);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].ends_with("(--precision bf16 ignored: the CPU backend computes in f32)"),
+            "{lines:?}"
+        );
+    }
+}
