@@ -423,9 +423,13 @@ case!(cema, "cema", KERNEL_TOL, |be| {
     outs
 });
 
-case!(mega_attention, "mega attention", EXACT_TOL, |be| {
+/// MEGALODON's chunk attention: the device path (kernels/mega_attention.cu + strided-batched
+/// GEMMs + softmax kernels) against the CPU twin, at shapes with a partial last chunk, one
+/// chunk longer than the call, a chunk of one token, several heads, dz ≠ dv, and head widths
+/// above one warp's lanes (lanes take several pairs).
+case!(mega_attention, "mega attention", KERNEL_TOL, |be| {
     let mut r = rng(10);
-    let s = MegaAttnShape {
+    let base = MegaAttnShape {
         b: 2,
         l: 10,
         heads: 2,
@@ -435,24 +439,60 @@ case!(mega_attention, "mega attention", EXACT_TOL, |be| {
         rope_base: 1e4,
         eps: 1e-5,
     };
-    let z = be.upload(&uniform(&mut r, s.b * s.l * s.heads * s.dz, 0.0, 1.0));
-    let v = be.upload(&uniform(&mut r, s.b * s.l * s.heads * s.dv, 0.0, 1.0));
+    let shapes = [
+        base,
+        MegaAttnShape { chunk: 16, ..base },
+        MegaAttnShape { chunk: 1, ..base },
+        MegaAttnShape {
+            l: 8,
+            chunk: 4,
+            ..base
+        },
+        MegaAttnShape {
+            b: 1,
+            l: 13,
+            heads: 3,
+            dz: 70,
+            dv: 33,
+            chunk: 5,
+            ..base
+        },
+        MegaAttnShape {
+            b: 3,
+            l: 7,
+            heads: 1,
+            dz: 2,
+            dv: 1,
+            chunk: 7,
+            ..base
+        },
+    ];
+    let mut outs = Vec::new();
+    for s in shapes {
+        let z = be.upload(&uniform(&mut r, s.b * s.l * s.heads * s.dz, 0.0, 1.0));
+        let v = be.upload(&uniform(&mut r, s.b * s.l * s.heads * s.dv, 0.0, 1.0));
+        let gamma = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 0.3));
+        let beta = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 0.3));
+        let mut saved = be.mega_attention_saved(&s);
+        // NaN-filled outputs: every element must be written.
+        let mut out = be.upload(&vec![f32::NAN; s.b * s.l * s.heads * s.dv]);
+        be.mega_attention_forward(&mut out, &mut saved, &z, &v, &gamma, &beta, &s);
+        let dout = be.upload(&uniform(&mut r, s.b * s.l * s.heads * s.dv, 0.0, 1.0));
+        let (mut dz, mut dv) = (
+            be.upload(&vec![f32::NAN; s.b * s.l * s.heads * s.dz]),
+            be.upload(&vec![f32::NAN; s.b * s.l * s.heads * s.dv]),
+        );
+        let mut dg = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 1.0));
+        let mut dbeta = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 1.0));
+        be.mega_attention_backward(
+            &mut dz, &mut dv, &mut dg, &mut dbeta, &dout, &z, &v, &gamma, &beta, &saved, &s,
+        );
+        outs.extend([out, dz, dv, dg, dbeta].iter().map(|t| be.download(t)));
+    }
+    // Streaming: three tokens, then the cache copied to another row.
+    let s = base;
     let gamma = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 0.3));
     let beta = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 0.3));
-    let mut saved = be.mega_attention_saved(&s);
-    let mut out = be.zeros(s.b * s.l * s.heads * s.dv);
-    be.mega_attention_forward(&mut out, &mut saved, &z, &v, &gamma, &beta, &s);
-    let dout = be.upload(&uniform(&mut r, s.b * s.l * s.heads * s.dv, 0.0, 1.0));
-    let (mut dz, mut dv) = (
-        be.zeros(s.b * s.l * s.heads * s.dz),
-        be.zeros(s.b * s.l * s.heads * s.dv),
-    );
-    let mut dg = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 1.0));
-    let mut dbeta = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 1.0));
-    be.mega_attention_backward(
-        &mut dz, &mut dv, &mut dg, &mut dbeta, &dout, &z, &v, &gamma, &beta, &saved, &s,
-    );
-    // Streaming: three tokens, then the cache copied to another row.
     let sc = MegaAttnShape { l: 3, ..s };
     let mut cache = be.chunk_cache(s.b, s.heads, s.dz, s.dv, s.chunk);
     let zc = be.upload(&uniform(&mut r, s.b * 3 * s.heads * s.dz, 0.0, 1.0));
@@ -462,10 +502,8 @@ case!(mega_attention, "mega attention", EXACT_TOL, |be| {
         .unwrap();
     let mut other = be.chunk_cache(s.b, s.heads, s.dz, s.dv, s.chunk);
     be.chunk_cache_copy_row(&mut other, 1, &cache, 0);
-    [out, dz, dv, dg, dbeta, oc]
-        .iter()
-        .map(|t| be.download(t))
-        .collect()
+    outs.push(be.download(&oc));
+    outs
 });
 
 case!(embeddings, "embeddings", KERNEL_TOL, |be| {

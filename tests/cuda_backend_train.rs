@@ -115,8 +115,12 @@ fn megabyte_tiny_step_matches_cpu() {
     );
     let be = CudaBackend::new(EmulatedDevice::new());
     let cuda = one_step(&be, &model, &model.layout, &host, &bytes, b, t);
-    println!("host fallbacks: {:?}", be.host_fallback_calls());
     println!("pool: {:?}", be.pool_stats());
+    assert!(
+        be.host_fallback_calls().is_empty(),
+        "host fallbacks in a MEGABYTE step: {:?}",
+        be.host_fallback_calls()
+    );
     compare("megabyte tiny", &model.layout, &cpu, &cuda);
     assert_state_in_arenas(&be, &model.layout);
 }
@@ -138,8 +142,13 @@ fn megalodon_tiny_step_matches_cpu() {
     );
     let be = CudaBackend::new(EmulatedDevice::new());
     let cuda = one_step(&be, &model, &model.layout, &host, &bytes, b, t);
-    println!("host fallbacks: {:?}", be.host_fallback_calls());
     println!("pool: {:?}", be.pool_stats());
+    // The whole step runs on the device: chunk attention included (no host round trips).
+    assert!(
+        be.host_fallback_calls().is_empty(),
+        "host fallbacks in a MEGALODON step: {:?}",
+        be.host_fallback_calls()
+    );
     compare("megalodon tiny", &model.layout, &cpu, &cuda);
     assert_state_in_arenas(&be, &model.layout);
 }

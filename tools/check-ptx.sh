@@ -54,6 +54,8 @@ HOT_KERNELS=(
   rope_backward_f32
   causal_softmax_forward_f32
   causal_softmax_backward_f32
+  mega_attn_project_forward_f32
+  mega_attn_project_backward_f32
   log_softmax_f32
 )
 # Must match NVCC_FLAGS in build.rs.

@@ -476,6 +476,23 @@ pub mod softmax {
     }
 }
 
+/// `kernels/mega_attention.cu`.
+pub mod mega_attention {
+    use super::*;
+
+    /// Rows (warps) per block of the project kernels (`MEGA_ATTN_ROWS_PER_BLOCK`).
+    pub const ROWS_PER_BLOCK: u32 = 8;
+
+    /// `mega_attn_project_*_f32` over `rows` (token, head) rows: one warp per row,
+    /// grid-stride beyond [`MAX_STRIDE_BLOCKS`] blocks.
+    pub fn rows(rows: usize) -> LaunchShape {
+        let blocks = rows
+            .div_ceil(ROWS_PER_BLOCK as usize)
+            .clamp(1, MAX_STRIDE_BLOCKS);
+        LaunchShape::new((blocks, 1, 1), (32, ROWS_PER_BLOCK, 1), 0)
+    }
+}
+
 /// `kernels/elementwise.cu`.
 pub mod elementwise_ops {
     use super::*;
@@ -698,6 +715,23 @@ mod tests {
         assert_eq!(
             activations::act_id(Activation::Silu),
             kernel_constant("activations.cu", "ACT_SILU") as i32
+        );
+    }
+
+    #[test]
+    fn mega_attention_rows_match_the_source_and_cover_every_row() {
+        assert_eq!(
+            kernel_constant("mega_attention.cu", "MEGA_ATTN_ROWS_PER_BLOCK"),
+            mega_attention::ROWS_PER_BLOCK as usize
+        );
+        for rows in [1, 7, 8, 9, 1000] {
+            let s = mega_attention::rows(rows);
+            assert_eq!(s.block, (32, mega_attention::ROWS_PER_BLOCK, 1));
+            assert!(s.grid.0 as usize * mega_attention::ROWS_PER_BLOCK as usize >= rows);
+        }
+        assert_eq!(
+            mega_attention::rows(1 << 30).grid.0 as usize,
+            MAX_STRIDE_BLOCKS
         );
     }
 

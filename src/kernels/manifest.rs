@@ -96,6 +96,17 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         ptx: true,
     },
     KernelSource {
+        name: "mega_attention",
+        path: "mega_attention.cu",
+        entry_points: &[
+            "mega_attn_project_forward_f32",
+            "mega_attn_project_backward_f32",
+            "mega_attn_to_heads_f32",
+            "mega_attn_from_heads_f32",
+        ],
+        ptx: true,
+    },
+    KernelSource {
         name: "megabyte_gathers",
         path: "megabyte_gathers.cu",
         entry_points: &[

@@ -5,8 +5,9 @@
 //! leave the device.
 //!
 //! This is correct (bit-for-bit the CPU op) but slow on a GPU: two PCIe copies per call.
-//! MEGABYTE's training attention and the log-softmax run on the device (attention.rs); the
-//! MEGALODON chunk attention is the big one left, until the fused chunk-attention kernels.
+//! The training attentions of both models and the log-softmax run on the device
+//! (attention.rs, mega_attention.rs); the streaming MEGALODON attention over its chunk cache is
+//! the one left.
 
 use super::buffer::CudaBuf;
 use super::CudaBackend;
@@ -28,14 +29,6 @@ pub const HOST_FALLBACKS: &[HostFallback] = &[
     HostFallback {
         op: "attention_decode",
         replaced_by: "a decode attention kernel over the KV cache",
-    },
-    HostFallback {
-        op: "mega_attention_forward",
-        replaced_by: "the fused MEGALODON chunk-attention kernel (rmsnorm + RoPE + softmax)",
-    },
-    HostFallback {
-        op: "mega_attention_backward",
-        replaced_by: "the fused MEGALODON chunk-attention backward kernel",
     },
     HostFallback {
         op: "mega_attention_forward_cached",

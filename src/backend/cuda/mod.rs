@@ -22,6 +22,7 @@ pub mod cudarc_device;
 pub mod elementwise;
 pub mod host_fallback;
 pub mod matmul;
+pub mod mega_attention;
 pub mod module_cache;
 pub mod pool;
 pub mod scratch;
@@ -31,7 +32,7 @@ pub mod shapes;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use super::cpu::megalodon_attention::{ChunkKvCache, MegaAttnSaved};
+use super::cpu::megalodon_attention::ChunkKvCache;
 use super::cpu::Cpu;
 use super::{
     Activation, AdamW, Backend, CemaWeightGrads, CemaWeights, ChunkCallError, MegaAttnShape,
@@ -235,7 +236,7 @@ where
     D::Buffer<f32>: Send,
 {
     type Buf = CudaBuf<D>;
-    type MegaAttnSaved = MegaAttnSaved<f32>;
+    type MegaAttnSaved = mega_attention::DeviceMegaAttnSaved<D>;
     type ChunkCache = ChunkKvCache<f32>;
 
     fn name(&self) -> String {
@@ -1003,26 +1004,21 @@ where
         );
     }
 
-    fn mega_attention_saved(&self, s: &MegaAttnShape) -> MegaAttnSaved<f32> {
-        Cpu::<f32>::new().mega_attention_saved(s)
+    fn mega_attention_saved(&self, _s: &MegaAttnShape) -> Self::MegaAttnSaved {
+        mega_attention::DeviceMegaAttnSaved::new()
     }
 
     fn mega_attention_forward(
         &self,
         out: &mut CudaBuf<D>,
-        saved: &mut MegaAttnSaved<f32>,
+        saved: &mut Self::MegaAttnSaved,
         z: &CudaBuf<D>,
         v: &CudaBuf<D>,
         gamma: &CudaBuf<D>,
         beta: &CudaBuf<D>,
         s: &MegaAttnShape,
     ) {
-        self.host_fallback(
-            "mega_attention_forward",
-            [out],
-            &[z, v, gamma, beta],
-            |cpu, o, i| cpu.mega_attention_forward(&mut o[0], saved, &i[0], &i[1], &i[2], &i[3], s),
-        );
+        self.mega_attention_forward_on_device(out, saved, z, v, gamma, beta, s);
     }
 
     fn mega_attention_backward(
@@ -1033,22 +1029,14 @@ where
         dbeta: &mut CudaBuf<D>,
         dout: &CudaBuf<D>,
         z: &CudaBuf<D>,
-        v: &CudaBuf<D>,
+        _v: &CudaBuf<D>,
         gamma: &CudaBuf<D>,
-        beta: &CudaBuf<D>,
-        saved: &MegaAttnSaved<f32>,
+        _beta: &CudaBuf<D>,
+        saved: &Self::MegaAttnSaved,
         s: &MegaAttnShape,
     ) {
-        self.host_fallback(
-            "mega_attention_backward",
-            [dz, dv, dgamma, dbeta],
-            &[dout, z, v, gamma, beta],
-            |cpu, [dz, dv, dg, db], i| {
-                cpu.mega_attention_backward(
-                    dz, dv, dg, db, &i[0], &i[1], &i[2], &i[3], &i[4], saved, s,
-                )
-            },
-        );
+        // V, β: the forward saved V head-major, and β has no part in any gradient.
+        self.mega_attention_backward_on_device(dz, dv, dgamma, dbeta, dout, z, gamma, saved, s);
     }
 
     fn chunk_cache(

@@ -1,0 +1,472 @@
+//! MEGALODON's chunk-local normalized attention on the device, unfused (spec/megalodon.md §6;
+//! CPU twin: src/backend/cpu/megalodon_attention.rs): `kernels/mega_attention.cu` normalizes,
+//! applies the affine and RoPE and lays Q, K, V out head-major; strided-batched GEMMs compute
+//! every chunk's scores and products; `kernels/softmax.cu` takes the causal softmax (scale 1:
+//! the normalization replaces the temperature). Nothing touches the host.
+//!
+//! **Whole chunks.** The head-major buffers are `[b, H, lpad, d]` with `lpad = chunks·span`,
+//! so every (row, head, chunk) block is one `[span, ·]` matrix at a fixed stride and each
+//! product is ONE strided-batched GEMM over `b·H·chunks` blocks, partial last chunk included.
+//! The padding rows are zero (memset), which keeps them out of every real result: a padded
+//! key sits above the causal diagonal of every real query; a padded query's row of the
+//! probabilities is finite (its scores are 0) and meets only zero rows of `dout`, so its
+//! contributions to `dK` and `dV` are exact zeros.
+//!
+//! **Saved for the backward:** Q and K after RoPE, V head-major, the probabilities and the
+//! per-row rstd. The CPU twin saves nothing and recomputes (it is memory-bound on a CPU); the
+//! device keeps them, as MEGABYTE's device attention keeps its probabilities, until the fused
+//! kernels recompute them tile by tile.
+//!
+//! **Precision:** f32 throughout, also under [`super::Precision::Bf16Gemm`] (the chunk
+//! products are a small share of a step's FLOPs; bf16 here is for the fused kernels).
+
+use super::buffer::CudaBuf;
+use super::CudaBackend;
+use crate::backend::cpu::megalodon_attention::MegaAttnShape;
+use crate::cuda::launch::{self as launch_shapes, mega_attention as attn_shape, softmax};
+use crate::emu::{DeviceApi, MatrixLayout, StridedGemm};
+
+/// What [`CudaBackend`]'s chunk-attention forward keeps for its backward (device buffers,
+/// allocated by the first forward and reused while the shape stays the same).
+pub struct DeviceMegaAttnSaved<D: DeviceApi> {
+    filled_for: Option<MegaAttnShape>,
+    buffers: Option<SavedBuffers<D>>,
+}
+
+struct SavedBuffers<D: DeviceApi> {
+    /// Q and K after RoPE, `[b, H, lpad, dz]`.
+    q: CudaBuf<D>,
+    k: CudaBuf<D>,
+    /// V head-major, `[b, H, lpad, dv]`.
+    v: CudaBuf<D>,
+    /// Causal probabilities, `[b·H·chunks, span, span]`.
+    probs: CudaBuf<D>,
+    /// `1/√(mean(z²) + eps)` per (token, head), `[b·l·H]`.
+    rstd: CudaBuf<D>,
+}
+
+impl<D: DeviceApi> DeviceMegaAttnSaved<D> {
+    /// An empty record (nothing allocated until a forward fills it).
+    pub fn new() -> Self {
+        Self {
+            filled_for: None,
+            buffers: None,
+        }
+    }
+
+    /// The shape of the forward that filled this record (`None` before any forward).
+    pub fn filled_for(&self) -> Option<&MegaAttnShape> {
+        self.filled_for.as_ref()
+    }
+}
+
+impl<D: DeviceApi> Default for DeviceMegaAttnSaved<D> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The sizes of one call in the head-major, whole-chunk layout.
+#[derive(Debug, Clone, Copy)]
+struct ChunkLayout {
+    s: MegaAttnShape,
+    span: usize,
+    chunks: usize,
+    lpad: usize,
+}
+
+impl ChunkLayout {
+    fn new(s: &MegaAttnShape) -> Self {
+        assert!(
+            s.heads > 0 && s.dz > 0 && s.dz % 2 == 0 && s.chunk > 0,
+            "megalodon attention: heads > 0, chunk > 0 and an even dz > 0 (got {s:?})"
+        );
+        let (span, chunks) = (s.span(), s.n_chunks());
+        Self {
+            s: *s,
+            span,
+            chunks,
+            lpad: span * chunks,
+        }
+    }
+
+    /// `b·H·chunks`: the number of `[span, ·]` blocks.
+    fn blocks(&self) -> usize {
+        self.s.b * self.s.heads * self.chunks
+    }
+
+    fn head_major(&self, d: usize) -> usize {
+        self.s.b * self.s.heads * self.lpad * d
+    }
+
+    fn padded(&self) -> bool {
+        self.lpad != self.s.l
+    }
+
+    /// Head-major operand of width `d`: block `i` at `i·span·d`, rows `d` apart.
+    fn heads(&self, d: usize) -> MatrixLayout {
+        MatrixLayout::new(0, d, self.span * d)
+    }
+
+    /// The `[span, span]` blocks of scores and probabilities.
+    fn square(&self) -> MatrixLayout {
+        MatrixLayout::new(0, self.span, self.span * self.span)
+    }
+
+    /// One product over every block.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        (m, k, n): (usize, usize, usize),
+        trans_a: bool,
+        trans_b: bool,
+        out: MatrixLayout,
+        a: MatrixLayout,
+        b: MatrixLayout,
+    ) -> StridedGemm {
+        StridedGemm {
+            m,
+            k,
+            n,
+            batch: self.blocks(),
+            trans_a,
+            trans_b,
+            a,
+            b,
+            out,
+            alpha: 1.0,
+            beta: 0.0,
+        }
+    }
+}
+
+fn int(x: usize, what: &str) -> i32 {
+    i32::try_from(x).unwrap_or_else(|_| panic!("CUDA backend: {what} = {x} exceeds i32"))
+}
+
+impl<D> CudaBackend<D>
+where
+    D: DeviceApi + Send + Sync + 'static,
+    D::Buffer<f32>: Send,
+{
+    /// `out = a·b` per block, every operand a sole buffer or view (its offset added).
+    fn chunk_gemm(&self, out: &CudaBuf<D>, a: &CudaBuf<D>, b: &CudaBuf<D>, mut g: StridedGemm) {
+        g.out.offset += out.offset();
+        g.a.offset += a.offset();
+        g.b.offset += b.offset();
+        self.device
+            .gemm_strided_batched_f32(out.allocation(), a.allocation(), b.allocation(), &g)
+            .unwrap_or_else(|e| super::fail("megalodon attention gemm", e));
+    }
+
+    /// A head-major buffer of width `d` (zeroed when the last chunk is padded).
+    fn head_major_buffer(&self, cl: &ChunkLayout, d: usize) -> CudaBuf<D> {
+        let mut buf = self.alloc(cl.head_major(d));
+        if cl.padded() {
+            self.fill_zero_on_device(&mut buf);
+        }
+        buf
+    }
+
+    /// `[b, l, H·d]` → head-major `dst` (its padding rows untouched).
+    fn to_heads(&self, dst: &CudaBuf<D>, src: &CudaBuf<D>, cl: &ChunkLayout, d: usize) {
+        let s = &cl.s;
+        let args = self.layout_args(cl, d);
+        self.run(
+            "mega_attn_to_heads_f32",
+            launch_shapes::elementwise(src.len()),
+            &[
+                dst.block(),
+                src.block(),
+                &args[0],
+                &args[1],
+                &args[2],
+                &args[3],
+                &args[4],
+            ],
+        );
+        debug_assert_eq!(src.len(), s.b * s.l * s.heads * d);
+    }
+
+    /// Head-major `src` → `[b, l, H·d]` (overwritten).
+    fn from_heads(&self, dst: &CudaBuf<D>, src: &CudaBuf<D>, cl: &ChunkLayout, d: usize) {
+        let args = self.layout_args(cl, d);
+        self.run(
+            "mega_attn_from_heads_f32",
+            launch_shapes::elementwise(dst.len()),
+            &[
+                dst.block(),
+                src.block(),
+                &args[0],
+                &args[1],
+                &args[2],
+                &args[3],
+                &args[4],
+            ],
+        );
+    }
+
+    fn layout_args(&self, cl: &ChunkLayout, d: usize) -> [i32; 5] {
+        let s = &cl.s;
+        [
+            int(s.b, "b"),
+            int(s.l, "l"),
+            int(s.heads, "heads"),
+            int(d, "head width"),
+            int(cl.lpad, "padded length"),
+        ]
+    }
+
+    /// [`Backend::mega_attention_forward`](crate::backend::Backend::mega_attention_forward)
+    /// on the device.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn mega_attention_forward_on_device(
+        &self,
+        out: &mut CudaBuf<D>,
+        saved: &mut DeviceMegaAttnSaved<D>,
+        z: &CudaBuf<D>,
+        v: &CudaBuf<D>,
+        gamma: &CudaBuf<D>,
+        beta: &CudaBuf<D>,
+        s: &MegaAttnShape,
+    ) {
+        let cl = ChunkLayout::new(s);
+        let (zdim, vdim) = (s.zdim(), s.vdim());
+        let tokens = s.b * s.l;
+        assert_eq!(
+            z.len(),
+            tokens * zdim,
+            "megalodon attention: z must be [b, l, H·dz]"
+        );
+        assert_eq!(
+            v.len(),
+            tokens * vdim,
+            "megalodon attention: v must be [b, l, H·dv]"
+        );
+        assert_eq!(
+            out.len(),
+            tokens * vdim,
+            "megalodon attention: out must be [b, l, H·dv]"
+        );
+        assert_eq!(
+            gamma.len(),
+            2 * zdim,
+            "megalodon attention: gamma must be [2, H·dz]"
+        );
+        assert_eq!(
+            beta.len(),
+            2 * zdim,
+            "megalodon attention: beta must be [2, H·dz]"
+        );
+        saved.filled_for = Some(*s);
+        if tokens == 0 {
+            saved.buffers = None;
+            return;
+        }
+        let q = self.head_major_buffer(&cl, s.dz);
+        let k = self.head_major_buffer(&cl, s.dz);
+        let vh = self.head_major_buffer(&cl, s.dv);
+        let probs = self.alloc(cl.blocks() * cl.span * cl.span);
+        let rstd = self.alloc(tokens * s.heads);
+        let dims = self.layout_args(&cl, s.dz);
+        let inv_sqrt_dz = 1.0f32 / (s.dz as f32).sqrt();
+        let (eps, base) = (s.eps as f32, s.rope_base as f32);
+        let span = int(cl.span, "span");
+        self.run(
+            "mega_attn_project_forward_f32",
+            attn_shape::rows(tokens * s.heads),
+            &[
+                q.block(),
+                k.block(),
+                rstd.block(),
+                z.block(),
+                gamma.block(),
+                beta.block(),
+                &dims[0],
+                &dims[1],
+                &dims[2],
+                &dims[3],
+                &span,
+                &dims[4],
+                &eps,
+                &inv_sqrt_dz,
+                &base,
+            ],
+        );
+        self.to_heads(&vh, v, &cl, s.dv);
+        let sp = cl.span;
+        // S = Q·Kᵀ per block, then the causal softmax in place (no temperature).
+        let scores = cl.gemm(
+            (sp, s.dz, sp),
+            false,
+            true,
+            cl.square(),
+            cl.heads(s.dz),
+            cl.heads(s.dz),
+        );
+        self.chunk_gemm(&probs, &q, &k, scores);
+        let (rows, t, one) = (int(cl.blocks() * sp, "softmax rows"), span, 1.0f32);
+        self.run(
+            "causal_softmax_forward_f32",
+            softmax::rows(cl.blocks() * sp),
+            &[probs.block(), probs.block(), &rows, &t, &one],
+        );
+        // O = P·V per block, back to [b, l, H·dv].
+        let oh = self.alloc(cl.head_major(s.dv));
+        let values = cl.gemm(
+            (sp, sp, s.dv),
+            false,
+            false,
+            cl.heads(s.dv),
+            cl.square(),
+            cl.heads(s.dv),
+        );
+        self.chunk_gemm(&oh, &probs, &vh, values);
+        out.invalidate_shadow();
+        self.from_heads(out, &oh, &cl, s.dv);
+        saved.buffers = Some(SavedBuffers {
+            q,
+            k,
+            v: vh,
+            probs,
+            rstd,
+        });
+    }
+
+    /// [`Backend::mega_attention_backward`](crate::backend::Backend::mega_attention_backward)
+    /// on the device: `dz`, `dv` overwritten, `dgamma`, `dbeta` accumulated.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn mega_attention_backward_on_device(
+        &self,
+        dz: &mut CudaBuf<D>,
+        dv: &mut CudaBuf<D>,
+        dgamma: &mut CudaBuf<D>,
+        dbeta: &mut CudaBuf<D>,
+        dout: &CudaBuf<D>,
+        z: &CudaBuf<D>,
+        gamma: &CudaBuf<D>,
+        saved: &DeviceMegaAttnSaved<D>,
+        s: &MegaAttnShape,
+    ) {
+        assert_eq!(
+            saved.filled_for.as_ref(),
+            Some(s),
+            "megalodon attention: backward needs a forward at the same shape"
+        );
+        let cl = ChunkLayout::new(s);
+        let (zdim, vdim) = (s.zdim(), s.vdim());
+        let tokens = s.b * s.l;
+        assert_eq!(
+            dz.len(),
+            tokens * zdim,
+            "megalodon attention: dz must be [b, l, H·dz]"
+        );
+        assert_eq!(
+            dv.len(),
+            tokens * vdim,
+            "megalodon attention: dv must be [b, l, H·dv]"
+        );
+        assert_eq!(
+            dout.len(),
+            tokens * vdim,
+            "megalodon attention: dout must be [b, l, H·dv]"
+        );
+        assert_eq!(
+            dgamma.len(),
+            2 * zdim,
+            "megalodon attention: dgamma must be [2, H·dz]"
+        );
+        assert_eq!(
+            dbeta.len(),
+            2 * zdim,
+            "megalodon attention: dbeta must be [2, H·dz]"
+        );
+        let Some(sb) = saved.buffers.as_ref() else {
+            return; // no tokens: nothing to write
+        };
+        let sp = cl.span;
+        let doh = self.head_major_buffer(&cl, s.dv);
+        self.to_heads(&doh, dout, &cl, s.dv);
+        // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(dP ⊙ P)) in place.
+        let ds = self.alloc(cl.blocks() * sp * sp);
+        let dprobs = cl.gemm(
+            (sp, s.dv, sp),
+            false,
+            true,
+            cl.square(),
+            cl.heads(s.dv),
+            cl.heads(s.dv),
+        );
+        self.chunk_gemm(&ds, &doh, &sb.v, dprobs);
+        let (rows, t, one) = (
+            int(cl.blocks() * sp, "softmax rows"),
+            int(sp, "span"),
+            1.0f32,
+        );
+        self.run(
+            "causal_softmax_backward_f32",
+            softmax::rows(cl.blocks() * sp),
+            &[ds.block(), sb.probs.block(), ds.block(), &rows, &t, &one],
+        );
+        // dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·dO.
+        let dq = self.alloc(cl.head_major(s.dz));
+        let dk = self.alloc(cl.head_major(s.dz));
+        let dvh = self.alloc(cl.head_major(s.dv));
+        let hz = cl.heads(s.dz);
+        self.chunk_gemm(
+            &dq,
+            &ds,
+            &sb.k,
+            cl.gemm((sp, sp, s.dz), false, false, hz, cl.square(), hz),
+        );
+        self.chunk_gemm(
+            &dk,
+            &ds,
+            &sb.q,
+            cl.gemm((sp, sp, s.dz), true, false, hz, cl.square(), hz),
+        );
+        let hv = cl.heads(s.dv);
+        self.chunk_gemm(
+            &dvh,
+            &sb.probs,
+            &doh,
+            cl.gemm((sp, sp, s.dv), true, false, hv, cl.square(), hv),
+        );
+        dv.invalidate_shadow();
+        self.from_heads(dv, &dvh, &cl, s.dv);
+        // Through RoPE, the affine and the RMSNorm; the affine's gradients as column sums.
+        let gsum = self.alloc(tokens * 2 * zdim);
+        let bsum = self.alloc(tokens * 2 * zdim);
+        let dims = self.layout_args(&cl, s.dz);
+        let inv_sqrt_dz = 1.0f32 / (s.dz as f32).sqrt();
+        let base = s.rope_base as f32;
+        let span = int(sp, "span");
+        dz.invalidate_shadow();
+        let dz_out: &CudaBuf<D> = dz;
+        self.run(
+            "mega_attn_project_backward_f32",
+            attn_shape::rows(tokens * s.heads),
+            &[
+                dz_out.block(),
+                gsum.block(),
+                bsum.block(),
+                dq.block(),
+                dk.block(),
+                z.block(),
+                sb.rstd.block(),
+                gamma.block(),
+                &dims[0],
+                &dims[1],
+                &dims[2],
+                &dims[3],
+                &span,
+                &dims[4],
+                &inv_sqrt_dz,
+                &base,
+            ],
+        );
+        use crate::backend::Backend;
+        self.bias_backward(dgamma, &gsum, tokens, 2 * zdim);
+        self.bias_backward(dbeta, &bsum, tokens, 2 * zdim);
+    }
+}
