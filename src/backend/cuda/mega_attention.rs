@@ -169,7 +169,7 @@ where
     }
 
     /// `[b, l, H·d]` → head-major `dst` (its padding rows untouched).
-    fn to_heads(&self, dst: &CudaBuf<D>, src: &CudaBuf<D>, cl: &ChunkLayout, d: usize) {
+    fn rows_to_heads(&self, dst: &CudaBuf<D>, src: &CudaBuf<D>, cl: &ChunkLayout, d: usize) {
         let s = &cl.s;
         let args = self.layout_args(cl, d);
         self.run(
@@ -189,7 +189,7 @@ where
     }
 
     /// Head-major `src` → `[b, l, H·d]` (overwritten).
-    fn from_heads(&self, dst: &CudaBuf<D>, src: &CudaBuf<D>, cl: &ChunkLayout, d: usize) {
+    fn heads_to_rows(&self, dst: &CudaBuf<D>, src: &CudaBuf<D>, cl: &ChunkLayout, d: usize) {
         let args = self.layout_args(cl, d);
         self.run(
             "mega_attn_from_heads_f32",
@@ -293,7 +293,7 @@ where
                 &base,
             ],
         );
-        self.to_heads(&vh, v, &cl, s.dv);
+        self.rows_to_heads(&vh, v, &cl, s.dv);
         let sp = cl.span;
         // S = Q·Kᵀ per block, then the causal softmax in place (no temperature).
         let scores = cl.gemm(
@@ -323,7 +323,7 @@ where
         );
         self.chunk_gemm(&oh, &probs, &vh, values);
         out.invalidate_shadow();
-        self.from_heads(out, &oh, &cl, s.dv);
+        self.heads_to_rows(out, &oh, &cl, s.dv);
         saved.buffers = Some(SavedBuffers {
             q,
             k,
@@ -386,7 +386,7 @@ where
         };
         let sp = cl.span;
         let doh = self.head_major_buffer(&cl, s.dv);
-        self.to_heads(&doh, dout, &cl, s.dv);
+        self.rows_to_heads(&doh, dout, &cl, s.dv);
         // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(dP ⊙ P)) in place.
         let ds = self.alloc(cl.blocks() * sp * sp);
         let dprobs = cl.gemm(
@@ -433,7 +433,7 @@ where
             cl.gemm((sp, sp, s.dv), true, false, hv, cl.square(), hv),
         );
         dv.invalidate_shadow();
-        self.from_heads(dv, &dvh, &cl, s.dv);
+        self.heads_to_rows(dv, &dvh, &cl, s.dv);
         // Through RoPE, the affine and the RMSNorm; the affine's gradients as column sums.
         let gsum = self.alloc(tokens * 2 * zdim);
         let bsum = self.alloc(tokens * 2 * zdim);
