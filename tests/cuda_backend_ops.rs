@@ -423,10 +423,10 @@ case!(cema, "cema", KERNEL_TOL, |be| {
     outs
 });
 
-/// MEGALODON's chunk attention: the device path (kernels/mega_attention.cu + strided-batched
-/// GEMMs + softmax kernels) against the CPU twin, at shapes with a partial last chunk, one
-/// chunk longer than the call, a chunk of one token, several heads, dz ≠ dv, and head widths
-/// above one warp's lanes (lanes take several pairs).
+// MEGALODON's chunk attention: the device path (kernels/mega_attention.cu + strided-batched
+// GEMMs + softmax kernels) against the CPU twin, at shapes with a partial last chunk, one
+// chunk longer than the call, a chunk of one token, several heads, dz ≠ dv, and head widths
+// above one warp's lanes (lanes take several pairs).
 case!(mega_attention, "mega attention", KERNEL_TOL, |be| {
     let mut r = rng(10);
     let base = MegaAttnShape {
