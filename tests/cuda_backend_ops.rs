@@ -241,7 +241,8 @@ case!(pointwise, "pointwise", KERNEL_TOL, |be| {
 });
 
 // Training attention runs as GEMMs + softmax kernels on the device (a different summation
-// order from the CPU kernels): KERNEL_TOL. Decode and the cache append are host code.
+// order from the CPU kernels): KERNEL_TOL. So does the paged decode (kernels/paged_attention.cu,
+// partitions of 256 positions combined in order); the cache append is a row copy.
 case!(attention_family, "attention", KERNEL_TOL, |be| {
     let mut r = rng(7);
     let (b, t, c, h) = (2usize, 9usize, 16usize, 2usize);
@@ -614,6 +615,12 @@ fn kernel_ops_stay_on_the_device_and_fallbacks_are_counted() {
     be.rmsnorm_forward(&mut y, &mut rstd, &x, &w, n, d, 1e-5);
     let mut a = be.zeros(n * d);
     be.activation_forward(Activation::Gelu, &mut a, &y);
+    // Serving's paged decode attention: one row over a 3-block table of 2-position blocks.
+    let (c, h) = (8usize, 2usize);
+    let (kc, vc) = (be.zeros(4 * 2 * c), be.zeros(4 * 2 * c));
+    let qkv = be.upload(&uniform(&mut r, 3 * c, 0.0, 1.0));
+    let mut dec = be.zeros(c);
+    be.attention_decode(&mut dec, &qkv, &kc, &vc, &[5], &[3, 0, 2], 2, c, h, 0.5);
     assert!(
         be.host_fallback_calls().is_empty(),
         "{:?}",

@@ -57,6 +57,8 @@ HOT_KERNELS=(
   mega_attn_project_forward_f32
   mega_attn_project_backward_f32
   log_softmax_f32
+  paged_attention_partition_f32
+  paged_attention_combine_f32
 )
 # Must match NVCC_FLAGS in build.rs.
 NVCC_FLAGS=(-ptx -O3 -arch=sm_80 -std=c++17)

@@ -24,7 +24,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:${UBSAN_OPTIONS:-}"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --release --test emu_harness --test emu_kernels --test emu_device --test emu_kernels_megalodon --test emu_kernels_ops --test emu_kernels_cast --test emu_kernels_softmax --test emu_kernels_elementwise --test emu_kernels_adamw --test emu_kernels_mega_attention 2>&1 | tee "$log"
+cargo test --release --test emu_harness --test emu_kernels --test emu_device --test emu_kernels_megalodon --test emu_kernels_ops --test emu_kernels_cast --test emu_kernels_softmax --test emu_kernels_elementwise --test emu_kernels_adamw --test emu_kernels_mega_attention --test emu_kernels_paged_attention 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 if (( status != 0 )); then

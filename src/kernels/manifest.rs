@@ -137,6 +137,15 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
         ptx: true,
     },
     KernelSource {
+        name: "paged_attention",
+        path: "paged_attention.cu",
+        entry_points: &[
+            "paged_attention_partition_f32",
+            "paged_attention_combine_f32",
+        ],
+        ptx: true,
+    },
+    KernelSource {
         name: "reduce",
         path: "reduce.cu",
         entry_points: &["sum_partials_f32", "sum_combine_f64"],

@@ -27,10 +27,6 @@ pub struct HostFallback {
 /// Every op of [`super::CudaBackend`] that may run on the host.
 pub const HOST_FALLBACKS: &[HostFallback] = &[
     HostFallback {
-        op: "attention_decode",
-        replaced_by: "a decode attention kernel over the KV cache",
-    },
-    HostFallback {
         op: "mega_attention_forward_cached",
         replaced_by: "the chunk-attention kernel over a device chunk cache",
     },

@@ -24,6 +24,7 @@ pub mod host_fallback;
 pub mod matmul;
 pub mod mega_attention;
 pub mod module_cache;
+pub mod paged_attention;
 pub mod pool;
 pub mod scratch;
 pub mod shadow;
@@ -616,24 +617,17 @@ where
         h: usize,
         scale: f32,
     ) {
-        self.host_fallback(
-            "attention_decode",
-            [out],
-            &[qkv, k_cache, v_cache],
-            |cpu, o, i| {
-                cpu.attention_decode(
-                    &mut o[0],
-                    &i[0],
-                    &i[1],
-                    &i[2],
-                    lens,
-                    block_table,
-                    block_size,
-                    c,
-                    h,
-                    scale,
-                )
-            },
+        self.attention_decode_on_device(
+            out,
+            qkv,
+            k_cache,
+            v_cache,
+            lens,
+            block_table,
+            block_size,
+            c,
+            h,
+            scale,
         );
     }
 
