@@ -125,6 +125,16 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
         }
     }
 
+    /// Bytes of every cache buffer this decoder allocated (both KV pools with their padding
+    /// blocks, the conditioning, the host logits): what `--cache-memory` must cover.
+    pub fn cache_bytes(&self) -> usize {
+        let be = self.be;
+        let pool = |p: &KvPool<B>| p.k.iter().chain(&p.v).map(|b| be.len(b)).sum::<usize>();
+        let floats =
+            pool(&self.global) + pool(&self.local) + be.len(&self.cond) + self.logits.len();
+        floats * std::mem::size_of::<f32>()
+    }
+
     /// Global KV blocks of `block_size` positions one full context needs.
     pub fn blocks_per_context(model: &Megabyte, block_size: usize) -> usize {
         model.cfg.patches().div_ceil(block_size.max(1))

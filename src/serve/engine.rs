@@ -279,13 +279,16 @@ fn size_caches(model: &ModelConfig, cfg: &EngineConfig) -> Result<(Sizing, Strin
             let slot_bytes = MegabyteDecoder::<Cpu<f32>>::slot_bytes(&m);
             let block_bytes =
                 MegabyteDecoder::<Cpu<f32>>::global_bytes_per_position(&m) * cfg.block_size;
-            let fixed = slot_bytes * cfg.max_running;
+            // The decoder's throw-away padding row (single-row steps) takes one more slot's
+            // local state and one more global block: inside the budget, so the pools
+            // allocated are what the budget says.
+            let fixed = slot_bytes * (cfg.max_running + 1) + block_bytes;
             let blocks = budget.saturating_sub(fixed) / block_bytes;
             let full = c.patches().div_ceil(cfg.block_size);
             if blocks < full {
                 bail!(
                     "cache memory {:.1} MiB is too small: one full-context sequence needs {:.1} MiB \
-                     ({full} blocks of {} patches) plus {:.1} MiB for {} slots",
+                     ({full} blocks of {} patches) plus {:.1} MiB for {} slots and the padding row",
                     mib(budget),
                     mib(full * block_bytes),
                     cfg.block_size,
@@ -295,8 +298,8 @@ fn size_caches(model: &ModelConfig, cfg: &EngineConfig) -> Result<(Sizing, Strin
             }
             let line = format!(
                 "engine: megabyte cache {:.1} MiB = paged global KV pool of {} blocks x {} patches x {:.1} KiB \
-                 ({:.1} MiB over all layers, allocated once, plus one block for padding rows; a full {}-byte context \
-                 takes {} blocks) + {} slots x {:.1} KiB local state",
+                 ({:.1} MiB over all layers, allocated once; a full {}-byte context takes {} blocks) + {} slots x {:.1} KiB \
+                 local state, + one block and one slot for padding rows",
                 mib(budget),
                 blocks,
                 cfg.block_size,
@@ -615,5 +618,54 @@ impl<'s> Loop<'s> {
         let m = self.metrics();
         m.running.store(0, Ordering::Relaxed);
         m.cache_blocks_used.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MegabyteConfig;
+
+    /// The caches the MEGABYTE decoder allocates for a sizing — the padding row's block and
+    /// slot included — fit the budget they were sized from, at budgets from the smallest
+    /// accepted to a roomy one and at several block sizes.
+    #[test]
+    fn megabyte_caches_with_their_padding_fit_the_budget() {
+        let c = MegabyteConfig::preset("tiny").unwrap();
+        let model = Megabyte::new(&c);
+        let be = Cpu::<f32>::new();
+        let params = model.layout.upload(&be, &model.layout.init_host(1));
+        for block_size in [1, 3, 16] {
+            let mut accepted = 0;
+            for budget_kib in [64, 256, 1024, 4096] {
+                let cfg = EngineConfig {
+                    max_running: 4,
+                    block_size,
+                    memory_budget_bytes: budget_kib << 10,
+                    ..EngineConfig::default()
+                };
+                let Ok((sizing, _)) = size_caches(&ModelConfig::Megabyte(c.clone()), &cfg) else {
+                    continue;
+                };
+                accepted += 1;
+                let dec = MegabyteDecoder::with_pool(
+                    &model,
+                    &be,
+                    &params,
+                    sizing.slots,
+                    block_size,
+                    sizing.blocks,
+                );
+                assert!(
+                    dec.cache_bytes() <= cfg.memory_budget_bytes,
+                    "block size {block_size}, budget {budget_kib} KiB: allocated {} bytes",
+                    dec.cache_bytes()
+                );
+            }
+            assert!(
+                accepted >= 2,
+                "block size {block_size}: budgets too small for the test"
+            );
+        }
     }
 }
