@@ -12,10 +12,11 @@
 //! probabilities is finite (its scores are 0) and meets only zero rows of `dout`, so its
 //! contributions to `dK` and `dV` are exact zeros.
 //!
-//! **Saved for the backward:** Q and K after RoPE, V head-major, the probabilities and the
-//! per-row rstd. The CPU twin saves nothing and recomputes (it is memory-bound on a CPU); the
-//! device keeps them, as MEGABYTE's device attention keeps its probabilities, until the fused
-//! kernels recompute them tile by tile.
+//! **Saved for the backward:** Q and K after RoPE, V head-major and the per-row rstd — not the
+//! probabilities: the backward recomputes them (one `Q·Kᵀ` GEMM and the softmax kernel, a
+//! tenth of the backward's FLOPs at dv = 8·dz), because keeping `[span, span]` per head,
+//! chunk and layer from forward to backward does not fit at paper lengths (docs/perf.md §8.4).
+//! The CPU twin recomputes Q and K too; the fused kernels will recompute tile by tile.
 //!
 //! **Precision:** f32 throughout, also under [`super::Precision::Bf16Gemm`] (the chunk
 //! products are a small share of a step's FLOPs; bf16 here is for the fused kernels).
@@ -39,8 +40,6 @@ struct SavedBuffers<D: DeviceApi> {
     k: CudaBuf<D>,
     /// V head-major, `[b, H, lpad, dv]`.
     v: CudaBuf<D>,
-    /// Causal probabilities, `[b·H·chunks, span, span]`.
-    probs: CudaBuf<D>,
     /// `1/√(mean(z²) + eps)` per (token, head), `[b·l·H]`.
     rstd: CudaBuf<D>,
 }
@@ -157,6 +156,36 @@ where
         self.device
             .gemm_strided_batched_f32(out.allocation(), a.allocation(), b.allocation(), &g)
             .unwrap_or_else(|e| super::fail("megalodon attention gemm", e));
+    }
+
+    /// `probs = causal softmax(Q·Kᵀ)` per block, in place over the scores (no temperature).
+    fn chunk_probabilities(
+        &self,
+        probs: &CudaBuf<D>,
+        q: &CudaBuf<D>,
+        k: &CudaBuf<D>,
+        cl: &ChunkLayout,
+    ) {
+        let (sp, dz) = (cl.span, cl.s.dz);
+        let scores = cl.gemm(
+            (sp, dz, sp),
+            false,
+            true,
+            cl.square(),
+            cl.heads(dz),
+            cl.heads(dz),
+        );
+        self.chunk_gemm(probs, q, k, scores);
+        let (rows, t, one) = (
+            int(cl.blocks() * sp, "softmax rows"),
+            int(sp, "span"),
+            1.0f32,
+        );
+        self.run(
+            "causal_softmax_forward_f32",
+            softmax::rows(cl.blocks() * sp),
+            &[probs.block(), probs.block(), &rows, &t, &one],
+        );
     }
 
     /// A head-major buffer of width `d` (zeroed when the last chunk is padded).
@@ -295,22 +324,7 @@ where
         );
         self.rows_to_heads(&vh, v, &cl, s.dv);
         let sp = cl.span;
-        // S = Q·Kᵀ per block, then the causal softmax in place (no temperature).
-        let scores = cl.gemm(
-            (sp, s.dz, sp),
-            false,
-            true,
-            cl.square(),
-            cl.heads(s.dz),
-            cl.heads(s.dz),
-        );
-        self.chunk_gemm(&probs, &q, &k, scores);
-        let (rows, t, one) = (int(cl.blocks() * sp, "softmax rows"), span, 1.0f32);
-        self.run(
-            "causal_softmax_forward_f32",
-            softmax::rows(cl.blocks() * sp),
-            &[probs.block(), probs.block(), &rows, &t, &one],
-        );
+        self.chunk_probabilities(&probs, &q, &k, &cl);
         // O = P·V per block, back to [b, l, H·dv].
         let oh = self.alloc(cl.head_major(s.dv));
         let values = cl.gemm(
@@ -324,13 +338,8 @@ where
         self.chunk_gemm(&oh, &probs, &vh, values);
         out.invalidate_shadow();
         self.heads_to_rows(out, &oh, &cl, s.dv);
-        saved.buffers = Some(SavedBuffers {
-            q,
-            k,
-            v: vh,
-            probs,
-            rstd,
-        });
+        drop(probs);
+        saved.buffers = Some(SavedBuffers { q, k, v: vh, rstd });
     }
 
     /// [`Backend::mega_attention_backward`](crate::backend::Backend::mega_attention_backward)
@@ -385,6 +394,8 @@ where
             return; // no tokens: nothing to write
         };
         let sp = cl.span;
+        let probs = self.alloc(cl.blocks() * sp * sp);
+        self.chunk_probabilities(&probs, &sb.q, &sb.k, &cl);
         let doh = self.head_major_buffer(&cl, s.dv);
         self.rows_to_heads(&doh, dout, &cl, s.dv);
         // dP = dO·Vᵀ, then dS = P ⊙ (dP − rowsum(dP ⊙ P)) in place.
@@ -406,7 +417,7 @@ where
         self.run(
             "causal_softmax_backward_f32",
             softmax::rows(cl.blocks() * sp),
-            &[ds.block(), sb.probs.block(), ds.block(), &rows, &t, &one],
+            &[ds.block(), probs.block(), ds.block(), &rows, &t, &one],
         );
         // dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·dO.
         let dq = self.alloc(cl.head_major(s.dz));
@@ -428,7 +439,7 @@ where
         let hv = cl.heads(s.dv);
         self.chunk_gemm(
             &dvh,
-            &sb.probs,
+            &probs,
             &doh,
             cl.gemm((sp, sp, s.dv), true, false, hv, cl.square(), hv),
         );
