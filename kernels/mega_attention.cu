@@ -47,13 +47,25 @@ __device__ __forceinline__ long long row_step() {
     return static_cast<long long>(gridDim.x) * blockDim.y;
 }
 
-// Where row r = (token, head) of the [b, l, H] rows lands in a head-major [b, H, lpad, d].
-__device__ __forceinline__ size_t head_major(long long r, int l, int heads, int lpad, int d) {
+// Where row r = (token, head) of the [b, l, H] rows lands in a head-major [b, H, rows, d]:
+// at row ti + offsets[bi] (offsets may be null: 0).
+__device__ __forceinline__ size_t head_major(
+    long long r, int l, int heads, int rows, int d, const unsigned int* offsets) {
     const long long hi = r % heads;
     const long long token = r / heads;
     const long long ti = token % l;
     const long long bi = token / l;
-    return (static_cast<size_t>(bi * heads + hi) * lpad + ti) * d;
+    const long long row = ti + (offsets != nullptr ? offsets[bi] : 0u);
+    return (static_cast<size_t>(bi * heads + hi) * rows + row) * d;
+}
+
+// The chunk position of row r's token: (ti + offsets[bi]) mod span.
+__device__ __forceinline__ int chunk_position(
+    long long r, int l, int heads, int span, const unsigned int* offsets) {
+    const long long token = r / heads;
+    const long long ti = token % l;
+    const long long off = offsets != nullptr ? offsets[token / l] : 0u;
+    return static_cast<int>((ti + off) % span);
 }
 
 // cos and sin of the RoPE angle of pair p at position pos (as rope.cu and the CPU table).
@@ -67,13 +79,15 @@ __device__ __forceinline__ void rope_angle(int pos, int p, int dz, float base, f
 }  // namespace mega_attn
 
 extern "C" __global__ void mega_attn_project_forward_f32(
-    float* __restrict__ q,            // [b, H, lpad, dz], rows < l written
-    float* __restrict__ k,            // [b, H, lpad, dz], rows < l written
+    float* __restrict__ q,            // [b, H, q_rows, dz], rows < l written
+    float* __restrict__ k,            // [b, H, k_rows, dz], rows off .. off + l written
     float* __restrict__ rstd,         // [b·l·H]
     const float* __restrict__ z,      // [b, l, H·dz]
     const float* __restrict__ gamma,  // [2, H·dz]
     const float* __restrict__ beta,   // [2, H·dz]
-    int b, int l, int heads, int dz, int span, int lpad, float eps, float inv_sqrt_dz, float base) {
+    const unsigned int* __restrict__ offsets,  // [b] or null: each row's first chunk position
+    int b, int l, int heads, int dz, int span, int q_rows, int k_rows, float eps,
+    float inv_sqrt_dz, float base) {
     using namespace mega_attn;
     const int lane = threadIdx.x;
     const int half = dz / 2;
@@ -86,9 +100,10 @@ extern "C" __global__ void mega_attn_project_forward_f32(
         ss = warp_sum(ss);
         const float rs = 1.0f / sqrtf(ss / static_cast<float>(dz) + eps);
         if (lane == 0) rstd[r] = rs;
-        const size_t out = head_major(r, l, heads, lpad, dz);
+        const size_t qat = head_major(r, l, heads, q_rows, dz, nullptr);
+        const size_t kat = head_major(r, l, heads, k_rows, dz, offsets);
         const int hi = static_cast<int>(r % heads);
-        const int pos = static_cast<int>((r / heads) % l) % span;
+        const int pos = chunk_position(r, l, heads, span, offsets);
         for (int p = lane; p < half; p += mega::WARP_SIZE) {
             const int j0 = 2 * p;
             const int c0 = hi * dz + j0;
@@ -98,12 +113,12 @@ extern "C" __global__ void mega_attn_project_forward_f32(
             rope_angle(pos, p, dz, base, &cs, &sn);
             const float q0 = z0 * ((gamma[c0] + 1.0f) * inv_sqrt_dz) + beta[c0];
             const float q1 = z1 * ((gamma[c0 + 1] + 1.0f) * inv_sqrt_dz) + beta[c0 + 1];
-            q[out + j0] = q0 * cs - q1 * sn;
-            q[out + j0 + 1] = q0 * sn + q1 * cs;
+            q[qat + j0] = q0 * cs - q1 * sn;
+            q[qat + j0 + 1] = q0 * sn + q1 * cs;
             const float k0 = z0 * ((gamma[zdim + c0] + 1.0f) * inv_sqrt_dz) + beta[zdim + c0];
             const float k1 = z1 * ((gamma[zdim + c0 + 1] + 1.0f) * inv_sqrt_dz) + beta[zdim + c0 + 1];
-            k[out + j0] = k0 * cs - k1 * sn;
-            k[out + j0 + 1] = k0 * sn + k1 * cs;
+            k[kat + j0] = k0 * cs - k1 * sn;
+            k[kat + j0 + 1] = k0 * sn + k1 * cs;
         }
     }
 }
@@ -127,10 +142,10 @@ extern "C" __global__ void mega_attn_project_backward_f32(
         const float* zr = z + r * dz;
         float* dzr = dz_out + r * dz;
         const float rs = rstd[r];
-        const size_t at = head_major(r, l, heads, lpad, dz);
+        const size_t at = head_major(r, l, heads, lpad, dz, nullptr);
         const int hi = static_cast<int>(r % heads);
         const long long token = r / heads;
-        const int pos = static_cast<int>(token % l) % span;
+        const int pos = chunk_position(r, l, heads, span, nullptr);
         float* gq = gsum + token * 2 * zdim;
         float* bq = bsum + token * 2 * zdim;
         float dot = 0.0f;
@@ -173,14 +188,15 @@ extern "C" __global__ void mega_attn_project_backward_f32(
 }
 
 extern "C" __global__ void mega_attn_to_heads_f32(
-    float* __restrict__ dst,        // [b, H, lpad, d], rows < l written
+    float* __restrict__ dst,        // [b, H, lpad, d], rows off .. off + l written
     const float* __restrict__ src,  // [b, l, H·d]
+    const unsigned int* __restrict__ offsets,  // [b] or null (0)
     int b, int l, int heads, int d, int lpad) {
     const long long n = static_cast<long long>(b) * l * heads * d;
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
         const long long r = i / d;
-        dst[mega_attn::head_major(r, l, heads, lpad, d) + i % d] = src[i];
+        dst[mega_attn::head_major(r, l, heads, lpad, d, offsets) + i % d] = src[i];
     }
 }
 
@@ -192,6 +208,37 @@ extern "C" __global__ void mega_attn_from_heads_f32(
     const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
     for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
         const long long r = i / d;
-        dst[i] = src[mega_attn::head_major(r, l, heads, lpad, d) + i % d];
+        dst[i] = src[mega_attn::head_major(r, l, heads, lpad, d, nullptr) + i % d];
     }
 }
+
+// The causal softmax of the streaming path: row r of [b·H·l, t] holds query i = r mod l of
+// batch row bi = r / (H·l), which sees the keys 0 ..= offsets[bi] + i of its cached chunk;
+// later entries are written 0 and never read (they may hold anything, NaN included).
+// Launch as the project kernels: one warp per row.
+extern "C" __global__ void mega_attn_cached_softmax_f32(
+    float* probs,          // [rows, t], written (may alias scores)
+    const float* scores,   // [rows, t]
+    const unsigned int* __restrict__ offsets,  // [b]
+    int rows, int t, int l, int heads) {
+    using namespace mega_attn;
+    const int lane = threadIdx.x;
+    for (long long row = first_row(); row < rows; row += row_step()) {
+        const size_t at = static_cast<size_t>(row) * t;
+        const long long bi = row / (static_cast<long long>(heads) * l);
+        const int keys = min(static_cast<int>(offsets[bi] + row % l) + 1, t);
+        float m = -INFINITY;
+        for (int j = lane; j < keys; j += mega::WARP_SIZE) m = fmaxf(m, scores[at + j]);
+#pragma unroll
+        for (int o = mega::WARP_SIZE / 2; o > 0; o /= 2) {
+            m = fmaxf(m, __shfl_xor_sync(mega::FULL_WARP_MASK, m, o));
+        }
+        float sum = 0.0f;
+        for (int j = lane; j < keys; j += mega::WARP_SIZE) sum += expf(scores[at + j] - m);
+        sum = warp_sum(sum);
+        for (int j = lane; j < t; j += mega::WARP_SIZE) {
+            probs[at + j] = j < keys ? expf(scores[at + j] - m) / sum : 0.0f;
+        }
+    }
+}
+

@@ -238,11 +238,13 @@ fn project_forward_matches_the_f64_twin() {
                         &zb,
                         &gb,
                         &bb,
+                        &Null::<u32>::new(),
                         &d[0],
                         &d[1],
                         &d[2],
                         &d[3],
                         &d[4],
+                        &d[5],
                         &d[5],
                         &(EPS as f32),
                         &inv_sqrt,
@@ -355,7 +357,16 @@ fn layout_moves_are_exact() {
             run(
                 "mega_attn_to_heads_f32",
                 shape,
-                &[&hm, &sb, args[0], args[1], args[2], args[3], args[4]],
+                &[
+                    &hm,
+                    &sb,
+                    &Null::<u32>::new(),
+                    args[0],
+                    args[1],
+                    args[2],
+                    args[3],
+                    args[4],
+                ],
                 schedule,
             );
             let got: Vec<u32> = hm.to_vec().iter().map(|x| x.to_bits()).collect();

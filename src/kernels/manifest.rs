@@ -103,6 +103,7 @@ pub const KERNEL_SOURCES: &[KernelSource] = &[
             "mega_attn_project_backward_f32",
             "mega_attn_to_heads_f32",
             "mega_attn_from_heads_f32",
+            "mega_attn_cached_softmax_f32",
         ],
         ptx: true,
     },

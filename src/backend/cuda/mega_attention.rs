@@ -22,10 +22,10 @@
 //! products are a small share of a step's FLOPs; bf16 here is for the fused kernels).
 
 use super::buffer::CudaBuf;
-use super::CudaBackend;
+use super::{CudaBackend, NullArg};
 use crate::backend::cpu::megalodon_attention::MegaAttnShape;
 use crate::cuda::launch::{self as launch_shapes, mega_attention as attn_shape, softmax};
-use crate::emu::{DeviceApi, MatrixLayout, StridedGemm};
+use crate::emu::{DeviceApi, KernelArg, MatrixLayout, StridedGemm};
 
 /// What [`CudaBackend`]'s chunk-attention forward keeps for its backward (device buffers,
 /// allocated by the first forward and reused while the shape stays the same).
@@ -199,6 +199,19 @@ where
 
     /// `[b, l, H·d]` → head-major `dst` (its padding rows untouched).
     fn rows_to_heads(&self, dst: &CudaBuf<D>, src: &CudaBuf<D>, cl: &ChunkLayout, d: usize) {
+        self.rows_to_heads_at(dst, src, cl, d, &NullArg::<u32>::new());
+    }
+
+    /// [`Self::rows_to_heads`] with row `bi`'s tokens landing from row `offsets[bi]` on
+    /// (a `[b]` u32 device array, or null for 0).
+    fn rows_to_heads_at(
+        &self,
+        dst: &CudaBuf<D>,
+        src: &CudaBuf<D>,
+        cl: &ChunkLayout,
+        d: usize,
+        offsets: &dyn KernelArg,
+    ) {
         let s = &cl.s;
         let args = self.layout_args(cl, d);
         self.run(
@@ -207,6 +220,7 @@ where
             &[
                 dst.block(),
                 src.block(),
+                offsets,
                 &args[0],
                 &args[1],
                 &args[2],
@@ -311,11 +325,13 @@ where
                 z.block(),
                 gamma.block(),
                 beta.block(),
+                &NullArg::<u32>::new(),
                 &dims[0],
                 &dims[1],
                 &dims[2],
                 &dims[3],
                 &span,
+                &dims[4],
                 &dims[4],
                 &eps,
                 &inv_sqrt_dz,
