@@ -490,20 +490,41 @@ case!(mega_attention, "mega attention", KERNEL_TOL, |be| {
         );
         outs.extend([out, dz, dv, dg, dbeta].iter().map(|t| be.download(t)));
     }
-    // Streaming: three tokens, then the cache copied to another row.
-    let s = base;
+    // Streaming: calls of 3, 1 (filling the chunk of 4), 2, 1 tokens, a whole-chunk call of
+    // 8 from position 0, then row 0's cache copied over row 1 and one more token (row 1 must
+    // now continue row 0's chunk).
+    let s = MegaAttnShape { dz: 6, ..base };
     let gamma = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 0.3));
     let beta = be.upload(&uniform(&mut r, 2 * s.heads * s.dz, 0.0, 0.3));
-    let sc = MegaAttnShape { l: 3, ..s };
     let mut cache = be.chunk_cache(s.b, s.heads, s.dz, s.dv, s.chunk);
-    let zc = be.upload(&uniform(&mut r, s.b * 3 * s.heads * s.dz, 0.0, 1.0));
-    let vc = be.upload(&uniform(&mut r, s.b * 3 * s.heads * s.dv, 0.0, 1.0));
-    let mut oc = be.zeros(s.b * 3 * s.heads * s.dv);
-    be.mega_attention_forward_cached(&mut oc, &mut cache, &zc, &vc, &gamma, &beta, &sc)
-        .unwrap();
+    let stream = |be: &B, cache: &mut B::ChunkCache, l: usize, r: &mut _| {
+        let sc = MegaAttnShape { l, ..s };
+        let zc = be.upload(&uniform(r, s.b * l * s.heads * s.dz, 0.0, 1.0));
+        let vc = be.upload(&uniform(r, s.b * l * s.heads * s.dv, 0.0, 1.0));
+        let mut oc = be.upload(&vec![f32::NAN; s.b * l * s.heads * s.dv]);
+        be.mega_attention_forward_cached(&mut oc, cache, &zc, &vc, &gamma, &beta, &sc)
+            .unwrap();
+        be.download(&oc)
+    };
+    for l in [3, 1, 2, 1] {
+        outs.push(stream(be, &mut cache, l, &mut r));
+    }
+    // Rows at position 3 of 4: two more tokens would straddle the boundary.
+    let sc = MegaAttnShape { l: 2, ..s };
+    let zc = be.upload(&uniform(&mut r, s.b * 2 * s.heads * s.dz, 0.0, 1.0));
+    let vc = be.upload(&uniform(&mut r, s.b * 2 * s.heads * s.dv, 0.0, 1.0));
+    let mut oc = be.zeros(s.b * 2 * s.heads * s.dv);
+    assert!(be
+        .mega_attention_forward_cached(&mut oc, &mut cache, &zc, &vc, &gamma, &beta, &sc)
+        .is_err());
+    outs.push(stream(be, &mut cache, 1, &mut r));
+    outs.push(stream(be, &mut cache, 8, &mut r));
+    outs.push(stream(be, &mut cache, 3, &mut r));
     let mut other = be.chunk_cache(s.b, s.heads, s.dz, s.dv, s.chunk);
+    outs.push(stream(be, &mut other, 2, &mut r));
     be.chunk_cache_copy_row(&mut other, 1, &cache, 0);
-    outs.push(be.download(&oc));
+    be.chunk_cache_copy_row(&mut other, 0, &cache, 1);
+    outs.push(stream(be, &mut other, 1, &mut r));
     outs
 });
 

@@ -255,12 +255,13 @@ fn megalodon_engine_with_one_slot_matches_generate_alone() {
 fn preempted_sequences_are_recomputed_to_the_same_bytes() {
     let (dir, model) = megabyte_checkpoint();
     // Room for one full context (8 patches = 4 blocks of 2) and one more block, for four
-    // running sequences that each grow to the full context.
+    // running sequences that each grow to the full context; the budget also covers the
+    // decoder's padding row (one more slot and block).
     let mut ecfg = batching_config();
     ecfg.max_running = 4;
     let slot = MegabyteDecoder::<Cpu<f32>>::slot_bytes(&model);
     let block = MegabyteDecoder::<Cpu<f32>>::global_bytes_per_position(&model) * ecfg.block_size;
-    ecfg.memory_budget_bytes = 4 * slot + 5 * block;
+    ecfg.memory_budget_bytes = (4 + 1) * slot + (5 + 1) * block;
     let reqs: Vec<Request> = (0..4)
         .map(|i| Request {
             prompt: text(i, 6 + 3 * i),

@@ -27,10 +27,6 @@ pub struct HostFallback {
 /// Every op of [`super::CudaBackend`] that may run on the host.
 pub const HOST_FALLBACKS: &[HostFallback] = &[
     HostFallback {
-        op: "mega_attention_forward_cached",
-        replaced_by: "the chunk-attention kernel over a device chunk cache",
-    },
-    HostFallback {
         op: "cema_forward",
         replaced_by: "only when cema_forward_f32 cannot launch the shape (N > 70): a wider kernel",
     },

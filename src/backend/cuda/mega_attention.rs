@@ -25,7 +25,7 @@ use super::buffer::CudaBuf;
 use super::{CudaBackend, NullArg};
 use crate::backend::cpu::megalodon_attention::MegaAttnShape;
 use crate::cuda::launch::{self as launch_shapes, mega_attention as attn_shape, softmax};
-use crate::emu::{DeviceApi, KernelArg, MatrixLayout, StridedGemm};
+use crate::emu::{BufferAt, DeviceApi, KernelArg, MatrixLayout, StridedGemm};
 
 /// What [`CudaBackend`]'s chunk-attention forward keeps for its backward (device buffers,
 /// allocated by the first forward and reused while the shape stays the same).
@@ -495,5 +495,240 @@ where
         use crate::backend::Backend;
         self.bias_backward(dgamma, &gsum, tokens, 2 * zdim);
         self.bias_backward(dbeta, &bsum, tokens, 2 * zdim);
+    }
+}
+
+/// MEGALODON's streaming chunk cache on the device (spec §16.1): the post-RoPE keys
+/// `[b, H, chunk, dz]` and values `[b, H, chunk, dv]` of each row's current chunk, and on the
+/// host how many tokens of it each row has seen. Entries past a row's count are stale but
+/// finite (the buffers start zeroed), which the streaming softmax relies on: it writes exact
+/// zeros there, and `0 · finite = 0` in the value product.
+pub struct DeviceChunkCache<D: DeviceApi> {
+    k: CudaBuf<D>,
+    v: CudaBuf<D>,
+    count: Vec<usize>,
+    heads: usize,
+    dz: usize,
+    dv: usize,
+    chunk: usize,
+}
+
+impl<D: DeviceApi> DeviceChunkCache<D> {
+    /// Tokens of the current chunk each row has seen.
+    pub fn counts(&self) -> &[usize] {
+        &self.count
+    }
+}
+
+impl<D> CudaBackend<D>
+where
+    D: DeviceApi + Send + Sync + 'static,
+    D::Buffer<f32>: Send,
+{
+    /// An empty device chunk cache for `b` rows.
+    pub(super) fn device_chunk_cache(
+        &self,
+        b: usize,
+        heads: usize,
+        dz: usize,
+        dv: usize,
+        chunk: usize,
+    ) -> DeviceChunkCache<D> {
+        use crate::backend::Backend;
+        DeviceChunkCache {
+            k: self.zeros(b * heads * chunk * dz),
+            v: self.zeros(b * heads * chunk * dv),
+            count: vec![0; b],
+            heads,
+            dz,
+            dv,
+            chunk,
+        }
+    }
+
+    /// Row `src_row` of `src` (keys, values, count) into row `dst_row` of `dst`: one device
+    /// copy each for keys and values (a row's heads are contiguous).
+    pub(super) fn device_chunk_cache_copy_row(
+        &self,
+        dst: &mut DeviceChunkCache<D>,
+        dst_row: usize,
+        src: &DeviceChunkCache<D>,
+        src_row: usize,
+    ) {
+        assert!(
+            (dst.heads, dst.dz, dst.dv, dst.chunk) == (src.heads, src.dz, src.dv, src.chunk),
+            "chunk caches of different shapes"
+        );
+        assert!(
+            dst_row < dst.count.len() && src_row < src.count.len(),
+            "row out of range"
+        );
+        for (d, s, width) in [(&dst.k, &src.k, dst.dz), (&dst.v, &src.v, dst.dv)] {
+            let n = dst.heads * dst.chunk * width;
+            self.device
+                .copy_dtod(
+                    BufferAt::new(d.allocation(), d.offset() + dst_row * n),
+                    BufferAt::new(s.allocation(), s.offset() + src_row * n),
+                    n,
+                )
+                .unwrap_or_else(|e| super::fail("chunk cache row copy", e));
+        }
+        dst.count[dst_row] = src.count[src_row];
+    }
+
+    /// [`Backend::mega_attention_forward_cached`](crate::backend::Backend::mega_attention_forward_cached)
+    /// on the device. Calls made of whole chunks from chunk position 0 are the training
+    /// forward (and leave every row's chunk empty); otherwise each row's `l` tokens continue
+    /// its chunk at `count[row]`: Q for the new tokens, K and V appended to the cache,
+    /// scores against the whole cached chunk with the offset causal softmax, `P·V`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn mega_attention_forward_cached_on_device(
+        &self,
+        out: &mut CudaBuf<D>,
+        cache: &mut DeviceChunkCache<D>,
+        z: &CudaBuf<D>,
+        v: &CudaBuf<D>,
+        gamma: &CudaBuf<D>,
+        beta: &CudaBuf<D>,
+        s: &MegaAttnShape,
+    ) -> Result<(), crate::backend::ChunkCallError> {
+        use crate::backend::cpu::megalodon_attention::check_call;
+        assert!(
+            (cache.heads, cache.dz, cache.dv, cache.chunk) == (s.heads, s.dz, s.dv, s.chunk)
+                && cache.count.len() == s.b,
+            "chunk cache does not match the call's shape"
+        );
+        let (zdim, vdim, tokens) = (s.zdim(), s.vdim(), s.b * s.l);
+        assert_eq!(
+            z.len(),
+            tokens * zdim,
+            "megalodon attention: z must be [b, l, H·dz]"
+        );
+        assert_eq!(
+            v.len(),
+            tokens * vdim,
+            "megalodon attention: v must be [b, l, H·dv]"
+        );
+        assert_eq!(
+            out.len(),
+            tokens * vdim,
+            "megalodon attention: out must be [b, l, H·dv]"
+        );
+        check_call(&cache.count, s.l, s.chunk)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        if s.l >= s.chunk {
+            // Whole chunks from position 0 (check_call allows nothing else): the training
+            // forward; each row's last chunk is complete, so its cache ends empty.
+            let mut saved = DeviceMegaAttnSaved::new();
+            self.mega_attention_forward_on_device(out, &mut saved, z, v, gamma, beta, s);
+            cache.count.iter_mut().for_each(|c| *c = 0);
+            return Ok(());
+        }
+        let chunk = s.chunk;
+        // The layout of the new tokens: one block of l rows per (row, head).
+        let cl = ChunkLayout {
+            s: *s,
+            span: s.l,
+            chunks: 1,
+            lpad: s.l,
+        };
+        let offsets: Vec<u32> = cache
+            .count
+            .iter()
+            .map(|&c| u32::try_from(c).expect("chunk position fits u32"))
+            .collect();
+        let offsets = self.indices(&offsets);
+        let q = self.alloc(cl.head_major(s.dz));
+        let rstd = self.alloc(tokens * s.heads);
+        let dims = self.layout_args(&cl, s.dz);
+        let inv_sqrt_dz = 1.0f32 / (s.dz as f32).sqrt();
+        let (eps, base) = (s.eps as f32, s.rope_base as f32);
+        let (span, rows_k) = (int(chunk, "chunk"), int(chunk, "chunk"));
+        cache.k.invalidate_shadow();
+        cache.v.invalidate_shadow();
+        self.run(
+            "mega_attn_project_forward_f32",
+            attn_shape::rows(tokens * s.heads),
+            &[
+                q.block(),
+                cache.k.block(),
+                rstd.block(),
+                z.block(),
+                gamma.block(),
+                beta.block(),
+                &offsets,
+                &dims[0],
+                &dims[1],
+                &dims[2],
+                &dims[3],
+                &span,
+                &dims[4],
+                &rows_k,
+                &eps,
+                &inv_sqrt_dz,
+                &base,
+            ],
+        );
+        let cache_layout = ChunkLayout {
+            s: *s,
+            span: chunk,
+            chunks: 1,
+            lpad: chunk,
+        };
+        self.rows_to_heads_at(&cache.v, v, &cache_layout, s.dv, &offsets);
+        // S[l, chunk] = Q·K_cacheᵀ per (row, head); entries past a query's keys are masked.
+        let (l, bh) = (s.l, s.b * s.heads);
+        let probs = self.alloc(bh * l * chunk);
+        let gemm =
+            |m, k, n, trans_b, out: MatrixLayout, a: MatrixLayout, b: MatrixLayout| StridedGemm {
+                m,
+                k,
+                n,
+                batch: bh,
+                trans_a: false,
+                trans_b,
+                a,
+                b,
+                out,
+                alpha: 1.0,
+                beta: 0.0,
+            };
+        let square = MatrixLayout::new(0, chunk, l * chunk);
+        let q_heads = MatrixLayout::new(0, s.dz, l * s.dz);
+        let k_cache = MatrixLayout::new(0, s.dz, chunk * s.dz);
+        self.chunk_gemm(
+            &probs,
+            &q,
+            &cache.k,
+            gemm(l, s.dz, chunk, true, square, q_heads, k_cache),
+        );
+        let (rows, t, li, hi) = (
+            int(bh * l, "softmax rows"),
+            int(chunk, "chunk"),
+            int(l, "l"),
+            int(s.heads, "heads"),
+        );
+        self.run(
+            "mega_attn_cached_softmax_f32",
+            attn_shape::rows(bh * l),
+            &[probs.block(), probs.block(), &offsets, &rows, &t, &li, &hi],
+        );
+        let oh = self.alloc(cl.head_major(s.dv));
+        let o_heads = MatrixLayout::new(0, s.dv, l * s.dv);
+        let v_cache = MatrixLayout::new(0, s.dv, chunk * s.dv);
+        self.chunk_gemm(
+            &oh,
+            &probs,
+            &cache.v,
+            gemm(l, chunk, s.dv, false, o_heads, square, v_cache),
+        );
+        out.invalidate_shadow();
+        self.heads_to_rows(out, &oh, &cl, s.dv);
+        for c in &mut cache.count {
+            *c = (*c + l) % chunk;
+        }
+        Ok(())
     }
 }

@@ -33,8 +33,6 @@ pub mod shapes;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use super::cpu::megalodon_attention::ChunkKvCache;
-use super::cpu::Cpu;
 use super::{
     Activation, AdamW, Backend, CemaWeightGrads, CemaWeights, ChunkCallError, MegaAttnShape,
     TsnStats,
@@ -238,7 +236,7 @@ where
 {
     type Buf = CudaBuf<D>;
     type MegaAttnSaved = mega_attention::DeviceMegaAttnSaved<D>;
-    type ChunkCache = ChunkKvCache<f32>;
+    type ChunkCache = mega_attention::DeviceChunkCache<D>;
 
     fn name(&self) -> String {
         format!("cuda ({})", self.device.name())
@@ -1040,41 +1038,31 @@ where
         dz: usize,
         dv: usize,
         chunk: usize,
-    ) -> ChunkKvCache<f32> {
-        Cpu::<f32>::new().chunk_cache(b, heads, dz, dv, chunk)
+    ) -> Self::ChunkCache {
+        self.device_chunk_cache(b, heads, dz, dv, chunk)
     }
 
     fn chunk_cache_copy_row(
         &self,
-        dst: &mut ChunkKvCache<f32>,
+        dst: &mut Self::ChunkCache,
         dst_row: usize,
-        src: &ChunkKvCache<f32>,
+        src: &Self::ChunkCache,
         src_row: usize,
     ) {
-        Cpu::<f32>::new().chunk_cache_copy_row(dst, dst_row, src, src_row);
+        self.device_chunk_cache_copy_row(dst, dst_row, src, src_row);
     }
 
     fn mega_attention_forward_cached(
         &self,
         out: &mut CudaBuf<D>,
-        cache: &mut ChunkKvCache<f32>,
+        cache: &mut Self::ChunkCache,
         z: &CudaBuf<D>,
         v: &CudaBuf<D>,
         gamma: &CudaBuf<D>,
         beta: &CudaBuf<D>,
         s: &MegaAttnShape,
     ) -> Result<(), ChunkCallError> {
-        let mut result = Ok(());
-        self.host_fallback(
-            "mega_attention_forward_cached",
-            [out],
-            &[z, v, gamma, beta],
-            |cpu, o, i| {
-                result = cpu
-                    .mega_attention_forward_cached(&mut o[0], cache, &i[0], &i[1], &i[2], &i[3], s)
-            },
-        );
-        result
+        self.mega_attention_forward_cached_on_device(out, cache, z, v, gamma, beta, s)
     }
 
     // ---- embeddings -----------------------------------------------------------------------
