@@ -480,3 +480,43 @@ fn engine_on_the_emulated_cuda_backend_matches_generate_there() {
     assert_same(&got, &want);
     engine.shutdown();
 }
+
+/// The same for MEGALODON: its stream slots (CEMA and TimestepNorm state, the chunk KV cache)
+/// live in the emulated device's buffers, with two slots so rows are copied between them.
+#[test]
+fn megalodon_engine_on_the_emulated_cuda_backend_matches_generate_there() {
+    use mega::backend::cuda::CudaBackend;
+    use mega::emu::EmulatedDevice;
+    let (dir, model) = megalodon_checkpoint();
+    let reqs: Vec<Request> = (0..2)
+        .map(|i| Request {
+            prompt: text(i, 5 + 4 * i),
+            max_bytes: 12,
+            sampling: sampling(1.0, 0, 1.0, 40 + i as u64),
+            stop: Vec::new(),
+            logprobs: None,
+        })
+        .collect();
+    let be = CudaBackend::new(EmulatedDevice::new());
+    let params = model.layout().upload(&be, &model.layout().init_host(SEED));
+    let want: Vec<(Vec<u8>, FinishReason)> = reqs
+        .iter()
+        .map(|r| {
+            let g = GenerateRequest {
+                prompt: r.prompt.clone(),
+                max_bytes: r.max_bytes,
+                sampling: r.sampling,
+                stop: r.stop.clone(),
+            };
+            let out = generate(&model, &be, &params, &[g], |_, _| {}).unwrap();
+            (out[0].bytes.clone(), out[0].finish_reason)
+        })
+        .collect();
+    let mut ecfg = batching_config();
+    ecfg.max_running = 2;
+    let engine =
+        Engine::start_on(CudaBackend::new(EmulatedDevice::new()), dir.path(), ecfg).unwrap();
+    let got = run_all(&engine, &reqs);
+    assert_same(&got, &want);
+    engine.shutdown();
+}
