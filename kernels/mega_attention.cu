@@ -19,6 +19,13 @@
 //       gsum[token, 0|1, c] = dQ'|dK' · ẑ/√dz,  bsum[token, 0|1, c] = dQ'|dK'.
 //   mega_attn_to_heads_f32 / mega_attn_from_heads_f32: [b, l, H·d] ↔ [b, H, lpad, d]
 //       (the values, the output and their gradients); padding rows are neither read nor written.
+//   mega_attn_cached_softmax_f32: the streaming path's causal softmax, query i of batch row bi
+//       seeing the keys 0 ..= offsets[bi] + i of its cached chunk.
+//
+// Streaming (MEGALODON's chunk cache): the forward projection and to_heads take per-row
+// offsets (null in training): row bi's tokens sit at chunk positions offsets[bi] + t, Q is
+// written compact ([b, H, l, dz]) and K (and V through to_heads) appended into the cache
+// ([b, H, chunk, ·]) at rows offsets[bi] + t.
 //
 // Launch: the project kernels take one warp per (token, head) row, block
 // (32, MEGA_ATTN_ROWS_PER_BLOCK), grid-stride over rows; lanes take pairs p ≡ lane (mod 32).

@@ -383,3 +383,167 @@ fn layout_moves_are_exact() {
         });
     });
 }
+
+/// A streaming call: `l` new tokens per row continuing each row's chunk of `chunk` positions
+/// at `offsets[row]` (offset + l ≤ chunk).
+#[derive(Debug)]
+struct StreamCase {
+    seed: u64,
+    heads: usize,
+    dz: usize,
+    chunk: usize,
+    l: usize,
+    offsets: Vec<u32>,
+}
+
+fn stream_cases() -> Vec<StreamCase> {
+    let c = |seed, heads, dz, chunk, l, offsets: &[u32]| StreamCase {
+        seed,
+        heads,
+        dz,
+        chunk,
+        l,
+        offsets: offsets.to_vec(),
+    };
+    vec![
+        c(11, 1, 2, 1, 1, &[0]),
+        c(12, 2, 8, 4, 1, &[0, 3, 1]),
+        c(13, 3, 66, 7, 2, &[5, 0]),
+        c(14, 1, 64, 40, 3, &[37, 12, 0, 20]),
+    ]
+}
+
+/// `mega_attn_project_forward_f32` with per-row offsets (the streaming path): Q of the new
+/// tokens compact `[b, H, l, dz]`, K appended at rows `offset ..` of `[b, H, chunk, dz]`,
+/// RoPE at the chunk positions `offset + t`; every other cache row untouched (NaN).
+#[test]
+fn project_forward_with_offsets_matches_the_f64_twin() {
+    sweep(
+        "project_forward_with_offsets_matches_the_f64_twin",
+        stream_cases(),
+        |c, schedules| {
+            let b = c.offsets.len();
+            let zdim = c.heads * c.dz;
+            let mut r = rng(c.seed);
+            let z = uniform(&mut r, b * c.l * zdim, 0.0, 1.0);
+            let gamma = uniform(&mut r, 2 * zdim, 0.0, 0.3);
+            let beta = uniform(&mut r, 2 * zdim, 0.0, 0.3);
+            let inv_sqrt = 1.0 / (c.dz as f64).sqrt();
+            let mut q = vec![f64::NAN; b * c.heads * c.l * c.dz];
+            let mut k = vec![f64::NAN; b * c.heads * c.chunk * c.dz];
+            for bi in 0..b {
+                for ti in 0..c.l {
+                    for hi in 0..c.heads {
+                        let at = ((bi * c.l + ti) * c.heads + hi) * c.dz;
+                        let row = widen(&z[at..at + c.dz]);
+                        let ms = row.iter().map(|x| x * x).sum::<f64>() / c.dz as f64;
+                        let rs = 1.0 / (ms + EPS).sqrt();
+                        let pos = c.offsets[bi] as usize + ti;
+                        let q_at = ((bi * c.heads + hi) * c.l + ti) * c.dz;
+                        let k_at = ((bi * c.heads + hi) * c.chunk + pos) * c.dz;
+                        for (which, out, o) in [(0, &mut q, q_at), (1, &mut k, k_at)] {
+                            let affine = |j: usize| {
+                                let ch = which * zdim + hi * c.dz + j;
+                                row[j] * rs * (gamma[ch] as f64 + 1.0) * inv_sqrt + beta[ch] as f64
+                            };
+                            for p in 0..c.dz / 2 {
+                                let (cs, sn) = rope(pos, p, c.dz);
+                                let (a0, a1) = (affine(2 * p), affine(2 * p + 1));
+                                out[o + 2 * p] = a0 * cs - a1 * sn;
+                                out[o + 2 * p + 1] = a0 * sn + a1 * cs;
+                            }
+                        }
+                    }
+                }
+            }
+            let d = [b, c.l, c.heads, c.dz, c.chunk, c.l, c.chunk].map(|x| x as i32);
+            let inv = 1.0f32 / (c.dz as f32).sqrt();
+            let rows = b * c.l * c.heads;
+            schedules.each(|schedule, checks| {
+                let (qb, kb, rb) = (nan_buf(q.len()), nan_buf(k.len()), nan_buf(rows));
+                let (zb, gb, bb) = (
+                    HostBuffer::from_slice(&z),
+                    HostBuffer::from_slice(&gamma),
+                    HostBuffer::from_slice(&beta),
+                );
+                let ob = HostBuffer::from_slice(&c.offsets);
+                run(
+                    "mega_attn_project_forward_f32",
+                    shapes::mega_attention::rows(rows),
+                    &[
+                        &qb,
+                        &kb,
+                        &rb,
+                        &zb,
+                        &gb,
+                        &bb,
+                        &ob,
+                        &d[0],
+                        &d[1],
+                        &d[2],
+                        &d[3],
+                        &d[4],
+                        &d[5],
+                        &d[6],
+                        &(EPS as f32),
+                        &inv,
+                        &(BASE as f32),
+                    ],
+                    schedule,
+                );
+                checks.close("q (streaming)", &qb.to_vec(), &q, F32_TOL);
+                // The cache: the appended rows close to the twin, every other row still NaN.
+                let got = kb.to_vec();
+                let written: Vec<usize> = (0..k.len()).filter(|&i| !k[i].is_nan()).collect();
+                let got_w: Vec<f32> = written.iter().map(|&i| got[i]).collect();
+                let want_w: Vec<f64> = written.iter().map(|&i| k[i]).collect();
+                checks.close("k appended", &got_w, &want_w, F32_TOL);
+                let untouched = (0..k.len()).all(|i| !k[i].is_nan() || got[i].is_nan());
+                checks.exact("other cache rows untouched", &[untouched], &[true]);
+            });
+        },
+    );
+}
+
+/// `mega_attn_cached_softmax_f32`: row `(bi, head, i)` sees keys `0 ..= offsets[bi] + i`;
+/// scores beyond are NaN (never read) and their probabilities exact zeros.
+#[test]
+fn cached_softmax_matches_the_f64_twin() {
+    sweep(
+        "cached_softmax_matches_the_f64_twin",
+        stream_cases(),
+        |c, schedules| {
+            let b = c.offsets.len();
+            let rows = b * c.heads * c.l;
+            let t = c.chunk;
+            let keys = |row: usize| c.offsets[row / (c.heads * c.l)] as usize + row % c.l + 1;
+            let mut scores = uniform(&mut rng(c.seed), rows * t, 0.0, 4.0);
+            let mut want = vec![0.0f64; rows * t];
+            for row in 0..rows {
+                let n = keys(row);
+                let s = &mut scores[row * t..(row + 1) * t];
+                s[n..].fill(f32::NAN);
+                let m = s[..n]
+                    .iter()
+                    .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+                let e: Vec<f64> = s[..n].iter().map(|&x| (x as f64 - m).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for (j, v) in e.iter().enumerate() {
+                    want[row * t + j] = v / sum;
+                }
+            }
+            let d = [rows, t, c.l, c.heads].map(|x| x as i32);
+            schedules.each(|schedule, checks| {
+                let (pb, sb) = (nan_buf(rows * t), HostBuffer::from_slice(&scores));
+                let ob = HostBuffer::from_slice(&c.offsets);
+                run(
+                    "mega_attn_cached_softmax_f32",
+                    shapes::mega_attention::rows(rows),
+                    &[&pb, &sb, &ob, &d[0], &d[1], &d[2], &d[3]],
+                    schedule,
+                );
+                checks.close("probs", &pb.to_vec(), &want, F32_TOL);
+            });
+        },
+    );
+}
