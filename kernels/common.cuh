@@ -114,6 +114,25 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Max over the 32 lanes of a warp; every lane gets the result.
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
+        v = fmaxf(v, __shfl_xor_sync(FULL_WARP_MASK, v, offset));
+    }
+    return v;
+}
+
+// Row loops of the one-warp-per-row kernels (block (32, rows per block), grid-stride): this
+// warp's first row and the distance to its next. The row depends only on threadIdx.y, so the
+// loop bound is uniform across the warp and its collectives are reached by all 32 lanes.
+__device__ __forceinline__ long long warp_first_row() {
+    return static_cast<long long>(blockIdx.x) * blockDim.y + threadIdx.y;
+}
+__device__ __forceinline__ long long warp_row_step() {
+    return static_cast<long long>(gridDim.x) * blockDim.y;
+}
+
 // Block-wide sum; every thread of the block gets the same value. `scratch` holds
 // MAX_WARPS_PER_BLOCK floats of block-shared memory. The same two-barrier protocol as
 // block_softmax_stats: the first barrier retires readers of a previous call, the second

@@ -37,23 +37,6 @@ namespace mega_attn {
 constexpr int MEGA_ATTN_ROWS_PER_BLOCK = 8;
 static_assert(MEGA_ATTN_ROWS_PER_BLOCK * mega::WARP_SIZE <= 1024, "a block holds at most 1024 threads");
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int offset = mega::WARP_SIZE / 2; offset > 0; offset /= 2) {
-        v += __shfl_xor_sync(mega::FULL_WARP_MASK, v, offset);
-    }
-    return v;
-}
-
-// The row index depends only on threadIdx.y, so every lane of a warp runs the same rows and
-// reaches the shuffles together.
-__device__ __forceinline__ long long first_row() {
-    return static_cast<long long>(blockIdx.x) * blockDim.y + threadIdx.y;
-}
-__device__ __forceinline__ long long row_step() {
-    return static_cast<long long>(gridDim.x) * blockDim.y;
-}
-
 // Where row r = (token, head) of the [b, l, H] rows lands in a head-major [b, H, rows, d]:
 // at row ti + offsets[bi] (offsets may be null: 0).
 __device__ __forceinline__ size_t head_major(
@@ -100,11 +83,11 @@ extern "C" __global__ void mega_attn_project_forward_f32(
     const int half = dz / 2;
     const int zdim = heads * dz;
     const long long rows = static_cast<long long>(b) * l * heads;
-    for (long long r = first_row(); r < rows; r += row_step()) {
+    for (long long r = mega::warp_first_row(); r < rows; r += mega::warp_row_step()) {
         const float* zr = z + r * dz;
         float ss = 0.0f;
         for (int j = lane; j < dz; j += mega::WARP_SIZE) ss += zr[j] * zr[j];
-        ss = warp_sum(ss);
+        ss = mega::warp_sum(ss);
         const float rs = 1.0f / sqrtf(ss / static_cast<float>(dz) + eps);
         if (lane == 0) rstd[r] = rs;
         const size_t qat = head_major(r, l, heads, q_rows, dz, nullptr);
@@ -145,7 +128,7 @@ extern "C" __global__ void mega_attn_project_backward_f32(
     const int half = dz / 2;
     const int zdim = heads * dz;
     const long long rows = static_cast<long long>(b) * l * heads;
-    for (long long r = first_row(); r < rows; r += row_step()) {
+    for (long long r = mega::warp_first_row(); r < rows; r += mega::warp_row_step()) {
         const float* zr = z + r * dz;
         float* dzr = dz_out + r * dz;
         const float rs = rstd[r];
@@ -185,7 +168,7 @@ extern "C" __global__ void mega_attn_project_backward_f32(
             dzr[j0 + 1] = dh1;
             dot += dh0 * z0 + dh1 * z1;
         }
-        dot = warp_sum(dot) / static_cast<float>(dz);
+        dot = mega::warp_sum(dot) / static_cast<float>(dz);
         for (int p = lane; p < half; p += mega::WARP_SIZE) {
             const int j0 = 2 * p;
             dzr[j0] = rs * (dzr[j0] - zr[j0] * rs * dot);
@@ -230,19 +213,16 @@ extern "C" __global__ void mega_attn_cached_softmax_f32(
     int rows, int t, int l, int heads) {
     using namespace mega_attn;
     const int lane = threadIdx.x;
-    for (long long row = first_row(); row < rows; row += row_step()) {
+    for (long long row = mega::warp_first_row(); row < rows; row += mega::warp_row_step()) {
         const size_t at = static_cast<size_t>(row) * t;
         const long long bi = row / (static_cast<long long>(heads) * l);
         const int keys = min(static_cast<int>(offsets[bi] + row % l) + 1, t);
         float m = -INFINITY;
         for (int j = lane; j < keys; j += mega::WARP_SIZE) m = fmaxf(m, scores[at + j]);
-#pragma unroll
-        for (int o = mega::WARP_SIZE / 2; o > 0; o /= 2) {
-            m = fmaxf(m, __shfl_xor_sync(mega::FULL_WARP_MASK, m, o));
-        }
+        m = mega::warp_max(m);
         float sum = 0.0f;
         for (int j = lane; j < keys; j += mega::WARP_SIZE) sum += expf(scores[at + j] - m);
-        sum = warp_sum(sum);
+        sum = mega::warp_sum(sum);
         for (int j = lane; j < t; j += mega::WARP_SIZE) {
             probs[at + j] = j < keys ? expf(scores[at + j] - m) / sum : 0.0f;
         }

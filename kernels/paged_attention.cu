@@ -42,24 +42,16 @@ constexpr int PAGED_THREADS = 128;
 constexpr int PAGED_STAGING = PAGED_THREADS * 4;
 static_assert(PAGED_THREADS % mega::WARP_SIZE == 0, "blocks are whole warps");
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int offset = mega::WARP_SIZE / 2; offset > 0; offset /= 2) {
-        v = fmaxf(v, __shfl_xor_sync(mega::FULL_WARP_MASK, v, offset));
-    }
-    return v;
-}
-
 // Block-wide max, the same two-barrier protocol as mega::block_sum.
 __device__ __forceinline__ float block_max(float v, float* scratch) {
     const int lane = threadIdx.x % mega::WARP_SIZE;
     const int warp = threadIdx.x / mega::WARP_SIZE;
     const int n_warps = (blockDim.x + mega::WARP_SIZE - 1) / mega::WARP_SIZE;
-    v = warp_max(v);
+    v = mega::warp_max(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    return warp_max(lane < n_warps ? scratch[lane] : -INFINITY);
+    return mega::warp_max(lane < n_warps ? scratch[lane] : -INFINITY);
 }
 
 // Pool entry of position `pos` of a row whose block ids start at `table`.

@@ -26,24 +26,6 @@ namespace mega_softmax {
 constexpr int SOFTMAX_ROWS_PER_BLOCK = 8;
 static_assert(SOFTMAX_ROWS_PER_BLOCK * mega::WARP_SIZE <= 1024, "a block holds at most 1024 threads");
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int offset = mega::WARP_SIZE / 2; offset > 0; offset /= 2) {
-        v = fmaxf(v, __shfl_xor_sync(mega::FULL_WARP_MASK, v, offset));
-    }
-    return v;
-}
-
-// First row of this warp and the distance to its next row. The row index depends only on
-// threadIdx.y, so the loop bound is uniform across the warp and its collectives are reached by
-// all 32 lanes.
-__device__ __forceinline__ long long first_row() {
-    return static_cast<long long>(blockIdx.x) * blockDim.y + threadIdx.y;
-}
-__device__ __forceinline__ long long row_step() {
-    return static_cast<long long>(gridDim.x) * blockDim.y;
-}
-
 }  // namespace mega_softmax
 
 extern "C" __global__ void causal_softmax_forward_f32(
@@ -53,14 +35,14 @@ extern "C" __global__ void causal_softmax_forward_f32(
     int t,
     float scale) {
     const int lane = threadIdx.x;
-    for (long long row = mega_softmax::first_row(); row < rows; row += mega_softmax::row_step()) {
+    for (long long row = mega::warp_first_row(); row < rows; row += mega::warp_row_step()) {
         const size_t offset = static_cast<size_t>(row) * t;
         const int keys = static_cast<int>(row % t) + 1;
         float m = -INFINITY;
         for (int j = lane; j < keys; j += mega::WARP_SIZE) {
             m = fmaxf(m, scores[offset + j] * scale);
         }
-        m = mega_softmax::warp_max(m);
+        m = mega::warp_max(m);
         float sum = 0.0f;
         for (int j = lane; j < keys; j += mega::WARP_SIZE) {
             sum += expf(scores[offset + j] * scale - m);
@@ -80,7 +62,7 @@ extern "C" __global__ void causal_softmax_backward_f32(
     int t,
     float scale) {
     const int lane = threadIdx.x;
-    for (long long row = mega_softmax::first_row(); row < rows; row += mega_softmax::row_step()) {
+    for (long long row = mega::warp_first_row(); row < rows; row += mega::warp_row_step()) {
         const size_t offset = static_cast<size_t>(row) * t;
         const int keys = static_cast<int>(row % t) + 1;
         float dot = 0.0f;
@@ -101,11 +83,11 @@ extern "C" __global__ void log_softmax_f32(
     int rows,
     int v) {
     const int lane = threadIdx.x;
-    for (long long row = mega_softmax::first_row(); row < rows; row += mega_softmax::row_step()) {
+    for (long long row = mega::warp_first_row(); row < rows; row += mega::warp_row_step()) {
         const size_t offset = static_cast<size_t>(row) * v;
         float m = -INFINITY;
         for (int j = lane; j < v; j += mega::WARP_SIZE) m = fmaxf(m, logits[offset + j]);
-        m = mega_softmax::warp_max(m);
+        m = mega::warp_max(m);
         float sum = 0.0f;
         for (int j = lane; j < v; j += mega::WARP_SIZE) sum += expf(logits[offset + j] - m);
         const float lse = m + logf(mega::warp_sum(sum));

@@ -13,7 +13,7 @@ use mega::infer::generate::{generate, GenerateRequest};
 use mega::infer::megabyte_decoder::MegabyteDecoder;
 use mega::model::megabyte::Megabyte;
 use mega::model::megalodon::Megalodon;
-use mega::model::{LanguageModel, ModelShape};
+use mega::model::LanguageModel;
 use mega::serve::{
     ByteLogprob, Engine, EngineConfig, Event, FinishReason, Request, RequestHandle, SamplingParams,
     SubmitError,
@@ -441,53 +441,23 @@ fn logprobs_describe_the_released_bytes() {
 }
 
 /// The engine is generic over the backend: on the CUDA backend over the emulated device (its
-/// weights and paged caches in that backend's buffers) it gives what `generate()` gives on the
-/// same backend.
+/// weights and caches in that backend's buffers) it gives what `generate()` gives on the same
+/// backend. MEGABYTE runs one slot over its paged KV pool; MEGALODON two slots, so its stream
+/// state (CEMA, TimestepNorm, the chunk KV cache) is copied between device slots.
 #[test]
 fn engine_on_the_emulated_cuda_backend_matches_generate_there() {
-    use mega::backend::cuda::CudaBackend;
-    use mega::emu::EmulatedDevice;
     let (dir, model) = megabyte_checkpoint();
-    let reqs: Vec<Request> = (0..2)
-        .map(|i| Request {
-            prompt: text(i, 5 + 4 * i),
-            max_bytes: 12,
-            sampling: sampling(1.0, 0, 1.0, 40 + i as u64),
-            stop: Vec::new(),
-            logprobs: None,
-        })
-        .collect();
-    let be = CudaBackend::new(EmulatedDevice::new());
-    let params = model.layout().upload(&be, &model.layout().init_host(SEED));
-    let want: Vec<(Vec<u8>, FinishReason)> = reqs
-        .iter()
-        .map(|r| {
-            let g = GenerateRequest {
-                prompt: r.prompt.clone(),
-                max_bytes: r.max_bytes,
-                sampling: r.sampling,
-                stop: r.stop.clone(),
-            };
-            let out = generate(&model, &be, &params, &[g], |_, _| {}).unwrap();
-            (out[0].bytes.clone(), out[0].finish_reason)
-        })
-        .collect();
-    let mut ecfg = batching_config();
-    ecfg.max_running = 1;
-    let engine =
-        Engine::start_on(CudaBackend::new(EmulatedDevice::new()), dir.path(), ecfg).unwrap();
-    let got = run_all(&engine, &reqs);
-    assert_same(&got, &want);
-    engine.shutdown();
+    engine_matches_generate_on_the_emulator(dir.path(), &model, 1);
+    let (dir, model) = megalodon_checkpoint();
+    engine_matches_generate_on_the_emulator(dir.path(), &model, 2);
 }
 
-/// The same for MEGALODON: its stream slots (CEMA and TimestepNorm state, the chunk KV cache)
-/// live in the emulated device's buffers, with two slots so rows are copied between them.
-#[test]
-fn megalodon_engine_on_the_emulated_cuda_backend_matches_generate_there() {
+fn engine_matches_generate_on_the_emulator<M>(dir: &std::path::Path, model: &M, slots: usize)
+where
+    M: LanguageModel<mega::backend::cuda::CudaBackend<mega::emu::EmulatedDevice>>,
+{
     use mega::backend::cuda::CudaBackend;
     use mega::emu::EmulatedDevice;
-    let (dir, model) = megalodon_checkpoint();
     let reqs: Vec<Request> = (0..2)
         .map(|i| Request {
             prompt: text(i, 5 + 4 * i),
@@ -508,14 +478,13 @@ fn megalodon_engine_on_the_emulated_cuda_backend_matches_generate_there() {
                 sampling: r.sampling,
                 stop: r.stop.clone(),
             };
-            let out = generate(&model, &be, &params, &[g], |_, _| {}).unwrap();
+            let out = generate(model, &be, &params, &[g], |_, _| {}).unwrap();
             (out[0].bytes.clone(), out[0].finish_reason)
         })
         .collect();
     let mut ecfg = batching_config();
-    ecfg.max_running = 2;
-    let engine =
-        Engine::start_on(CudaBackend::new(EmulatedDevice::new()), dir.path(), ecfg).unwrap();
+    ecfg.max_running = slots;
+    let engine = Engine::start_on(CudaBackend::new(EmulatedDevice::new()), dir, ecfg).unwrap();
     let got = run_all(&engine, &reqs);
     assert_same(&got, &want);
     engine.shutdown();

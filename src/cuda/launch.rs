@@ -140,6 +140,15 @@ pub fn elementwise(n: usize) -> LaunchShape {
     grid_stride(n, ELEMENTWISE_THREADS as usize, ELEMENTWISE_THREADS)
 }
 
+/// One warp per row, `per_block` rows (warps) per block of `(32, per_block)` threads, at
+/// most [`MAX_STRIDE_BLOCKS`] blocks (the kernels grid-stride beyond).
+fn warp_rows(rows: usize, per_block: u32) -> LaunchShape {
+    let blocks = rows
+        .div_ceil(per_block as usize)
+        .clamp(1, MAX_STRIDE_BLOCKS);
+    LaunchShape::new((blocks, 1, 1), (32, per_block, 1), 0)
+}
+
 /// `kernels/cema.cu`.
 pub mod cema {
     use super::*;
@@ -436,10 +445,7 @@ pub mod gathers {
 
     /// The embedder forwards and `rows_scatter_add_csr_*` over `rows` rows: one warp per row.
     pub fn rows(rows: usize) -> LaunchShape {
-        let blocks = rows
-            .div_ceil(ROWS_PER_BLOCK as usize)
-            .clamp(1, MAX_STRIDE_BLOCKS);
-        LaunchShape::new((blocks, 1, 1), (32, ROWS_PER_BLOCK, 1), 0)
+        warp_rows(rows, ROWS_PER_BLOCK)
     }
 }
 
@@ -469,10 +475,7 @@ pub mod softmax {
     /// `causal_softmax_*_f32` and `log_softmax_f32` over `rows` rows: one warp per row,
     /// grid-stride beyond [`MAX_STRIDE_BLOCKS`] blocks.
     pub fn rows(rows: usize) -> LaunchShape {
-        let blocks = rows
-            .div_ceil(ROWS_PER_BLOCK as usize)
-            .clamp(1, MAX_STRIDE_BLOCKS);
-        LaunchShape::new((blocks, 1, 1), (32, ROWS_PER_BLOCK, 1), 0)
+        warp_rows(rows, ROWS_PER_BLOCK)
     }
 }
 
@@ -486,10 +489,7 @@ pub mod mega_attention {
     /// `mega_attn_project_*_f32` over `rows` (token, head) rows: one warp per row,
     /// grid-stride beyond [`MAX_STRIDE_BLOCKS`] blocks.
     pub fn rows(rows: usize) -> LaunchShape {
-        let blocks = rows
-            .div_ceil(ROWS_PER_BLOCK as usize)
-            .clamp(1, MAX_STRIDE_BLOCKS);
-        LaunchShape::new((blocks, 1, 1), (32, ROWS_PER_BLOCK, 1), 0)
+        warp_rows(rows, ROWS_PER_BLOCK)
     }
 }
 

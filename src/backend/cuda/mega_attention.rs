@@ -188,6 +188,48 @@ where
         );
     }
 
+    /// `mega_attn_project_forward_f32`: Q `[b, H, q_rows, dz]` and K `[b, H, k_rows, dz]`
+    /// after norm, affine and RoPE, and rstd `[b·l·H]`, from `[z, gamma, beta]`; row `bi`'s
+    /// tokens at chunk positions `offsets[bi] + t` (K rows likewise; null offsets: 0), taken
+    /// modulo `span`.
+    fn project_forward(
+        &self,
+        [q, k, rstd]: [&CudaBuf<D>; 3],
+        [z, gamma, beta]: [&CudaBuf<D>; 3],
+        offsets: &dyn KernelArg,
+        s: &MegaAttnShape,
+        span: usize,
+        (q_rows, k_rows): (usize, usize),
+    ) {
+        let [b, l, heads, dz] = [s.b, s.l, s.heads, s.dz].map(|x| int(x, "attention size"));
+        let (span, q_rows, k_rows) = (int(span, "span"), int(q_rows, "rows"), int(k_rows, "rows"));
+        let inv_sqrt_dz = 1.0f32 / (s.dz as f32).sqrt();
+        let (eps, base) = (s.eps as f32, s.rope_base as f32);
+        self.run(
+            "mega_attn_project_forward_f32",
+            attn_shape::rows(s.b * s.l * s.heads),
+            &[
+                q.block(),
+                k.block(),
+                rstd.block(),
+                z.block(),
+                gamma.block(),
+                beta.block(),
+                offsets,
+                &b,
+                &l,
+                &heads,
+                &dz,
+                &span,
+                &q_rows,
+                &k_rows,
+                &eps,
+                &inv_sqrt_dz,
+                &base,
+            ],
+        );
+    }
+
     /// A head-major buffer of width `d` (zeroed when the last chunk is padded).
     fn head_major_buffer(&self, cl: &ChunkLayout, d: usize) -> CudaBuf<D> {
         let mut buf = self.alloc(cl.head_major(d));
@@ -311,33 +353,9 @@ where
         let vh = self.head_major_buffer(&cl, s.dv);
         let probs = self.alloc(cl.blocks() * cl.span * cl.span);
         let rstd = self.alloc(tokens * s.heads);
-        let dims = self.layout_args(&cl, s.dz);
-        let inv_sqrt_dz = 1.0f32 / (s.dz as f32).sqrt();
-        let (eps, base) = (s.eps as f32, s.rope_base as f32);
-        let span = int(cl.span, "span");
-        self.run(
-            "mega_attn_project_forward_f32",
-            attn_shape::rows(tokens * s.heads),
-            &[
-                q.block(),
-                k.block(),
-                rstd.block(),
-                z.block(),
-                gamma.block(),
-                beta.block(),
-                &NullArg::<u32>::new(),
-                &dims[0],
-                &dims[1],
-                &dims[2],
-                &dims[3],
-                &span,
-                &dims[4],
-                &dims[4],
-                &eps,
-                &inv_sqrt_dz,
-                &base,
-            ],
-        );
+        let nul = NullArg::<u32>::new();
+        let rows = (cl.lpad, cl.lpad);
+        self.project_forward([&q, &k, &rstd], [z, gamma, beta], &nul, s, cl.span, rows);
         self.rows_to_heads(&vh, v, &cl, s.dv);
         let sp = cl.span;
         self.chunk_probabilities(&probs, &q, &k, &cl);
@@ -642,35 +660,10 @@ where
         let offsets = self.indices(&offsets);
         let q = self.alloc(cl.head_major(s.dz));
         let rstd = self.alloc(tokens * s.heads);
-        let dims = self.layout_args(&cl, s.dz);
-        let inv_sqrt_dz = 1.0f32 / (s.dz as f32).sqrt();
-        let (eps, base) = (s.eps as f32, s.rope_base as f32);
-        let (span, rows_k) = (int(chunk, "chunk"), int(chunk, "chunk"));
         cache.k.invalidate_shadow();
         cache.v.invalidate_shadow();
-        self.run(
-            "mega_attn_project_forward_f32",
-            attn_shape::rows(tokens * s.heads),
-            &[
-                q.block(),
-                cache.k.block(),
-                rstd.block(),
-                z.block(),
-                gamma.block(),
-                beta.block(),
-                &offsets,
-                &dims[0],
-                &dims[1],
-                &dims[2],
-                &dims[3],
-                &span,
-                &dims[4],
-                &rows_k,
-                &eps,
-                &inv_sqrt_dz,
-                &base,
-            ],
-        );
+        let qkr = [&q, &cache.k, &rstd];
+        self.project_forward(qkr, [z, gamma, beta], &offsets, s, chunk, (s.l, chunk));
         let cache_layout = ChunkLayout {
             s: *s,
             span: chunk,
