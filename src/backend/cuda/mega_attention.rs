@@ -139,6 +139,28 @@ impl ChunkLayout {
     }
 }
 
+/// The shapes of a chunk-attention call's inputs and output (spec §6 layouts).
+fn check_io<D: DeviceApi>(
+    out: &CudaBuf<D>,
+    z: &CudaBuf<D>,
+    v: &CudaBuf<D>,
+    gamma: &CudaBuf<D>,
+    beta: &CudaBuf<D>,
+    s: &MegaAttnShape,
+) {
+    let (zdim, vdim, tokens) = (s.zdim(), s.vdim(), s.b * s.l);
+    let shapes = [
+        (z.len(), tokens * zdim, "z must be [b, l, H·dz]"),
+        (v.len(), tokens * vdim, "v must be [b, l, H·dv]"),
+        (out.len(), tokens * vdim, "out must be [b, l, H·dv]"),
+        (gamma.len(), 2 * zdim, "gamma must be [2, H·dz]"),
+        (beta.len(), 2 * zdim, "beta must be [2, H·dz]"),
+    ];
+    for (got, want, what) in shapes {
+        assert_eq!(got, want, "megalodon attention: {what}");
+    }
+}
+
 fn int(x: usize, what: &str) -> i32 {
     i32::try_from(x).unwrap_or_else(|_| panic!("CUDA backend: {what} = {x} exceeds i32"))
 }
@@ -316,33 +338,8 @@ where
         s: &MegaAttnShape,
     ) {
         let cl = ChunkLayout::new(s);
-        let (zdim, vdim) = (s.zdim(), s.vdim());
         let tokens = s.b * s.l;
-        assert_eq!(
-            z.len(),
-            tokens * zdim,
-            "megalodon attention: z must be [b, l, H·dz]"
-        );
-        assert_eq!(
-            v.len(),
-            tokens * vdim,
-            "megalodon attention: v must be [b, l, H·dv]"
-        );
-        assert_eq!(
-            out.len(),
-            tokens * vdim,
-            "megalodon attention: out must be [b, l, H·dv]"
-        );
-        assert_eq!(
-            gamma.len(),
-            2 * zdim,
-            "megalodon attention: gamma must be [2, H·dz]"
-        );
-        assert_eq!(
-            beta.len(),
-            2 * zdim,
-            "megalodon attention: beta must be [2, H·dz]"
-        );
+        check_io(out, z, v, gamma, beta, s);
         saved.filled_for = Some(*s);
         if tokens == 0 {
             saved.buffers = None;
@@ -616,22 +613,8 @@ where
                 && cache.count.len() == s.b,
             "chunk cache does not match the call's shape"
         );
-        let (zdim, vdim, tokens) = (s.zdim(), s.vdim(), s.b * s.l);
-        assert_eq!(
-            z.len(),
-            tokens * zdim,
-            "megalodon attention: z must be [b, l, H·dz]"
-        );
-        assert_eq!(
-            v.len(),
-            tokens * vdim,
-            "megalodon attention: v must be [b, l, H·dv]"
-        );
-        assert_eq!(
-            out.len(),
-            tokens * vdim,
-            "megalodon attention: out must be [b, l, H·dv]"
-        );
+        let tokens = s.b * s.l;
+        check_io(out, z, v, gamma, beta, s);
         check_call(&cache.count, s.l, s.chunk)?;
         if tokens == 0 {
             return Ok(());
