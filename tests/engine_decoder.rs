@@ -291,3 +291,85 @@ fn megabyte_logits_do_not_depend_on_where_the_blocks_sit() {
         );
     }
 }
+
+/// A MEGABYTE small enough for the CUDA backend on the emulator, whose kernels run thread by
+/// thread.
+fn small_megabyte_cfg() -> MegabyteConfig {
+    MegabyteConfig {
+        global_byte_dim: 16,
+        global_dim: 64,
+        global_layers: 1,
+        global_heads: 2,
+        local_dim: 32,
+        local_layers: 1,
+        local_heads: 2,
+        ffn_mult: 2,
+        max_seq_len: 32,
+        ..megabyte_cfg()
+    }
+}
+
+/// Runs the batch-of-5 trace on the CUDA backend over the emulator, whose hazard checker fails
+/// any operation that touches bytes another stream's unordered work wrote (or writes bytes it
+/// read); returns the target's logits alone and in the batch, and the stream statistics of the
+/// batch run.
+fn emulated_megabyte_traces(
+    join_waits: bool,
+) -> (Vec<Vec<f32>>, Vec<Vec<f32>>, mega::emu::StreamStats) {
+    use mega::backend::cuda::CudaBackend;
+    use mega::emu::EmulatedDevice;
+    let model = Megabyte::new(&small_megabyte_cfg());
+    let be = CudaBackend::new(EmulatedDevice::new());
+    let params = model.layout().upload(&be, &model.layout().init_host(3));
+    let (target, follow) = (text(0, 11), text(5, 13));
+    let mut alone = MegabyteDecoder::with_slots(&model, &be, &params, 1, 4);
+    let a = trace(&mut alone, 0, &target, &follow, &[], usize::MAX);
+    be.set_join_waits(join_waits);
+    let before = be.device().stream_stats();
+    let mut batch = MegabyteDecoder::with_slots(&model, &be, &params, 5, 4);
+    let b = trace(&mut batch, 2, &target, &follow, &others(), usize::MAX);
+    let after = be.device().stream_stats();
+    let delta = mega::emu::StreamStats {
+        ops: [
+            after.ops[0] - before.ops[0],
+            after.ops[1] - before.ops[1],
+        ],
+        overlapped: after.overlapped - before.overlapped,
+    };
+    (a, b, delta)
+}
+
+/// Rows at a patch boundary take their global step on the side stream while the main stream
+/// runs the other rows' local steps (design.md §5). The logits stay bit-identical to decoding
+/// the sequence alone, the side stream carries work, main-stream work is issued unordered with
+/// it (on a GPU it may run at the same time), and no operation races another.
+#[test]
+fn megabyte_global_steps_overlap_local_steps_without_stream_hazards() {
+    let (alone, batch, streams) = emulated_megabyte_traces(true);
+    assert_bit_equal("emulated megabyte alone vs batch of 5", &alone, &batch);
+    assert!(streams.ops[1] > 0, "no work on the side stream: {streams:?}");
+    assert!(
+        streams.overlapped > 0,
+        "no main-stream work overlapped the side stream: {streams:?}"
+    );
+}
+
+/// The same run with the join's wait removed: the main stream then reads the side stream's
+/// new conditioning rows, and reuses the buffers it freed, without waiting for it; the hazard
+/// checker must report the first such access.
+#[test]
+fn a_missing_join_wait_is_reported_as_a_stream_hazard() {
+    let result = std::panic::catch_unwind(|| emulated_megabyte_traces(false));
+    let payload = result.expect_err("the planted missing wait went unnoticed");
+    let message = payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    assert!(
+        message.contains("stream hazard (")
+            && message.contains("on the main stream")
+            && message.contains("on the side stream"),
+        "unexpected failure: {message}"
+    );
+}

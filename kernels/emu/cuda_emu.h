@@ -535,20 +535,24 @@ constexpr cuemu_arg_info arg_info() {
     using U = std::remove_cvref_t<T>;
     if constexpr (std::is_pointer_v<U>) {
         using E = std::remove_cv_t<std::remove_pointer_t<U>>;
+        // Read-only parameters are `const T*`: the stream hazard checker counts every other
+        // pointer as written (src/emu/hazards.rs).
+        constexpr std::uint32_t read_only = std::is_const_v<std::remove_pointer_t<U>> ? 1u : 0u;
         if constexpr (std::is_void_v<E>) {
-            return cuemu_arg_info{sizeof(U), CUEMU_ARG_POINTER, 0, CUEMU_ARG_OTHER};
+            return cuemu_arg_info{sizeof(U), CUEMU_ARG_POINTER, 0, CUEMU_ARG_OTHER, read_only};
         } else {
-            return cuemu_arg_info{sizeof(U), CUEMU_ARG_POINTER, static_cast<std::uint32_t>(sizeof(E)), arg_kind<E>()};
+            return cuemu_arg_info{sizeof(U), CUEMU_ARG_POINTER, static_cast<std::uint32_t>(sizeof(E)), arg_kind<E>(),
+                                  read_only};
         }
     } else {
-        return cuemu_arg_info{static_cast<std::uint32_t>(sizeof(U)), arg_kind<U>(), 0, CUEMU_ARG_OTHER};
+        return cuemu_arg_info{static_cast<std::uint32_t>(sizeof(U)), arg_kind<U>(), 0, CUEMU_ARG_OTHER, 0};
     }
 }
 
 template <typename... Args>
 struct KernelSignature {
     // One extra entry so a kernel without parameters still has a valid array.
-    static constexpr cuemu_arg_info infos[sizeof...(Args) + 1] = {arg_info<Args>()..., cuemu_arg_info{0, 0, 0, 0}};
+    static constexpr cuemu_arg_info infos[sizeof...(Args) + 1] = {arg_info<Args>()..., cuemu_arg_info{0, 0, 0, 0, 0}};
     static constexpr cuemu_kernel_signature value{static_cast<std::uint32_t>(sizeof...(Args)), infos};
 };
 

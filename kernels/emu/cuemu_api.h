@@ -78,6 +78,8 @@ typedef struct cuemu_arg_info {
     uint32_t elem_size;
     /** The pointee's cuemu_arg_kind (CUEMU_ARG_OTHER for non-pointers). */
     uint32_t elem_kind;
+    /** 1 when the pointee is const-qualified (the kernel only reads through the pointer). */
+    uint32_t elem_const;
 } cuemu_arg_info;
 
 /** A kernel's parameter list, as deduced from its C++ signature. */

@@ -117,6 +117,23 @@ pub trait Backend: Send + Sync {
     /// Short name for logs (`cpu`, `cuda:0`).
     fn name(&self) -> String;
 
+    // ---- streams ------------------------------------------------------------------------
+    /// Runs `side`, whose work may overlap the work issued after `fork` returns until the
+    /// next [`Backend::join`]. On the CUDA backend `side`'s operations go to a second stream
+    /// that first waits for everything issued before the fork; what `side` returns (and
+    /// every buffer it wrote) may be used only after the join, and work issued between fork
+    /// and join must not write what `side` reads. The default runs `side` in place: on the
+    /// CPU every op has finished when it returns.
+    fn fork<R>(&self, side: impl FnOnce() -> R) -> R
+    where
+        Self: Sized,
+    {
+        side()
+    }
+    /// Orders all later work after the work of every [`Backend::fork`] so far. The default
+    /// does nothing.
+    fn join(&self) {}
+
     // ---- memory -------------------------------------------------------------------------
     /// A zero-filled buffer of `n` elements.
     fn zeros(&self, n: usize) -> Self::Buf;

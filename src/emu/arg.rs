@@ -77,6 +77,12 @@ pub unsafe trait KernelArg {
     fn param_ptr(&self) -> *mut c_void;
     /// Layout of the value.
     fn arg_info(&self) -> ArgInfo;
+    /// For a pointer argument: the device bytes `[start, end)` the kernel may access through
+    /// it (the whole buffer, or the view), which the emulator's stream hazard checker tracks
+    /// ([`super::hazards`]). `None` for scalars and null pointers.
+    fn extent(&self) -> Option<std::ops::Range<usize>> {
+        None
+    }
 }
 
 macro_rules! scalar_arg {
@@ -154,6 +160,7 @@ unsafe impl DeviceElement for half::f16 {
 /// against the allocation, so a view never starts or ends outside it.
 pub struct ViewArg<T> {
     addr: *mut T,
+    len: usize,
 }
 
 /// A view that does not fit its allocation.
@@ -192,6 +199,7 @@ impl<T: DeviceElement> ViewArg<T> {
         let addr = base_address + offset * std::mem::size_of::<T>();
         Ok(Self {
             addr: addr as *mut T,
+            len,
         })
     }
 
@@ -217,6 +225,10 @@ unsafe impl<T: DeviceElement> KernelArg for ViewArg<T> {
     fn arg_info(&self) -> ArgInfo {
         ArgInfo::pointer_to::<T>()
     }
+    fn extent(&self) -> Option<std::ops::Range<usize>> {
+        let start = self.addr as usize;
+        Some(start..start + self.len * std::mem::size_of::<T>())
+    }
 }
 
 // SAFETY: a device address is plain data; what may be done through it is governed by the
@@ -239,6 +251,7 @@ mod view_tests {
         let end = ViewArg::<f32>::new(0x1000, 100, 100, 0).unwrap();
         assert_eq!(end.address(), 0x1000 + 400);
         assert_eq!(v.arg_info(), ArgInfo::pointer_to::<f32>());
+        assert_eq!(v.extent(), Some(0x1000 + 40..0x1000 + 400));
         // The parameter cuLaunchKernel reads is the offset pointer itself.
         // SAFETY: param_ptr points to the stored pointer value.
         let param = unsafe { *(v.param_ptr() as *const usize) };

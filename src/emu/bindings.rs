@@ -69,6 +69,8 @@ pub struct cuemu_arg_info {
     pub elem_size: u32,
     #[doc = " The pointee's cuemu_arg_kind (CUEMU_ARG_OTHER for non-pointers)."]
     pub elem_kind: u32,
+    #[doc = " 1 when the pointee is const-qualified (the kernel only reads through the pointer)."]
+    pub elem_const: u32,
 }
 #[doc = " A kernel's parameter list, as deduced from its C++ signature."]
 #[repr(C)]

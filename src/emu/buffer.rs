@@ -132,4 +132,8 @@ unsafe impl<T: DeviceElement> KernelArg for HostBuffer<T> {
     fn arg_info(&self) -> ArgInfo {
         ArgInfo::pointer_to::<T>()
     }
+    fn extent(&self) -> Option<std::ops::Range<usize>> {
+        let start = self.ptr.as_ptr() as usize;
+        Some(start..start + self.len * std::mem::size_of::<T>())
+    }
 }

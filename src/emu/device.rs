@@ -6,7 +6,8 @@
 
 use super::arg::{DeviceElement, KernelArg};
 use super::buffer::HostBuffer;
-use super::launch::{launch, EmuError, LaunchConfig};
+use super::hazards::{Access, Hazard, HazardChecker, StreamId, StreamStats};
+use super::launch::{kernel_writable_params, launch, EmuError, LaunchConfig};
 use super::strided_gemm::{strided_gemm_on_host, StridedGemm};
 
 /// A buffer in device memory.
@@ -133,15 +134,27 @@ pub enum DeviceError {
     /// The GPU driver or a CUDA library reported an error (cudarc implementations).
     #[error("CUDA: {0}")]
     Driver(String),
+    /// Two streams touch the same bytes without an event ordering them (the emulator's
+    /// hazard checker, [`super::hazards`]).
+    #[error(transparent)]
+    Hazard(#[from] Hazard),
 }
 
-/// The lowest layer of a GPU backend. Work is ordered as issued on one stream.
+/// The lowest layer of a GPU backend. Work is ordered as issued on each of its streams
+/// ([`StreamId`]); the main stream is current unless a caller switches.
 pub trait DeviceApi {
     /// A device allocation of `T`s, passable to kernels.
     type Buffer<T: DeviceElement>: DeviceBuffer + KernelArg + Send;
 
     /// Short description, e.g. `CPU emulator`.
     fn name(&self) -> String;
+    /// Issues every later operation (allocations, copies, launches, GEMMs, events, downloads)
+    /// on `stream`, until the next call. Work on different streams is unordered unless an
+    /// event orders it ([`DeviceApi::record_event`] on one, [`DeviceApi::wait_event`] on the
+    /// other).
+    fn set_stream(&self, stream: StreamId) -> Result<(), DeviceError>;
+    /// The stream operations are issued on now.
+    fn stream(&self) -> StreamId;
     /// `len` elements, each `T::default()` (`T::default()`).
     fn alloc_zeros<T: DeviceElement + Default>(
         &self,
@@ -155,7 +168,8 @@ pub trait DeviceApi {
         host: &[T],
         dst: &mut Self::Buffer<T>,
     ) -> Result<(), DeviceError>;
-    /// A host copy of `src`, after all work issued before.
+    /// A host copy of `src`, after all work issued before on the current stream (and the work
+    /// that work waited for).
     fn download<T: DeviceElement>(&self, src: &Self::Buffer<T>) -> Result<Vec<T>, DeviceError>;
     /// Launches kernel `name` of the kernel manifest.
     fn launch(
@@ -164,11 +178,11 @@ pub trait DeviceApi {
         config: LaunchConfig,
         args: &[&dyn KernelArg],
     ) -> Result<(), DeviceError>;
-    /// Records an event after the work issued so far.
+    /// Records an event after the work issued so far on the current stream.
     fn record_event(&self) -> Result<Event, DeviceError>;
-    /// Makes later work wait until `event` completed.
+    /// Makes the current stream's later work wait until `event` completed.
     fn wait_event(&self, event: &Event) -> Result<(), DeviceError>;
-    /// Blocks until all issued work has finished.
+    /// Blocks until all issued work, on every stream, has finished.
     fn synchronize(&self) -> Result<(), DeviceError>;
     /// f32 GEMM (see [`GemmShape`]) on the first `m·n`, `m·k`, `k·n` elements of `out`, `a`,
     /// `b` (buffers may be longer).
@@ -268,10 +282,26 @@ pub fn gemm_ranges<B: DeviceBuffer>(
 /// [`DeviceApi`] on the CPU emulator: buffers are exact-size host arrays, kernels run
 /// synchronously in the emulator (so events are complete when recorded), GEMMs run on the CPU
 /// backend's matmul.
+///
+/// Because every operation runs at once, in issue order, work split over the two streams
+/// always computes the right values here even when a `wait_event` is missing; the device
+/// therefore checks stream ordering itself ([`super::hazards`]): an operation that touches
+/// bytes another stream's unordered operation wrote (or writes bytes it read) fails with
+/// [`DeviceError::Hazard`] naming both.
 #[derive(Debug, Default)]
 pub struct EmulatedDevice {
-    issued: std::sync::atomic::AtomicU64,
     allocations: std::sync::atomic::AtomicU64,
+    hazards: std::sync::Mutex<HazardChecker>,
+}
+
+/// The bytes of elements `range` of `buffer`.
+fn bytes_of<T: DeviceElement>(
+    buffer: &HostBuffer<T>,
+    range: std::ops::Range<usize>,
+) -> std::ops::Range<usize> {
+    let size = std::mem::size_of::<T>();
+    let base = buffer.as_ptr() as usize;
+    base + range.start * size..base + range.end * size
 }
 
 impl EmulatedDevice {
@@ -280,20 +310,65 @@ impl EmulatedDevice {
         Self::default()
     }
 
-    fn issue(&self) {
-        self.issued
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
     /// Device allocations made so far (`alloc_zeros` and `upload`): what a GPU would pay a
     /// cuMemAlloc for, so tests can check that a hot path allocates nothing once warm.
     pub fn allocations(&self) -> u64 {
         self.allocations.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn count_allocation(&self) {
+    /// Operations issued per stream, and how many could overlap the other stream's work.
+    pub fn stream_stats(&self) -> StreamStats {
+        self.checker().stats()
+    }
+
+    fn checker(&self) -> std::sync::MutexGuard<'_, HazardChecker> {
+        // Every update leaves the clocks and log consistent, so a poisoned lock is usable.
+        self.hazards.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks `op`'s accesses against the other stream's unordered work, and logs them.
+    fn issue(&self, op: &str, accesses: &[Access]) -> Result<(), DeviceError> {
+        Ok(self.checker().issue(op, accesses)?)
+    }
+
+    fn fresh<T: DeviceElement>(&self, what: &str, buffer: &HostBuffer<T>) -> Result<(), DeviceError> {
         self.allocations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let bytes = bytes_of(buffer, 0..buffer.len());
+        let mut checker = self.checker();
+        checker.forget(bytes.clone());
+        Ok(checker.issue(what, &[Access::write(bytes)])?)
+    }
+
+    /// `out[m, n] = a · b` on element ranges already checked (see [`gemm_ranges`]).
+    fn matmul_ranges(
+        out: BufferAt<'_, HostBuffer<f32>>,
+        a: BufferAt<'_, HostBuffer<f32>>,
+        b: BufferAt<'_, HostBuffer<f32>>,
+        [ro, ra, rb]: [std::ops::Range<usize>; 3],
+        shape: GemmShape,
+    ) {
+        // SAFETY: the ranges lie inside their live allocations, `out`'s is disjoint from the
+        // others (checked by the caller), and no launch runs during this call (launches are
+        // synchronous on this thread), so the mutable slice is the only access to its elements.
+        let (o, a_s, b_s) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(out.buffer.as_ptr().add(ro.start), ro.len()),
+                std::slice::from_raw_parts(a.buffer.as_ptr().add(ra.start), ra.len()),
+                std::slice::from_raw_parts(b.buffer.as_ptr().add(rb.start), rb.len()),
+            )
+        };
+        crate::backend::cpu::matmul::matmul(
+            o,
+            a_s,
+            b_s,
+            shape.m,
+            shape.k,
+            shape.n,
+            shape.trans_a,
+            shape.trans_b,
+            shape.accumulate,
+        );
     }
 }
 
@@ -304,19 +379,28 @@ impl DeviceApi for EmulatedDevice {
         "CPU emulator".to_string()
     }
 
+    fn set_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
+        self.checker().set_stream(stream);
+        Ok(())
+    }
+
+    fn stream(&self) -> StreamId {
+        self.checker().stream()
+    }
+
     fn alloc_zeros<T: DeviceElement + Default>(
         &self,
         len: usize,
     ) -> Result<HostBuffer<T>, DeviceError> {
-        self.issue();
-        self.count_allocation();
-        Ok(HostBuffer::filled(len, T::default()))
+        let buffer = HostBuffer::filled(len, T::default());
+        self.fresh("alloc_zeros", &buffer)?;
+        Ok(buffer)
     }
 
     fn upload<T: DeviceElement>(&self, host: &[T]) -> Result<HostBuffer<T>, DeviceError> {
-        self.issue();
-        self.count_allocation();
-        Ok(HostBuffer::from_slice(host))
+        let buffer = HostBuffer::from_slice(host);
+        self.fresh("upload", &buffer)?;
+        Ok(buffer)
     }
 
     fn write<T: DeviceElement>(
@@ -331,12 +415,15 @@ impl DeviceApi for EmulatedDevice {
                 dst.len()
             )));
         }
-        self.issue();
+        self.issue("write", &[Access::write(bytes_of(dst, 0..dst.len()))])?;
         dst.copy_from_slice(host);
         Ok(())
     }
 
     fn download<T: DeviceElement>(&self, src: &HostBuffer<T>) -> Result<Vec<T>, DeviceError> {
+        let mut checker = self.checker();
+        checker.issue("download", &[Access::read(bytes_of(src, 0..src.len()))])?;
+        checker.synchronize_current();
         Ok(src.to_vec())
     }
 
@@ -346,22 +433,34 @@ impl DeviceApi for EmulatedDevice {
         config: LaunchConfig,
         args: &[&dyn KernelArg],
     ) -> Result<(), DeviceError> {
-        self.issue();
+        let writable = kernel_writable_params(name)?;
+        let accesses: Vec<Access> = args
+            .iter()
+            .zip(writable)
+            .filter_map(|(arg, write)| {
+                arg.extent().map(|bytes| Access { bytes, write })
+            })
+            .collect();
+        self.issue(name, &accesses)?;
         Ok(launch(name, config, args)?)
     }
 
     fn record_event(&self) -> Result<Event, DeviceError> {
         Ok(Event {
-            sequence: self.issued.load(std::sync::atomic::Ordering::Relaxed),
+            sequence: self.checker().record_event(),
         })
     }
 
-    fn wait_event(&self, _event: &Event) -> Result<(), DeviceError> {
-        // Every operation completes before it returns.
-        Ok(())
+    fn wait_event(&self, event: &Event) -> Result<(), DeviceError> {
+        // The work itself is complete (every operation runs when issued); the wait orders the
+        // streams for the hazard checker.
+        self.checker()
+            .wait_event(event.sequence)
+            .map_err(DeviceError::Driver)
     }
 
     fn synchronize(&self) -> Result<(), DeviceError> {
+        self.checker().synchronize_all();
         Ok(())
     }
 
@@ -372,14 +471,7 @@ impl DeviceApi for EmulatedDevice {
         b: &HostBuffer<f32>,
         shape: GemmShape,
     ) -> Result<(), DeviceError> {
-        let GemmShape {
-            m,
-            k,
-            n,
-            trans_a,
-            trans_b,
-            accumulate,
-        } = shape;
+        let GemmShape { m, k, n, .. } = shape;
         if out.len() < m * n || a.len() < m * k || b.len() < k * n {
             return Err(DeviceError::Shape(format!(
                 "gemm {m}x{k}x{n}: buffers hold out {}, a {}, b {}",
@@ -388,22 +480,12 @@ impl DeviceApi for EmulatedDevice {
                 b.len()
             )));
         }
-        self.issue();
-        // SAFETY: no launch runs during this call (launches are synchronous on this thread,
-        // and `out`, borrowed mutably, cannot be shared with another).
-        let (a, b) = unsafe { (a.view(), b.view()) };
-        crate::backend::cpu::matmul::matmul(
-            &mut out.as_mut_slice()[..m * n],
-            &a[..m * k],
-            &b[..k * n],
-            m,
-            k,
-            n,
-            trans_a,
-            trans_b,
-            accumulate,
-        );
-        Ok(())
+        self.gemm_f32_at(
+            BufferAt::new(out, 0),
+            BufferAt::new(a, 0),
+            BufferAt::new(b, 0),
+            shape,
+        )
     }
 
     fn gemm_bf16(
@@ -415,8 +497,17 @@ impl DeviceApi for EmulatedDevice {
     ) -> Result<(), DeviceError> {
         let GemmShape { m, k, n, .. } = shape;
         let what = format!("gemm_bf16 {m}x{k}x{n}");
+        let ro = out.range(m * n, &format!("{what} out"))?;
         let ra = a.range(m * k, &format!("{what} a"))?;
         let rb = b.range(k * n, &format!("{what} b"))?;
+        self.issue(
+            "gemm_bf16",
+            &[
+                Access::write(bytes_of(out.buffer, ro.clone())),
+                Access::read(bytes_of(a.buffer, ra.clone())),
+                Access::read(bytes_of(b.buffer, rb.clone())),
+            ],
+        )?;
         // What a GPU computes: every bf16 value widens to f32 exactly, and the product of two
         // bf16 values (8 significant bits each) is exact in f32 (16 bits ≤ 24), so the f32
         // GEMM of the widened inputs differs from cuBLASLt's only in the summation order.
@@ -427,8 +518,15 @@ impl DeviceApi for EmulatedDevice {
                 unsafe { std::slice::from_raw_parts(x.buffer.as_ptr().add(r.start), r.len()) };
             HostBuffer::from_slice(&values.iter().map(|v| v.to_f32()).collect::<Vec<_>>())
         };
-        let (a32, b32) = (widen(a, ra), widen(b, rb));
-        self.gemm_f32_at(out, BufferAt::new(&a32, 0), BufferAt::new(&b32, 0), shape)
+        let (a32, b32) = (widen(a, ra.clone()), widen(b, rb.clone()));
+        Self::matmul_ranges(
+            out,
+            BufferAt::new(&a32, 0),
+            BufferAt::new(&b32, 0),
+            [ro, 0..ra.len(), 0..rb.len()],
+            shape,
+        );
+        Ok(())
     }
 
     fn gemm_strided_batched_f32(
@@ -439,7 +537,15 @@ impl DeviceApi for EmulatedDevice {
         gemm: &StridedGemm,
     ) -> Result<(), DeviceError> {
         gemm.check(out.len(), a.len(), b.len())?;
-        self.issue();
+        let [so, sa, sb] = gemm.spans();
+        self.issue(
+            "gemm_strided_batched",
+            &[
+                Access::write(bytes_of(out, so)),
+                Access::read(bytes_of(a, sa)),
+                Access::read(bytes_of(b, sb)),
+            ],
+        )?;
         // `out` may share an allocation with `a` or `b` (arena views), so the inputs are
         // copied before `out` is borrowed mutably.
         // SAFETY: no launch runs during this call (launches are synchronous on this thread),
@@ -458,7 +564,15 @@ impl DeviceApi for EmulatedDevice {
         gemm: &StridedGemm,
     ) -> Result<(), DeviceError> {
         gemm.check(out.len(), a.len(), b.len())?;
-        self.issue();
+        let [so, sa, sb] = gemm.spans();
+        self.issue(
+            "gemm_strided_batched_bf16",
+            &[
+                Access::write(bytes_of(out, so)),
+                Access::read(bytes_of(a, sa)),
+                Access::read(bytes_of(b, sb)),
+            ],
+        )?;
         // As `gemm_bf16`: widened exactly to f32, the products are exact, so only the
         // summation order differs from a GPU's. `out` (f32) cannot share the bf16 inputs'
         // allocations.
@@ -485,7 +599,13 @@ impl DeviceApi for EmulatedDevice {
         let d = dst.range(len, "copy_dtod dst")?;
         let s = src.range(len, "copy_dtod src")?;
         check_disjoint(dst, len, src, len, std::mem::size_of::<T>(), "copy_dtod")?;
-        self.issue();
+        self.issue(
+            "copy_dtod",
+            &[
+                Access::write(bytes_of(dst.buffer, d.clone())),
+                Access::read(bytes_of(src.buffer, s.clone())),
+            ],
+        )?;
         // SAFETY: both ranges lie inside their live allocations (checked) and do not overlap
         // (checked); launches are synchronous on this thread, so no kernel touches them now.
         unsafe {
@@ -504,7 +624,7 @@ impl DeviceApi for EmulatedDevice {
         len: usize,
     ) -> Result<(), DeviceError> {
         let r = at.range(len, "memset_zero")?;
-        self.issue();
+        self.issue("memset_zero", &[Access::write(bytes_of(at.buffer, r.clone()))])?;
         // SAFETY: the range lies inside the live allocation (checked); all-zero bytes are a
         // valid value of every DeviceElement type (integers, IEEE floats, bf16, f16).
         unsafe { std::ptr::write_bytes(at.buffer.as_ptr().add(r.start), 0, len) };
@@ -518,29 +638,16 @@ impl DeviceApi for EmulatedDevice {
         b: BufferAt<'_, HostBuffer<f32>>,
         shape: GemmShape,
     ) -> Result<(), DeviceError> {
-        let [ro, ra, rb] = gemm_ranges(out, a, b, shape)?;
-        self.issue();
-        // SAFETY: the ranges lie inside their live allocations, `out`'s is disjoint from the
-        // others (checked), and no launch runs during this call (launches are synchronous on
-        // this thread), so the mutable slice is the only access to its elements.
-        let (o, a_s, b_s) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(out.buffer.as_ptr().add(ro.start), ro.len()),
-                std::slice::from_raw_parts(a.buffer.as_ptr().add(ra.start), ra.len()),
-                std::slice::from_raw_parts(b.buffer.as_ptr().add(rb.start), rb.len()),
-            )
-        };
-        crate::backend::cpu::matmul::matmul(
-            o,
-            a_s,
-            b_s,
-            shape.m,
-            shape.k,
-            shape.n,
-            shape.trans_a,
-            shape.trans_b,
-            shape.accumulate,
-        );
+        let ranges = gemm_ranges(out, a, b, shape)?;
+        self.issue(
+            "gemm",
+            &[
+                Access::write(bytes_of(out.buffer, ranges[0].clone())),
+                Access::read(bytes_of(a.buffer, ranges[1].clone())),
+                Access::read(bytes_of(b.buffer, ranges[2].clone())),
+            ],
+        )?;
+        Self::matmul_ranges(out, a, b, ranges, shape);
         Ok(())
     }
 }

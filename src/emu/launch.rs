@@ -4,7 +4,7 @@ use std::ffi::{c_void, CStr};
 
 use super::arg::{ArgInfo, ArgKind, KernelArg};
 use super::bindings::{
-    cuemu_dim3, cuemu_kernel_signature, cuemu_last_error, cuemu_launch, cuemu_schedule,
+    cuemu_arg_info, cuemu_arg_kind, cuemu_dim3, cuemu_kernel_signature, cuemu_last_error, cuemu_launch, cuemu_schedule,
     cuemu_set_schedule, cuemu_set_strict, cuemu_status,
 };
 
@@ -204,16 +204,7 @@ pub fn kernel_names() -> impl Iterator<Item = &'static str> {
 
 /// The parameter list of `kernel`, as the C++ compiler deduced it.
 pub fn kernel_signature(kernel: &str) -> Result<Vec<ArgInfo>, EmuError> {
-    let kernel = find(kernel)?;
-    // SAFETY: the signature function returns a pointer to a static array of n_args entries.
-    let signature = unsafe { &*(kernel.signature)() };
-    let raw = if signature.n_args == 0 {
-        &[][..]
-    } else {
-        // SAFETY: as above.
-        unsafe { std::slice::from_raw_parts(signature.args, signature.n_args as usize) }
-    };
-    Ok(raw
+    Ok(raw_signature(find(kernel)?)
         .iter()
         .map(|a| ArgInfo {
             size: a.size,
@@ -222,6 +213,26 @@ pub fn kernel_signature(kernel: &str) -> Result<Vec<ArgInfo>, EmuError> {
             elem_kind: ArgKind::from_raw(a.elem_kind),
         })
         .collect())
+}
+
+/// For each parameter of `kernel`: whether the kernel may write through it (a pointer whose
+/// pointee is not `const`). Scalars are `false`.
+pub fn kernel_writable_params(kernel: &str) -> Result<Vec<bool>, EmuError> {
+    Ok(raw_signature(find(kernel)?)
+        .iter()
+        .map(|a| a.kind == cuemu_arg_kind::CUEMU_ARG_POINTER && a.elem_const == 0)
+        .collect())
+}
+
+fn raw_signature(kernel: &EmuKernel) -> &'static [cuemu_arg_info] {
+    // SAFETY: the signature function returns a pointer to a static array of n_args entries.
+    let signature = unsafe { &*(kernel.signature)() };
+    if signature.n_args == 0 {
+        &[]
+    } else {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(signature.args, signature.n_args as usize) }
+    }
 }
 
 fn check_arguments(kernel: &str, args: &[&dyn KernelArg]) -> Result<(), EmuError> {

@@ -23,6 +23,7 @@ mod arg;
 mod bindings;
 mod buffer;
 mod device;
+pub mod hazards;
 mod launch;
 mod strided_gemm;
 
@@ -32,6 +33,7 @@ pub use device::{
     check_disjoint, gemm_ranges, BufferAt, DeviceApi, DeviceBuffer, DeviceError, EmulatedDevice,
     Event, GemmShape,
 };
+pub use hazards::{StreamId, StreamStats};
 pub use launch::{
     kernel_names, kernel_signature, launch, set_schedule, set_strict, Dim3, EmuError, LaunchConfig,
     LaunchErrorKind, Schedule,

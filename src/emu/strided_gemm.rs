@@ -76,6 +76,23 @@ impl StridedGemm {
         }
     }
 
+    /// The element ranges `[first, last + 1)` of `out`, `a` and `b` that the GEMM addresses
+    /// (empty when it addresses nothing): what the stream hazard checker tracks.
+    pub fn spans(&self) -> [std::ops::Range<usize>; 3] {
+        let span = |layout: MatrixLayout, (rows, cols): (usize, usize)| {
+            if self.batch == 0 || rows == 0 || cols == 0 {
+                return layout.offset..layout.offset;
+            }
+            let end = layout.offset + (self.batch - 1) * layout.stride + (rows - 1) * layout.ld + cols;
+            layout.offset..end
+        };
+        [
+            span(self.out, (self.m, self.n)),
+            span(self.a, self.a_dims()),
+            span(self.b, self.b_dims()),
+        ]
+    }
+
     /// Checks that every element the GEMM addresses lies inside buffers of `out_len`, `a_len`
     /// and `b_len` elements, and that each leading dimension covers a stored row.
     pub fn check(&self, out_len: usize, a_len: usize, b_len: usize) -> Result<(), DeviceError> {

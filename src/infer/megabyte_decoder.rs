@@ -174,9 +174,11 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
             .unwrap_or_else(|| panic!("slot {slot} is empty"))
     }
 
-    /// Global steps for every event `e ≡ 0 (mod P)` of the plans; refreshes the
-    /// conditioning of each sequence that took one.
-    fn run_global(&mut self, plans: &[Plan]) {
+    /// Global steps for every event `e ≡ 0 (mod P)` of the plans. Returns the new
+    /// conditioning rows `[r·P, D_L]` of the `r` sequences that took one and the rows of
+    /// [`MegabyteDecoder::cond`] they replace; the caller writes them (this runs on the side
+    /// stream, while the main stream's local steps read `cond`).
+    fn run_global(&mut self, plans: &[Plan]) -> Option<(B::Buf, Vec<u32>)> {
         let (m, be, p) = (self.model, self.be, self.p);
         let c = &m.cfg;
         let e = m.embeds();
@@ -189,7 +191,7 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
             steps.extend((first_patch..=last_patch).map(|g| (k, g)));
         }
         if steps.is_empty() {
-            return;
+            return None;
         }
         // Each step row reads and writes its sequence's blocks; the padding row the scratch block.
         let bs = self.global.block_size;
@@ -285,7 +287,7 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
             .iter()
             .flat_map(|&slot| (0..pp).map(move |q| (slot * pp + q) as u32))
             .collect();
-        be.scatter_rows(&mut self.cond, &real, &dst, dl);
+        Some((real, dst))
     }
 
     /// Local steps for the events of each plan's last patch; computes the logits of every
@@ -295,6 +297,9 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
         let c = &m.cfg;
         let e = m.embeds();
         let (pp, dl) = (c.patch_size, c.local_dim);
+        if plans.is_empty() {
+            return;
+        }
         // (plan index, event) of every local step.
         let mut steps: Vec<(usize, usize)> = Vec::new();
         for (k, plan) in plans.iter().enumerate() {
@@ -505,9 +510,23 @@ impl<B: Backend> Decoder for MegabyteDecoder<'_, B> {
         if plans.is_empty() {
             return;
         }
-        self.run_global(&plans);
-        self.run_local(&plans);
-        for plan in &plans {
+        // Rows that cross a patch boundary need a global step before their local ones; the
+        // others only local steps, on the conditioning they already have. So the global step
+        // runs on the side stream while the main stream runs the other rows' local steps,
+        // then the main stream waits for it and runs the boundary rows' local steps.
+        let pp = self.model.cfg.patch_size;
+        let (boundary, inside): (Vec<Plan>, Vec<Plan>) = plans
+            .into_iter()
+            .partition(|plan| plan.first.div_ceil(pp) <= (plan.end - 1) / pp);
+        let be = self.be;
+        let cond = be.fork(|| self.run_global(&boundary));
+        self.run_local(&inside);
+        be.join();
+        if let Some((rows, dst)) = cond {
+            be.scatter_rows(&mut self.cond, &rows, &dst, self.model.cfg.local_dim);
+        }
+        self.run_local(&boundary);
+        for plan in boundary.iter().chain(&inside) {
             if let Some(row) = self.slots[plan.slot].as_mut() {
                 row.events = plan.end;
             }

@@ -1,9 +1,13 @@
-//! [`DeviceApi`] on a real GPU through cudarc: one context and stream on device N, kernels
+//! [`DeviceApi`] on a real GPU through cudarc: one context and two streams on device N, kernels
 //! from the embedded PTX ([`crate::kernels::MODULES`]) loaded lazily by a
 //! [`KernelCache`], launches through `cuLaunchKernel` with the same argument pointers the
 //! emulator takes, every GEMM (plain, bf16, strided-batched) through cuBLASLt
 //! ([`super::cublaslt`]: descriptors, layouts and the heuristic's algorithm cached per
-//! problem, one workspace per device).
+//! problem, one workspace per stream).
+//!
+//! The main stream is the context's null stream; the side stream is a non-blocking one, so the
+//! two never synchronise implicitly and only events order them. cuBLASLt gets a workspace per
+//! stream: two GEMMs running at once must not share scratch memory.
 //!
 //! Nothing here runs in `cargo test` on a host without a driver: [`CudarcDevice::new`] checks
 //! for `libcuda.so.1` first (cudarc panics on the first driver call without it) and returns
@@ -12,6 +16,7 @@
 use std::collections::VecDeque;
 use std::ffi::c_void;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
@@ -26,11 +31,12 @@ use super::cublaslt::{
 use super::module_cache::KernelCache;
 use crate::emu::{
     check_disjoint, gemm_ranges, ArgInfo, BufferAt, DeviceApi, DeviceBuffer, DeviceElement,
-    DeviceError, Event, GemmShape, KernelArg, LaunchConfig, StridedGemm,
+    DeviceError, Event, GemmShape, KernelArg, LaunchConfig, StreamId, StridedGemm,
 };
+use crate::emu::hazards::STREAMS;
 
 /// Events kept for [`DeviceApi::wait_event`]; older ones are dropped (waiting on an event
-/// that old is waiting on work long finished on the single stream).
+/// that old is waiting on work long finished).
 const KEPT_EVENTS: usize = 1024;
 
 fn driver(what: &str, e: impl std::fmt::Display) -> DeviceError {
@@ -72,15 +78,18 @@ fn as_bytes<T: DeviceElement>(host: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(host.as_ptr() as *const u8, std::mem::size_of_val(host)) }
 }
 
-/// One CUDA device: context, stream, cuBLASLt handle with its plan cache and workspace, and
-/// the kernel cache.
+/// One CUDA device: context, main and side streams, a cuBLASLt handle with its plan cache and
+/// workspace per stream, and the kernel cache.
 pub struct CudarcDevice {
     ordinal: usize,
     ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    // Declared before the workspace it points into, so it is dropped first.
-    lt: LtGemm,
-    _lt_workspace: CudaSlice<u8>,
+    /// Indexed by [`StreamId::index`].
+    streams: [Arc<CudaStream>; STREAMS],
+    /// The stream operations are issued on ([`StreamId::index`]).
+    current: AtomicUsize,
+    // Declared before the workspaces they point into, so they are dropped first.
+    lt: [LtGemm; STREAMS],
+    _lt_workspaces: [CudaSlice<u8>; STREAMS],
     f32_compute: LtCompute,
     kernels: KernelCache<Arc<CudaModule>, CudaFunction>,
     events: Mutex<(u64, VecDeque<(u64, CudaEvent)>)>,
@@ -103,28 +112,37 @@ impl CudarcDevice {
             ));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| driver("context", e))?;
-        // One stream: cudarc's per-buffer event tracking only pays with several.
+        // The backend orders its streams with explicit events (and keeps buffers per stream
+        // in its pools), so cudarc's per-buffer event tracking would only add an event record
+        // and wait per kernel argument.
         // SAFETY: called before any allocation of this context.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        let main = ctx.default_stream();
+        let side = ctx.new_stream().map_err(|e| driver("side stream", e))?;
         let (major, _) = ctx
             .compute_capability()
             .map_err(|e| driver("compute capability", e))?;
         let workspace_bytes = LtGemm::workspace_bytes_for(major);
-        let workspace = stream
-            .alloc_zeros::<u8>(workspace_bytes)
-            .map_err(|e| driver("cuBLASLt workspace", e))?;
-        let workspace_ptr = {
-            let (ptr, _sync) = workspace.device_ptr(&stream);
-            ptr
+        let workspace = || {
+            main.alloc_zeros::<u8>(workspace_bytes)
+                .map_err(|e| driver("cuBLASLt workspace", e))
         };
-        let lt = LtGemm::new(workspace_ptr, workspace_bytes)?;
+        let workspaces = [workspace()?, workspace()?];
+        let lt_on = |w: &CudaSlice<u8>| {
+            let (ptr, _sync) = w.device_ptr(&main);
+            LtGemm::new(ptr, workspace_bytes)
+        };
+        let lt = [lt_on(&workspaces[0])?, lt_on(&workspaces[1])?];
+        // The workspaces were zeroed on the main stream; the side stream must not use its
+        // own before that finished.
+        main.synchronize().map_err(|e| driver("synchronize", e))?;
         Ok(Self {
             ordinal,
             ctx,
-            stream,
+            streams: [main, side],
+            current: AtomicUsize::new(StreamId::Main.index()),
             lt,
-            _lt_workspace: workspace,
+            _lt_workspaces: workspaces,
             f32_compute: LtCompute::F32,
             kernels: KernelCache::new(),
             events: Mutex::new((0, VecDeque::new())),
@@ -147,7 +165,12 @@ impl CudarcDevice {
     /// Number of cuBLASLt plans (descriptor sets) cached so far: one per distinct GEMM
     /// problem.
     pub fn cached_gemm_plans(&self) -> usize {
-        self.lt.cached_plans()
+        self.lt.iter().map(LtGemm::cached_plans).sum()
+    }
+
+    /// The stream operations are issued on now.
+    fn stream_now(&self) -> &Arc<CudaStream> {
+        &self.streams[self.current.load(Ordering::Relaxed)]
     }
 
     /// bf16 GEMM with a bf16 `out` (A/B/C/D `CUDA_R_16BF`, f32 accumulate, one rounding of
@@ -212,7 +235,7 @@ impl CudarcDevice {
                         ops.out as sys::CUdeviceptr,
                         0,
                         elements * ops.output.bytes(),
-                        self.stream.cu_stream(),
+                        self.stream_now().cu_stream(),
                     )
                 }
                 .map_err(|e| driver("gemm (k = 0)", e)),
@@ -225,10 +248,12 @@ impl CudarcDevice {
         }
         // SAFETY: the addresses are allocations of this context holding the elements the
         // problem addresses (checked by the caller); `out` does not overlap the inputs
-        // (checked or guaranteed by the caller); the work is ordered on this device's stream.
+        // (checked or guaranteed by the caller); the work is ordered on the current stream,
+        // with that stream's own workspace.
+        let current = self.current.load(Ordering::Relaxed);
         unsafe {
-            self.lt.matmul(
-                self.stream.cu_stream() as cudarc::cublaslt::sys::cudaStream_t,
+            self.lt[current].matmul(
+                self.streams[current].cu_stream() as cudarc::cublaslt::sys::cudaStream_t,
                 problem,
                 ops,
                 compute,
@@ -281,14 +306,14 @@ impl CudarcDevice {
 
     fn alloc_bytes(&self, bytes: usize) -> Result<CudaSlice<u8>, DeviceError> {
         // Some drivers refuse empty allocations; a zero-length buffer keeps one byte.
-        self.stream
+        self.stream_now()
             .alloc_zeros::<u8>(bytes.max(1))
             .map_err(|e| driver("alloc", e))
     }
 
     fn wrap<T>(&self, bytes: CudaSlice<u8>, len: usize) -> CudarcBuffer<T> {
         let ptr = {
-            let (ptr, _sync) = bytes.device_ptr(&self.stream);
+            let (ptr, _sync) = bytes.device_ptr(self.stream_now());
             ptr
         };
         CudarcBuffer {
@@ -306,6 +331,15 @@ impl DeviceApi for CudarcDevice {
     fn name(&self) -> String {
         let name = self.ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         format!("cuda:{} {name}", self.ordinal)
+    }
+
+    fn set_stream(&self, stream: StreamId) -> Result<(), DeviceError> {
+        self.current.store(stream.index(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn stream(&self) -> StreamId {
+        StreamId::ALL[self.current.load(Ordering::Relaxed)]
     }
 
     fn alloc_zeros<T: DeviceElement + Default>(
@@ -340,7 +374,7 @@ impl DeviceApi for CudarcDevice {
         }
         let src = as_bytes(host);
         let mut view = dst.bytes.slice_mut(0..src.len());
-        self.stream
+        self.stream_now()
             .memcpy_htod(src, &mut view)
             .map_err(|e| driver("upload", e))
     }
@@ -349,7 +383,7 @@ impl DeviceApi for CudarcDevice {
         let n_bytes = src.len * std::mem::size_of::<T>();
         let mut bytes = vec![0u8; n_bytes];
         if n_bytes > 0 {
-            self.stream
+            self.stream_now()
                 .memcpy_dtoh(&src.bytes.slice(0..n_bytes), &mut bytes)
                 .map_err(|e| driver("download", e))?;
         }
@@ -382,7 +416,7 @@ impl DeviceApi for CudarcDevice {
                 (g.x, g.y, g.z),
                 (b.x, b.y, b.z),
                 config.shared_mem_bytes,
-                self.stream.cu_stream(),
+                self.stream_now().cu_stream(),
                 &mut params,
             )
         }
@@ -391,7 +425,7 @@ impl DeviceApi for CudarcDevice {
 
     fn record_event(&self) -> Result<Event, DeviceError> {
         let event = self
-            .stream
+            .stream_now()
             .record_event(None)
             .map_err(|e| driver("record event", e))?;
         let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
@@ -407,14 +441,17 @@ impl DeviceApi for CudarcDevice {
     fn wait_event(&self, event: &Event) -> Result<(), DeviceError> {
         let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
         match events.1.iter().find(|(s, _)| *s == event.sequence) {
-            Some((_, e)) => self.stream.wait(e).map_err(|e| driver("wait event", e)),
+            Some((_, e)) => self
+                .stream_now()
+                .wait(e)
+                .map_err(|e| driver("wait event", e)),
             // Older than every kept event: its work finished before theirs was issued.
             None => Ok(()),
         }
     }
 
     fn synchronize(&self) -> Result<(), DeviceError> {
-        self.stream
+        self.ctx
             .synchronize()
             .map_err(|e| driver("synchronize", e))
     }
@@ -500,13 +537,13 @@ impl DeviceApi for CudarcDevice {
             .bind_to_thread()
             .map_err(|e| driver("copy_dtod", e))?;
         // SAFETY: both ranges lie inside live allocations of this context (checked above) and
-        // do not overlap; the copy is ordered on the one stream with every other operation.
+        // do not overlap; the copy is ordered on the current stream.
         unsafe {
             cu::memcpy_dtod_async(
                 (dst.buffer.ptr as usize + dst.offset * elem) as sys::CUdeviceptr,
                 (src.buffer.ptr as usize + src.offset * elem) as sys::CUdeviceptr,
                 len * elem,
-                self.stream.cu_stream(),
+                self.stream_now().cu_stream(),
             )
         }
         .map_err(|e| driver("copy_dtod", e))
@@ -531,7 +568,7 @@ impl DeviceApi for CudarcDevice {
                 (at.buffer.ptr as usize + at.offset * elem) as sys::CUdeviceptr,
                 0,
                 len * elem,
-                self.stream.cu_stream(),
+                self.stream_now().cu_stream(),
             )
         }
         .map_err(|e| driver("memset_zero", e))

@@ -28,6 +28,7 @@ use super::pool::size_class;
 use super::shadow::Bf16OperandStats;
 use super::{fail, CudaBackend};
 use crate::cuda::launch as launch_shapes;
+use crate::emu::hazards::STREAMS;
 use crate::emu::{BufferAt, DeviceApi, DeviceBuffer, GemmShape, KernelArg};
 
 /// What the backend's matmuls compute in.
@@ -41,18 +42,19 @@ pub enum Precision {
     Bf16Gemm,
 }
 
-/// The two bf16 operand buffers of [`Precision::Bf16Gemm`], reused across calls, and the
-/// operand accounting. The operands' lock is held from the casts to the GEMM's launch; on a
-/// GPU the next call's casts are ordered after that GEMM by the single stream.
+/// The two bf16 operand buffers of [`Precision::Bf16Gemm`] per stream, reused across calls,
+/// and the operand accounting. The operands' lock is held from the casts to the GEMM's
+/// launch; on a GPU the next call's casts are ordered after that GEMM by the stream, which is
+/// why each stream has its own pair.
 pub(super) struct Bf16Scratch<D: DeviceApi> {
-    operands: Mutex<[Option<D::Buffer<bf16>>; 2]>,
+    operands: Mutex<[[Option<D::Buffer<bf16>>; 2]; STREAMS]>,
     stats: Mutex<Bf16OperandStats>,
 }
 
 impl<D: DeviceApi> Default for Bf16Scratch<D> {
     fn default() -> Self {
         Self {
-            operands: Mutex::new([None, None]),
+            operands: Mutex::new(std::array::from_fn(|_| [None, None])),
             stats: Mutex::new(Bf16OperandStats::default()),
         }
     }
@@ -111,7 +113,7 @@ where
             .operands
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let [a16, b16] = &mut *operands;
+        let [a16, b16] = &mut operands[self.device.stream().index()];
         let a16 = self.bf16_operand(a, m * k, a16);
         let b16 = self.bf16_operand(b, k * n, b16);
         self.device

@@ -20,6 +20,7 @@ pub mod buffer;
 pub mod cublaslt;
 pub mod cudarc_device;
 pub mod elementwise;
+pub mod free_lists;
 pub mod host_fallback;
 pub mod matmul;
 pub mod mega_attention;
@@ -31,6 +32,7 @@ pub mod shadow;
 pub mod shapes;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::{
@@ -39,7 +41,8 @@ use super::{
 };
 use crate::cuda::launch::{self as launch_shapes, norms::Norm, LaunchShape};
 use crate::cuda::scatter_plan::{self, RowScatterPlan};
-use crate::emu::{DeviceApi, DeviceError, GemmShape, KernelArg, LaunchConfig};
+use crate::emu::{DeviceApi, DeviceError, GemmShape, KernelArg, LaunchConfig, StreamId};
+use free_lists::StreamGate;
 pub use buffer::{CudaBuf, NullArg};
 pub use matmul::Precision;
 pub use pool::{MemoryPool, PoolStats};
@@ -53,6 +56,11 @@ pub struct CudaBackend<D: DeviceApi> {
     precision: Precision,
     bf16_scratch: matmul::Bf16Scratch<D>,
     scratch: scratch::ScratchPool<D>,
+    /// The stream work goes to, shared with the pools (see [`Backend::fork`]).
+    gate: Arc<StreamGate>,
+    /// Whether [`Backend::join`] makes the main stream wait for the side stream; off only in
+    /// the test that proves the emulator's hazard checker catches the missing wait.
+    join_waits: AtomicBool,
 }
 
 fn fail(what: &str, e: DeviceError) -> ! {
@@ -67,14 +75,50 @@ where
     /// A backend on `device` with an empty pool and f32 matmuls (see
     /// [`CudaBackend::with_precision`]).
     pub fn new(device: D) -> Self {
+        let gate = Arc::new(StreamGate::new());
         Self {
             device: Arc::new(device),
-            pool: Arc::new(MemoryPool::new()),
+            pool: Arc::new(MemoryPool::with_gate(gate.clone())),
             fallbacks: Mutex::new(BTreeMap::new()),
             precision: Precision::F32,
             bf16_scratch: matmul::Bf16Scratch::default(),
-            scratch: scratch::ScratchPool::new(),
+            scratch: scratch::ScratchPool::with_gate(gate.clone()),
+            gate,
+            join_waits: AtomicBool::new(true),
         }
+    }
+
+    /// Debugging: `false` makes [`Backend::join`] skip the main stream's wait for the side
+    /// stream, a planted synchronisation bug that the emulator's hazard checker must report
+    /// (tests/engine_streams.rs). Never turn it off otherwise.
+    pub fn set_join_waits(&self, wait: bool) {
+        self.join_waits.store(wait, Ordering::Relaxed);
+    }
+
+    /// Switches the device and the pools to `stream`.
+    fn switch_stream(&self, stream: StreamId) {
+        self.device
+            .set_stream(stream)
+            .unwrap_or_else(|e| fail("set stream", e));
+        self.gate.switch_to(stream);
+    }
+
+    /// Makes the current stream's later work follow the work issued so far on `from`.
+    fn order_after(&self, from: StreamId) {
+        let to = self.device.stream();
+        self.device
+            .set_stream(from)
+            .unwrap_or_else(|e| fail("set stream", e));
+        let event = self
+            .device
+            .record_event()
+            .unwrap_or_else(|e| fail("record event", e));
+        self.device
+            .set_stream(to)
+            .unwrap_or_else(|e| fail("set stream", e));
+        self.device
+            .wait_event(&event)
+            .unwrap_or_else(|e| fail("wait event", e));
     }
 
     /// The device layer.
@@ -240,6 +284,32 @@ where
 
     fn name(&self) -> String {
         format!("cuda ({})", self.device.name())
+    }
+
+    // ---- streams ----------------------------------------------------------------------
+
+    fn fork<R>(&self, side: impl FnOnce() -> R) -> R {
+        if self.gate.stream() == StreamId::Side {
+            // Already on the side stream: in order with the enclosing fork's work.
+            return side();
+        }
+        self.switch_stream(StreamId::Side);
+        self.order_after(StreamId::Main);
+        let result = side();
+        self.switch_stream(StreamId::Main);
+        result
+    }
+
+    fn join(&self) {
+        if !self.gate.fork_open() {
+            return;
+        }
+        if self.join_waits.load(Ordering::Relaxed) {
+            self.order_after(StreamId::Side);
+        }
+        self.gate.close();
+        self.pool.release_held();
+        self.scratch.release_held();
     }
 
     // ---- memory -------------------------------------------------------------------------

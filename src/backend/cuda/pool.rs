@@ -3,9 +3,9 @@
 //! allocating after its first step (device allocation and free are slow, and synchronising on
 //! a GPU).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use super::free_lists::{FreeLists, StreamGate};
 use crate::emu::{DeviceApi, DeviceError};
 
 /// Smallest size class, in elements: tiny buffers (biases, per-row statistics) share one.
@@ -40,57 +40,60 @@ pub struct PoolStats {
     pub arenas: usize,
 }
 
-/// Free lists per size class, plus accounting.
+/// Free lists per size class (stream-aware, see [`FreeLists`]), plus accounting.
 pub struct MemoryPool<D: DeviceApi> {
-    state: Mutex<PoolState<D>>,
-}
-
-struct PoolState<D: DeviceApi> {
-    free: HashMap<usize, Vec<D::Buffer<f32>>>,
-    stats: PoolStats,
+    free: FreeLists<D::Buffer<f32>>,
+    gate: Arc<StreamGate>,
+    stats: Mutex<PoolStats>,
 }
 
 impl<D: DeviceApi> Default for MemoryPool<D> {
     fn default() -> Self {
-        Self {
-            state: Mutex::new(PoolState {
-                free: HashMap::new(),
-                stats: PoolStats::default(),
-            }),
-        }
+        Self::with_gate(Arc::new(StreamGate::new()))
     }
 }
 
 impl<D: DeviceApi> MemoryPool<D> {
-    /// An empty pool.
+    /// An empty pool, on a device whose work stays on the main stream.
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState<D>> {
-        // A panic while holding the lock leaves consistent free lists (every update is a
-        // single push/pop plus counters), so a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// An empty pool whose reuse follows `gate`'s forks and joins.
+    pub fn with_gate(gate: Arc<StreamGate>) -> Self {
+        Self {
+            free: FreeLists::default(),
+            gate,
+            stats: Mutex::new(PoolStats::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolStats> {
+        // Every update is a few counters, so a poisoned lock is still usable.
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// At a join: blocks freed during the fork become ready for either stream.
+    pub fn release_held(&self) {
+        self.free.release_held();
     }
 
     /// An allocation of at least `len` elements (exactly [`size_class`]`(len)`); its contents
     /// are whatever the last user left.
     pub fn take(&self, device: &D, len: usize) -> Result<D::Buffer<f32>, DeviceError> {
         let class = size_class(len);
-        {
+        if let Some(block) = self.free.pop(&self.gate, class) {
             let mut st = self.lock();
-            if let Some(block) = st.free.get_mut(&class).and_then(Vec::pop) {
-                st.stats.hits += 1;
-                st.stats.cached -= class;
-                st.stats.in_use += class;
-                return Ok(block);
-            }
+            st.hits += 1;
+            st.cached -= class;
+            st.in_use += class;
+            return Ok(block);
         }
         let block = device.alloc_zeros::<f32>(class)?;
         let mut st = self.lock();
-        st.stats.misses += 1;
-        st.stats.allocated += class;
-        st.stats.in_use += class;
+        st.misses += 1;
+        st.allocated += class;
+        st.in_use += class;
         Ok(block)
     }
 
@@ -98,10 +101,12 @@ impl<D: DeviceApi> MemoryPool<D> {
     pub fn give_back(&self, block: D::Buffer<f32>) {
         use crate::emu::DeviceBuffer;
         let class = block.len();
-        let mut st = self.lock();
-        st.stats.in_use -= class;
-        st.stats.cached += class;
-        st.free.entry(class).or_default().push(block);
+        {
+            let mut st = self.lock();
+            st.in_use -= class;
+            st.cached += class;
+        }
+        self.free.push(&self.gate, class, block);
     }
 
     /// A dedicated allocation of exactly `len` zeroed elements, for an arena of many buffers:
@@ -109,10 +114,10 @@ impl<D: DeviceApi> MemoryPool<D> {
     pub fn take_arena(&self, device: &D, len: usize) -> Result<D::Buffer<f32>, DeviceError> {
         let block = device.alloc_zeros::<f32>(len)?;
         let mut st = self.lock();
-        st.stats.misses += 1;
-        st.stats.allocated += len;
-        st.stats.in_use += len;
-        st.stats.arenas += 1;
+        st.misses += 1;
+        st.allocated += len;
+        st.in_use += len;
+        st.arenas += 1;
         Ok(block)
     }
 
@@ -122,25 +127,25 @@ impl<D: DeviceApi> MemoryPool<D> {
         let len = block.len();
         {
             let mut st = self.lock();
-            st.stats.allocated -= len;
-            st.stats.in_use -= len;
-            st.stats.arenas -= 1;
+            st.allocated -= len;
+            st.in_use -= len;
+            st.arenas -= 1;
         }
         drop(block);
     }
 
-    /// Frees every cached allocation back to the device.
+    /// Frees every cached allocation that either stream may use back to the device (those
+    /// held for one stream during a fork stay until the join).
     pub fn trim(&self) {
+        let drained = self.free.drain_ready();
         let mut st = self.lock();
-        let cached = st.stats.cached;
-        st.free.clear();
-        st.stats.allocated -= cached;
-        st.stats.cached = 0;
+        st.allocated -= drained;
+        st.cached -= drained;
     }
 
     /// Current accounting.
     pub fn stats(&self) -> PoolStats {
-        self.lock().stats
+        *self.lock()
     }
 }
 

@@ -8,59 +8,40 @@
 //! buffers that are downloaded whole) and handed out as [`Scratch`] guards that give them
 //! back when dropped. Giving a buffer back right after its launch was enqueued is safe on one
 //! stream: the next user's write (an upload or a kernel) is ordered after that launch, as for
-//! the pooled f32 blocks.
+//! the pooled f32 blocks; with two streams the lists follow the backend's forks and joins
+//! ([`FreeLists`]).
 
-use std::collections::HashMap;
 use std::ffi::c_void;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use half::bf16;
 
+use super::free_lists::{FreeLists, StreamGate};
 use super::pool::size_class;
 use crate::emu::{ArgInfo, DeviceApi, DeviceBuffer, DeviceElement, DeviceError, KernelArg};
-
-/// Free buffers of one element type, by capacity.
-pub struct FreeLists<D: DeviceApi, T: DeviceElement> {
-    free: Mutex<HashMap<usize, Vec<D::Buffer<T>>>>,
-}
-
-impl<D: DeviceApi, T: DeviceElement> Default for FreeLists<D, T> {
-    fn default() -> Self {
-        Self {
-            free: Mutex::new(HashMap::new()),
-        }
-    }
-}
-
-impl<D: DeviceApi, T: DeviceElement> FreeLists<D, T> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Vec<D::Buffer<T>>>> {
-        // Every update is one push or pop, so a poisoned lock still holds consistent lists.
-        self.free.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// An element type the scratch pool keeps buffers of.
 pub trait ScratchElement: DeviceElement + Default + Copy {
     /// The pool's free lists for this type.
-    fn lists<D: DeviceApi>(pool: &ScratchPool<D>) -> &FreeLists<D, Self>;
+    fn lists<D: DeviceApi>(pool: &ScratchPool<D>) -> &FreeLists<D::Buffer<Self>>;
 }
 
 impl ScratchElement for u32 {
-    fn lists<D: DeviceApi>(pool: &ScratchPool<D>) -> &FreeLists<D, Self> {
+    fn lists<D: DeviceApi>(pool: &ScratchPool<D>) -> &FreeLists<D::Buffer<Self>> {
         &pool.u32s
     }
 }
 
 impl ScratchElement for f64 {
-    fn lists<D: DeviceApi>(pool: &ScratchPool<D>) -> &FreeLists<D, Self> {
+    fn lists<D: DeviceApi>(pool: &ScratchPool<D>) -> &FreeLists<D::Buffer<Self>> {
         &pool.f64s
     }
 }
 
 impl ScratchElement for bf16 {
-    fn lists<D: DeviceApi>(pool: &ScratchPool<D>) -> &FreeLists<D, Self> {
+    fn lists<D: DeviceApi>(pool: &ScratchPool<D>) -> &FreeLists<D::Buffer<Self>> {
         &pool.bf16s
     }
 }
@@ -76,29 +57,43 @@ pub struct ScratchStats {
 
 /// Free lists of `u32`, `f64` and `bf16` device buffers, plus counters.
 pub struct ScratchPool<D: DeviceApi> {
-    u32s: FreeLists<D, u32>,
-    f64s: FreeLists<D, f64>,
-    bf16s: FreeLists<D, bf16>,
+    u32s: FreeLists<D::Buffer<u32>>,
+    f64s: FreeLists<D::Buffer<f64>>,
+    bf16s: FreeLists<D::Buffer<bf16>>,
+    gate: Arc<StreamGate>,
     allocations: AtomicU64,
     reuses: AtomicU64,
 }
 
 impl<D: DeviceApi> Default for ScratchPool<D> {
     fn default() -> Self {
-        Self {
-            u32s: FreeLists::default(),
-            f64s: FreeLists::default(),
-            bf16s: FreeLists::default(),
-            allocations: AtomicU64::new(0),
-            reuses: AtomicU64::new(0),
-        }
+        Self::with_gate(Arc::new(StreamGate::new()))
     }
 }
 
 impl<D: DeviceApi> ScratchPool<D> {
-    /// An empty pool.
+    /// An empty pool, on a device whose work stays on the main stream.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty pool whose reuse follows `gate`'s forks and joins.
+    pub fn with_gate(gate: Arc<StreamGate>) -> Self {
+        Self {
+            u32s: FreeLists::default(),
+            f64s: FreeLists::default(),
+            bf16s: FreeLists::default(),
+            gate,
+            allocations: AtomicU64::new(0),
+            reuses: AtomicU64::new(0),
+        }
+    }
+
+    /// At a join: buffers freed during the fork become ready for either stream.
+    pub fn release_held(&self) {
+        self.u32s.release_held();
+        self.f64s.release_held();
+        self.bf16s.release_held();
     }
 
     /// A buffer of at least `len` elements (its capacity is [`size_class`]`(len)`), contents
@@ -142,7 +137,7 @@ impl<D: DeviceApi> ScratchPool<D> {
         device: &D,
         capacity: usize,
     ) -> Result<Scratch<'_, D, T>, DeviceError> {
-        let cached = T::lists(self).lock().get_mut(&capacity).and_then(Vec::pop);
+        let cached = T::lists(self).pop(&self.gate, capacity);
         let buffer = match cached {
             Some(buffer) => {
                 self.reuses.fetch_add(1, Ordering::Relaxed);
@@ -192,11 +187,8 @@ impl<D: DeviceApi, T: ScratchElement> DerefMut for Scratch<'_, D, T> {
 impl<D: DeviceApi, T: ScratchElement> Drop for Scratch<'_, D, T> {
     fn drop(&mut self) {
         if let Some(buffer) = self.buffer.take() {
-            T::lists(self.pool)
-                .lock()
-                .entry(buffer.len())
-                .or_default()
-                .push(buffer);
+            let pool = self.pool;
+            T::lists(pool).push(&pool.gate, buffer.len(), buffer);
         }
     }
 }
@@ -209,6 +201,9 @@ unsafe impl<D: DeviceApi, T: ScratchElement> KernelArg for Scratch<'_, D, T> {
     }
     fn arg_info(&self) -> ArgInfo {
         (**self).arg_info()
+    }
+    fn extent(&self) -> Option<std::ops::Range<usize>> {
+        (**self).extent()
     }
 }
 
