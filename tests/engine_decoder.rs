@@ -330,10 +330,7 @@ fn emulated_megabyte_traces(
     let b = trace(&mut batch, 2, &target, &follow, &others(), usize::MAX);
     let after = be.device().stream_stats();
     let delta = mega::emu::StreamStats {
-        ops: [
-            after.ops[0] - before.ops[0],
-            after.ops[1] - before.ops[1],
-        ],
+        ops: [after.ops[0] - before.ops[0], after.ops[1] - before.ops[1]],
         overlapped: after.overlapped - before.overlapped,
     };
     (a, b, delta)
@@ -347,7 +344,10 @@ fn emulated_megabyte_traces(
 fn megabyte_global_steps_overlap_local_steps_without_stream_hazards() {
     let (alone, batch, streams) = emulated_megabyte_traces(true);
     assert_bit_equal("emulated megabyte alone vs batch of 5", &alone, &batch);
-    assert!(streams.ops[1] > 0, "no work on the side stream: {streams:?}");
+    assert!(
+        streams.ops[1] > 0,
+        "no work on the side stream: {streams:?}"
+    );
     assert!(
         streams.overlapped > 0,
         "no main-stream work overlapped the side stream: {streams:?}"

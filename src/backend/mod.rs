@@ -133,6 +133,12 @@ pub trait Backend: Send + Sync {
     /// Orders all later work after the work of every [`Backend::fork`] so far. The default
     /// does nothing.
     fn join(&self) {}
+    /// Whether work issued between [`Backend::fork`] and [`Backend::join`] can overlap the
+    /// forked work, so splitting a step to create that overlap pays (the CUDA backend's two
+    /// streams). The default, for backends that compute each op when called, is `false`.
+    fn overlaps_streams(&self) -> bool {
+        false
+    }
 
     // ---- memory -------------------------------------------------------------------------
     /// A zero-filled buffer of `n` elements.

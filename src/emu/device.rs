@@ -331,7 +331,11 @@ impl EmulatedDevice {
         Ok(self.checker().issue(op, accesses)?)
     }
 
-    fn fresh<T: DeviceElement>(&self, what: &str, buffer: &HostBuffer<T>) -> Result<(), DeviceError> {
+    fn fresh<T: DeviceElement>(
+        &self,
+        what: &str,
+        buffer: &HostBuffer<T>,
+    ) -> Result<(), DeviceError> {
         self.allocations
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bytes = bytes_of(buffer, 0..buffer.len());
@@ -437,9 +441,7 @@ impl DeviceApi for EmulatedDevice {
         let accesses: Vec<Access> = args
             .iter()
             .zip(writable)
-            .filter_map(|(arg, write)| {
-                arg.extent().map(|bytes| Access { bytes, write })
-            })
+            .filter_map(|(arg, write)| arg.extent().map(|bytes| Access { bytes, write }))
             .collect();
         self.issue(name, &accesses)?;
         Ok(launch(name, config, args)?)
@@ -624,7 +626,10 @@ impl DeviceApi for EmulatedDevice {
         len: usize,
     ) -> Result<(), DeviceError> {
         let r = at.range(len, "memset_zero")?;
-        self.issue("memset_zero", &[Access::write(bytes_of(at.buffer, r.clone()))])?;
+        self.issue(
+            "memset_zero",
+            &[Access::write(bytes_of(at.buffer, r.clone()))],
+        )?;
         // SAFETY: the range lies inside the live allocation (checked); all-zero bytes are a
         // valid value of every DeviceElement type (integers, IEEE floats, bf16, f16).
         unsafe { std::ptr::write_bytes(at.buffer.as_ptr().add(r.start), 0, len) };

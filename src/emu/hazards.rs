@@ -329,21 +329,36 @@ mod tests {
     fn each_unordered_conflict_kind_is_reported_and_reads_do_not_conflict() {
         use StreamId::{Main, Side};
         let cases = [
-            (Access::write(0..8), Access::read(4..12), Some("read after write")),
-            (Access::read(0..8), Access::write(4..12), Some("write after read")),
-            (Access::write(0..8), Access::write(7..8), Some("write after write")),
+            (
+                Access::write(0..8),
+                Access::read(4..12),
+                Some("read after write"),
+            ),
+            (
+                Access::read(0..8),
+                Access::write(4..12),
+                Some("write after read"),
+            ),
+            (
+                Access::write(0..8),
+                Access::write(7..8),
+                Some("write after write"),
+            ),
             (Access::read(0..8), Access::read(0..8), None),
             (Access::write(0..8), Access::write(8..16), None),
         ];
         for (first, second, kind) in cases {
             let mut c = HazardChecker::new();
-            on(&mut c, Main, "producer", &[first.clone()]).unwrap();
-            let got = on(&mut c, Side, "consumer", &[second.clone()]);
+            on(&mut c, Main, "producer", std::slice::from_ref(&first)).unwrap();
+            let got = on(&mut c, Side, "consumer", std::slice::from_ref(&second));
             match kind {
                 Some(kind) => {
                     let h = got.unwrap_err();
                     assert_eq!(h.kind, kind, "{first:?} then {second:?}");
-                    assert_eq!((h.earlier.as_str(), h.later.as_str()), ("producer", "consumer"));
+                    assert_eq!(
+                        (h.earlier.as_str(), h.later.as_str()),
+                        ("producer", "consumer")
+                    );
                     assert_eq!((h.earlier_stream, h.later_stream), (Main, Side));
                     let msg = h.to_string();
                     assert!(msg.contains("producer on the main stream"), "{msg}");

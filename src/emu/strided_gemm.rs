@@ -83,7 +83,8 @@ impl StridedGemm {
             if self.batch == 0 || rows == 0 || cols == 0 {
                 return layout.offset..layout.offset;
             }
-            let end = layout.offset + (self.batch - 1) * layout.stride + (rows - 1) * layout.ld + cols;
+            let end =
+                layout.offset + (self.batch - 1) * layout.stride + (rows - 1) * layout.ld + cols;
             layout.offset..end
         };
         [

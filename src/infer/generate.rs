@@ -118,10 +118,16 @@ pub fn generate<B: Backend, M: LanguageModel<B>>(
             dec.remove(i);
         }
     }
+    // Each round samples the rows whose logits are current and advances every live row; a
+    // row can lag a round (see `Decoder::advance`) without holding the others back.
     loop {
         let mut work = Vec::new();
         for (i, run) in runs.iter_mut().enumerate() {
             if run.finish_reason().is_some() {
+                continue;
+            }
+            if dec.pending(i) > 0 {
+                work.push((i, usize::MAX));
                 continue;
             }
             let before = run.released().len();

@@ -5,7 +5,9 @@
 //! model first takes one step at global position `n/P` (the pad patch for `n = 0`, else the
 //! patch just completed), which conditions the `P` local positions of the new patch; then the
 //! local model takes one step at slot `n mod P`. [`MegabyteDecoder::advance`] runs any number
-//! of events for many sequences in one global and one local decode step: events of one
+//! of events for many sequences in one global and one local decode step (two local steps on a
+//! backend whose streams overlap: the rows without a global step run theirs on the main
+//! stream while the global step runs on the side stream, design.md §5): events of one
 //! sequence attend to the keys of its earlier ones, so a prompt prefilled in chunks computes
 //! exactly what it computes in one go, and local steps for patches already completed within
 //! the call are skipped (the local cache restarts at every patch).
@@ -34,6 +36,9 @@ struct Row {
     window: Vec<u8>,
     /// Events run so far: the caches reflect `window[..events - 1]` (nothing when 0).
     events: usize,
+    /// `Some(end)`: the global steps of events `events..end` were issued on the side stream
+    /// ([`InFlight`]); their local steps run in a later call, after it lands.
+    awaiting: Option<usize>,
 }
 
 impl Row {
@@ -48,6 +53,17 @@ struct Plan {
     slot: usize,
     first: usize,
     end: usize,
+}
+
+/// Global steps issued on the side stream by one [`Decoder::advance`] and not yet landed: the
+/// new conditioning rows of the sequences that took one, written to `cond` by the next call
+/// after it joins the streams.
+struct InFlight<Buf> {
+    /// `[r·P, D_L]`: `P` conditioning rows per sequence, in `slots` order.
+    rows: Buf,
+    /// The slot of each sequence; `None` once the sequence left its slot (its rows are
+    /// dropped, and a new sequence in the slot must not get them).
+    slots: Vec<Option<usize>>,
 }
 
 /// Batched incremental MEGABYTE decoder over a fixed number of slots.
@@ -66,6 +82,8 @@ pub struct MegabyteDecoder<'a, B: Backend> {
     cond: B::Buf,
     /// `[slots, 256]` next-byte logits, on the host.
     logits: Vec<f32>,
+    /// Global steps still running on the side stream (only where streams overlap).
+    in_flight: Option<InFlight<B::Buf>>,
 }
 
 impl<'a, B: Backend> MegabyteDecoder<'a, B> {
@@ -76,8 +94,7 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
         for (slot, prompt) in prompts.iter().enumerate() {
             dec.insert(slot, prompt);
         }
-        let work: Vec<(usize, usize)> = (0..prompts.len()).map(|s| (s, usize::MAX)).collect();
-        dec.advance(&work);
+        dec.complete(&(0..prompts.len()).collect::<Vec<_>>());
         dec
     }
 
@@ -122,6 +139,7 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
             local: model.local.kv_pool(be, slots + 1, c.patch_size),
             cond: be.zeros(slots * c.patch_size * c.local_dim),
             logits: vec![0.0; slots * c.vocab_size],
+            in_flight: None,
         }
     }
 
@@ -175,10 +193,10 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
     }
 
     /// Global steps for every event `e ≡ 0 (mod P)` of the plans. Returns the new
-    /// conditioning rows `[r·P, D_L]` of the `r` sequences that took one and the rows of
-    /// [`MegabyteDecoder::cond`] they replace; the caller writes them (this runs on the side
-    /// stream, while the main stream's local steps read `cond`).
-    fn run_global(&mut self, plans: &[Plan]) -> Option<(B::Buf, Vec<u32>)> {
+    /// conditioning rows `[r·P, D_L]` of the `r` sequences that took one, with their slots;
+    /// [`MegabyteDecoder::write_cond`] stores them (this may run on the side stream, while
+    /// the main stream's local steps read `cond`).
+    fn run_global(&mut self, plans: &[Plan]) -> Option<InFlight<B::Buf>> {
         let (m, be, p) = (self.model, self.be, self.p);
         let c = &m.cfg;
         let e = m.embeds();
@@ -283,11 +301,107 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
         let mut real = be.zeros(r * pp * dl);
         let real_rows: Vec<u32> = (0..(r * pp) as u32).collect();
         be.gather_rows(&mut real, &cond, &real_rows, dl);
-        let dst: Vec<u32> = cond_slots
+        Some(InFlight {
+            rows: real,
+            slots: cond_slots.into_iter().map(Some).collect(),
+        })
+    }
+
+    /// Stores the conditioning rows of `new` in `cond`, for the sequences still in their slot.
+    fn write_cond(&mut self, new: InFlight<B::Buf>) {
+        let (be, c) = (self.be, &self.model.cfg);
+        let (pp, dl) = (c.patch_size, c.local_dim);
+        let kept: Vec<(usize, usize)> = new
+            .slots
             .iter()
-            .flat_map(|&slot| (0..pp).map(move |q| (slot * pp + q) as u32))
+            .enumerate()
+            .filter_map(|(i, slot)| slot.map(|s| (i, s)))
             .collect();
-        Some((real, dst))
+        let dst: Vec<u32> = kept
+            .iter()
+            .flat_map(|&(_, slot)| (0..pp).map(move |q| (slot * pp + q) as u32))
+            .collect();
+        if kept.len() == new.slots.len() {
+            be.scatter_rows(&mut self.cond, &new.rows, &dst, dl);
+        } else if !kept.is_empty() {
+            let src: Vec<u32> = kept
+                .iter()
+                .flat_map(|&(i, _)| (0..pp).map(move |q| (i * pp + q) as u32))
+                .collect();
+            let mut rows = be.zeros(src.len() * dl);
+            be.gather_rows(&mut rows, &new.rows, &src, dl);
+            be.scatter_rows(&mut self.cond, &rows, &dst, dl);
+        }
+    }
+
+    /// Waits for the global steps of the previous call and stores their conditioning.
+    fn land(&mut self) {
+        if let Some(new) = self.in_flight.take() {
+            self.be.join();
+            self.write_cond(new);
+        }
+    }
+
+    /// This call's plan for each `(slot, max)` of `work`: a row whose global steps are in
+    /// flight finishes exactly those events; any other runs up to `max` more.
+    fn plans(&self, work: &[(usize, usize)]) -> Vec<Plan> {
+        work.iter()
+            .filter_map(|&(slot, max)| {
+                let row = self.row(slot);
+                let end = match row.awaiting {
+                    Some(end) => end,
+                    None => row.events + max.min(row.pending()),
+                };
+                (end > row.events).then_some(Plan {
+                    slot,
+                    first: row.events,
+                    end,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether `plan` includes a global step (an event at a patch boundary).
+    fn needs_global(&self, plan: &Plan) -> bool {
+        let pp = self.model.cfg.patch_size;
+        self.row(plan.slot).awaiting.is_none() && plan.first.div_ceil(pp) <= (plan.end - 1) / pp
+    }
+
+    fn finish(&mut self, plans: &[Plan]) {
+        for plan in plans {
+            if let Some(row) = self.slots[plan.slot].as_mut() {
+                row.events = plan.end;
+                row.awaiting = None;
+            }
+        }
+    }
+
+    /// Where streams overlap: lands the previous call's global steps, issues this call's on
+    /// the side stream, and meanwhile runs on the main stream the local steps of every row
+    /// whose conditioning is ready. A row that takes a global step runs its local steps in
+    /// the next call, so the global model's latency is hidden from every other row, and a
+    /// step costs about max(global, local) instead of their sum (docs/perf.md §8.6).
+    fn advance_overlapped(&mut self, work: &[(usize, usize)]) {
+        self.land();
+        let plans = self.plans(work);
+        let (global, local): (Vec<Plan>, Vec<Plan>) =
+            plans.into_iter().partition(|p| self.needs_global(p));
+        if !global.is_empty() {
+            let be = self.be;
+            self.in_flight = be.fork(|| self.run_global(&global));
+            for plan in &global {
+                if let Some(row) = self.slots[plan.slot].as_mut() {
+                    row.awaiting = Some(plan.end);
+                }
+            }
+        }
+        self.run_local(&local);
+        self.finish(&local);
+    }
+
+    /// Runs every queued event of `slots` until their logits are current.
+    pub fn complete(&mut self, slots: &[usize]) {
+        Decoder::complete(self, slots)
     }
 
     /// Local steps for the events of each plan's last patch; computes the logits of every
@@ -404,6 +518,27 @@ impl<'a, B: Backend> MegabyteDecoder<'a, B> {
     }
 }
 
+impl<B: Backend> MegabyteDecoder<'_, B> {
+    /// The sequence in `slot` leaves it: conditioning still in flight for it is dropped.
+    fn forget_in_flight(&mut self, slot: usize) {
+        if let Some(f) = self.in_flight.as_mut() {
+            for s in f.slots.iter_mut().filter(|s| **s == Some(slot)) {
+                *s = None;
+            }
+        }
+    }
+}
+
+impl<B: Backend> Drop for MegabyteDecoder<'_, B> {
+    fn drop(&mut self) {
+        // Side-stream work must not outlive the decoder whose buffers it writes unjoined:
+        // the pools hold the buffers it freed until a join.
+        if self.in_flight.take().is_some() {
+            self.be.join();
+        }
+    }
+}
+
 /// The head's product (`trans_b`) runs in groups of at most this many rows, the range in
 /// which the CPU backend's small-row path gives every row the same result whatever the count.
 const HEAD_GROUP: usize = 16;
@@ -455,15 +590,18 @@ impl<B: Backend> Decoder for MegabyteDecoder<'_, B> {
         assert!(self.slots[slot].is_none(), "slot {slot} is occupied");
         let c = &self.model.cfg;
         let start = prompt.len().saturating_sub(c.max_seq_len - 1);
+        self.forget_in_flight(slot);
         self.slots[slot] = Some(Row {
             window: prompt[start..].to_vec(),
             events: 0,
+            awaiting: None,
         });
         let v = c.vocab_size;
         self.logits[slot * v..(slot + 1) * v].fill(0.0);
     }
 
     fn remove(&mut self, slot: usize) {
+        self.forget_in_flight(slot);
         self.slots[slot] = None;
     }
 
@@ -495,42 +633,16 @@ impl<B: Backend> Decoder for MegabyteDecoder<'_, B> {
     }
 
     fn advance(&mut self, work: &[(usize, usize)]) {
-        let plans: Vec<Plan> = work
-            .iter()
-            .filter_map(|&(slot, max)| {
-                let row = self.row(slot);
-                let n = max.min(row.pending());
-                (n > 0).then(|| Plan {
-                    slot,
-                    first: row.events,
-                    end: row.events + n,
-                })
-            })
-            .collect();
-        if plans.is_empty() {
-            return;
+        if self.be.overlaps_streams() {
+            return self.advance_overlapped(work);
         }
-        // Rows that cross a patch boundary need a global step before their local ones; the
-        // others only local steps, on the conditioning they already have. So the global step
-        // runs on the side stream while the main stream runs the other rows' local steps,
-        // then the main stream waits for it and runs the boundary rows' local steps.
-        let pp = self.model.cfg.patch_size;
-        let (boundary, inside): (Vec<Plan>, Vec<Plan>) = plans
-            .into_iter()
-            .partition(|plan| plan.first.div_ceil(pp) <= (plan.end - 1) / pp);
-        let be = self.be;
-        let cond = be.fork(|| self.run_global(&boundary));
-        self.run_local(&inside);
-        be.join();
-        if let Some((rows, dst)) = cond {
-            be.scatter_rows(&mut self.cond, &rows, &dst, self.model.cfg.local_dim);
+        // Every op has finished when it returns: global steps, then local steps, in one call.
+        let plans = self.plans(work);
+        if let Some(new) = self.run_global(&plans) {
+            self.write_cond(new);
         }
-        self.run_local(&boundary);
-        for plan in boundary.iter().chain(&inside) {
-            if let Some(row) = self.slots[plan.slot].as_mut() {
-                row.events = plan.end;
-            }
-        }
+        self.run_local(&plans);
+        self.finish(&plans);
     }
 
     fn slot_logits(&self, slot: usize) -> &[f32] {

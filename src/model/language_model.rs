@@ -97,7 +97,24 @@ pub trait Decoder {
     /// sequence's initial pad step); 0 when its logits are current.
     fn pending(&self, slot: usize) -> usize;
     /// Run at most `max` queued units of every `(slot, max)` in `work`, batched together.
+    /// Units may stay queued even when `max` allows them (MEGABYTE on a backend with
+    /// overlapping streams runs a row's local steps in the call after its global step), so
+    /// callers advance until [`Decoder::pending`] is 0, as [`Decoder::complete`] does.
     fn advance(&mut self, work: &[(usize, usize)]);
+    /// Advance `slots` until each one's logits are current.
+    fn complete(&mut self, slots: &[usize]) {
+        loop {
+            let work: Vec<(usize, usize)> = slots
+                .iter()
+                .filter(|&&s| self.pending(s) > 0)
+                .map(|&s| (s, usize::MAX))
+                .collect();
+            if work.is_empty() {
+                return;
+            }
+            self.advance(&work);
+        }
+    }
     /// `[256]` next-byte logits of `slot` (valid when `pending(slot) == 0`).
     fn slot_logits(&self, slot: usize) -> &[f32];
     /// Cache positions `slot` holds after running `more` further units (MEGABYTE global
@@ -117,7 +134,6 @@ pub trait Decoder {
         for (slot, &b) in next.iter().enumerate() {
             self.push(slot, b);
         }
-        let work: Vec<(usize, usize)> = (0..self.capacity()).map(|s| (s, usize::MAX)).collect();
-        self.advance(&work);
+        self.complete(&(0..self.capacity()).collect::<Vec<_>>());
     }
 }

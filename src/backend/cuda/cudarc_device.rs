@@ -29,11 +29,11 @@ use super::cublaslt::{
     empty_product, EmptyProduct, LtCompute, LtDtype, LtGemm, LtOperands, LtProblem,
 };
 use super::module_cache::KernelCache;
+use crate::emu::hazards::STREAMS;
 use crate::emu::{
     check_disjoint, gemm_ranges, ArgInfo, BufferAt, DeviceApi, DeviceBuffer, DeviceElement,
     DeviceError, Event, GemmShape, KernelArg, LaunchConfig, StreamId, StridedGemm,
 };
-use crate::emu::hazards::STREAMS;
 
 /// Events kept for [`DeviceApi::wait_event`]; older ones are dropped (waiting on an event
 /// that old is waiting on work long finished).
@@ -451,9 +451,7 @@ impl DeviceApi for CudarcDevice {
     }
 
     fn synchronize(&self) -> Result<(), DeviceError> {
-        self.ctx
-            .synchronize()
-            .map_err(|e| driver("synchronize", e))
+        self.ctx.synchronize().map_err(|e| driver("synchronize", e))
     }
 
     fn gemm_f32(

@@ -152,9 +152,17 @@ mod tests {
         assert_eq!(lists.pop(&gate, 8), Some("before"));
         lists.push(&gate, 8, "side");
         gate.switch_to(StreamId::Main);
-        assert_eq!(lists.pop(&gate, 8), None, "the side stream may still use it");
+        assert_eq!(
+            lists.pop(&gate, 8),
+            None,
+            "the side stream may still use it"
+        );
         lists.push(&gate, 8, "main");
-        assert_eq!(lists.pop(&gate, 8), Some("main"), "in order on its own stream");
+        assert_eq!(
+            lists.pop(&gate, 8),
+            Some("main"),
+            "in order on its own stream"
+        );
         lists.push(&gate, 8, "main");
         gate.switch_to(StreamId::Side);
         assert_eq!(lists.pop(&gate, 8), Some("side"));

@@ -42,12 +42,15 @@ pub enum Precision {
     Bf16Gemm,
 }
 
+/// The `a` and `b` bf16 cast buffers of one stream (allocated on first use).
+type OperandPair<D> = [Option<<D as DeviceApi>::Buffer<bf16>>; 2];
+
 /// The two bf16 operand buffers of [`Precision::Bf16Gemm`] per stream, reused across calls,
 /// and the operand accounting. The operands' lock is held from the casts to the GEMM's
 /// launch; on a GPU the next call's casts are ordered after that GEMM by the stream, which is
 /// why each stream has its own pair.
 pub(super) struct Bf16Scratch<D: DeviceApi> {
-    operands: Mutex<[[Option<D::Buffer<bf16>>; 2]; STREAMS]>,
+    operands: Mutex<[OperandPair<D>; STREAMS]>,
     stats: Mutex<Bf16OperandStats>,
 }
 

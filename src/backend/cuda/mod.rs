@@ -42,8 +42,8 @@ use super::{
 use crate::cuda::launch::{self as launch_shapes, norms::Norm, LaunchShape};
 use crate::cuda::scatter_plan::{self, RowScatterPlan};
 use crate::emu::{DeviceApi, DeviceError, GemmShape, KernelArg, LaunchConfig, StreamId};
-use free_lists::StreamGate;
 pub use buffer::{CudaBuf, NullArg};
+use free_lists::StreamGate;
 pub use matmul::Precision;
 pub use pool::{MemoryPool, PoolStats};
 pub use shadow::Bf16OperandStats;
@@ -298,6 +298,10 @@ where
         let result = side();
         self.switch_stream(StreamId::Main);
         result
+    }
+
+    fn overlaps_streams(&self) -> bool {
+        true
     }
 
     fn join(&self) {
