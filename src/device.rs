@@ -83,6 +83,8 @@ pub enum Resolved {
         reason: String,
         /// The GEMM precision (`--precision`; f32 unless asked).
         precision: Precision,
+        /// Whether work may overlap on two streams (`--stream-overlap`; on unless asked).
+        stream_overlap: bool,
     },
     /// The CUDA backend on the CPU emulator (debugging).
     Emulated {
@@ -90,6 +92,8 @@ pub enum Resolved {
         reason: String,
         /// The GEMM precision (`--precision`; f32 unless asked).
         precision: Precision,
+        /// Whether work may overlap on two streams (`--stream-overlap`; on unless asked).
+        stream_overlap: bool,
     },
 }
 
@@ -112,12 +116,26 @@ impl Resolved {
         precision: Precision,
     ) -> Result<Self, DeviceError> {
         match self {
-            Self::Cuda { device, reason, .. } => Ok(Self::Cuda {
+            Self::Cuda {
+                device,
+                reason,
+                stream_overlap,
+                ..
+            } => Ok(Self::Cuda {
                 device,
                 reason,
                 precision,
+                stream_overlap,
             }),
-            Self::Emulated { reason, .. } => Ok(Self::Emulated { reason, precision }),
+            Self::Emulated {
+                reason,
+                stream_overlap,
+                ..
+            } => Ok(Self::Emulated {
+                reason,
+                precision,
+                stream_overlap,
+            }),
             Self::Cpu { .. } if precision == Precision::F32 => Ok(self),
             Self::Cpu { .. } if requested == DeviceSpec::Cpu => Err(DeviceError::PrecisionOnCpu),
             Self::Cpu { reason } => Ok(Self::Cpu {
@@ -126,6 +144,31 @@ impl Resolved {
                 ),
             }),
         }
+    }
+
+    /// Applies `--stream-overlap`: whether the CUDA backends overlap work on two streams
+    /// (MEGABYTE's global decode steps with the other rows' local steps; docs/cuda-backend.md,
+    /// "Streams"). The CPU backend runs one op at a time either way.
+    pub fn with_stream_overlap(mut self, on: bool) -> Self {
+        match &mut self {
+            Self::Cuda {
+                stream_overlap,
+                reason,
+                ..
+            }
+            | Self::Emulated {
+                stream_overlap,
+                reason,
+                ..
+            } => {
+                *stream_overlap = on;
+                if !on {
+                    reason.push_str(" (--stream-overlap off: one stream)");
+                }
+            }
+            Self::Cpu { .. } => {}
+        }
+        self
     }
 
     /// `cpu`, `cuda` or `emu`.
@@ -164,16 +207,25 @@ macro_rules! with_backend {
                 $body
             }
             $crate::device::Resolved::Cuda {
-                device, precision, ..
+                device,
+                precision,
+                stream_overlap,
+                ..
             } => {
                 let $be = $crate::backend::cuda::CudaBackend::with_precision(*device, precision);
+                $be.set_stream_overlap(stream_overlap);
                 $body
             }
-            $crate::device::Resolved::Emulated { precision, .. } => {
+            $crate::device::Resolved::Emulated {
+                precision,
+                stream_overlap,
+                ..
+            } => {
                 let $be = $crate::backend::cuda::CudaBackend::with_precision(
                     $crate::emu::EmulatedDevice::new(),
                     precision,
                 );
+                $be.set_stream_overlap(stream_overlap);
                 $body
             }
         }
@@ -253,6 +305,7 @@ pub fn resolve(spec: DeviceSpec) -> Result<Resolved, DeviceError> {
         DeviceSpec::Emulated => Ok(Resolved::Emulated {
             reason: EMULATED_REASON.to_string(),
             precision: Precision::F32,
+            stream_overlap: true,
         }),
         DeviceSpec::Cuda(ordinal) => open_cuda(spec, ordinal),
         DeviceSpec::Auto => {
@@ -316,6 +369,7 @@ fn open_cuda(spec: DeviceSpec, ordinal: usize) -> Result<Resolved, DeviceError> 
         device: Box::new(opened),
         reason: format!("using CUDA device {ordinal} ({})", info.describe()),
         precision: Precision::F32,
+        stream_overlap: true,
     })
 }
 

@@ -55,6 +55,17 @@ struct DeviceArgs {
     /// accumulation; weights keep an f32 master copy). The CPU backend computes in f32.
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
+    /// On a CUDA device, overlap MEGABYTE's global decode steps (side stream) with the other
+    /// rows' local steps (main stream); off runs both in order on one stream.
+    #[arg(long, value_enum, default_value = "on")]
+    stream_overlap: OnOff,
+}
+
+/// `--stream-overlap`.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum OnOff {
+    On,
+    Off,
 }
 
 /// `--precision`.
@@ -71,8 +82,9 @@ impl DeviceArgs {
             PrecisionArg::F32 => mega::backend::cuda::Precision::F32,
             PrecisionArg::Bf16 => mega::backend::cuda::Precision::Bf16Gemm,
         };
-        let resolved =
-            mega::device::resolve(self.device)?.with_precision(self.device, precision)?;
+        let resolved = mega::device::resolve(self.device)?
+            .with_precision(self.device, precision)?
+            .with_stream_overlap(self.stream_overlap == OnOff::On);
         eprintln!("device: {}", resolved.reason());
         Ok(resolved)
     }

@@ -609,6 +609,7 @@ fn help_documents_the_device_flag_and_the_debugging_emulator() {
             "{cmd}: {help}"
         );
         assert!(help.contains("emu"), "{cmd}: {help}");
+        assert!(help.contains("--stream-overlap"), "{cmd}: {help}");
     }
 }
 
@@ -647,6 +648,7 @@ fn emulated_cuda_backend_trains_evaluates_and_generates_like_the_cpu() {
             device_lines(&emu),
             ["device: using the CUDA backend on the CPU emulator (--device emu, a debugging mode: very slow)"]
         );
+
         // Printed with three decimals: equal up to one unit in the last place.
         let (a, b) = (printed_validation(&cpu), printed_validation(&emu));
         assert!((a - b).abs() <= 1.0001e-3, "{model}: printed {a} vs {b}");
@@ -751,6 +753,29 @@ fn emulated_cuda_backend_trains_evaluates_and_generates_like_the_cpu() {
                 String::from_utf8_lossy(&gc),
                 String::from_utf8_lossy(&ge),
                 "{model} {sampling:?}"
+            );
+            // One stream instead of two changes when work runs, not what it computes.
+            let mut args = vec![
+                "generate",
+                "--device",
+                "emu",
+                "--stream-overlap",
+                "off",
+                "--checkpoint",
+                ck,
+                "--prompt",
+                "It was",
+                "--max-bytes",
+                "16",
+            ];
+            args.extend(sampling);
+            let o = mega(&args);
+            assert!(o.status.success(), "{model}: {}", stderr(&o));
+            assert_eq!(o.stdout, ge, "{model} {sampling:?}");
+            assert!(
+                device_lines(&o)[0].ends_with("(--stream-overlap off: one stream)"),
+                "{:?}",
+                device_lines(&o)
             );
         }
     }

@@ -315,6 +315,7 @@ fn small_megabyte_cfg() -> MegabyteConfig {
 /// batch run.
 fn emulated_megabyte_traces(
     join_waits: bool,
+    stream_overlap: bool,
 ) -> (Vec<Vec<f32>>, Vec<Vec<f32>>, mega::emu::StreamStats) {
     use mega::backend::cuda::CudaBackend;
     use mega::emu::EmulatedDevice;
@@ -325,6 +326,7 @@ fn emulated_megabyte_traces(
     let mut alone = MegabyteDecoder::with_slots(&model, &be, &params, 1, 4);
     let a = trace(&mut alone, 0, &target, &follow, &[], usize::MAX);
     be.set_join_waits(join_waits);
+    be.set_stream_overlap(stream_overlap);
     let before = be.device().stream_stats();
     let mut batch = MegabyteDecoder::with_slots(&model, &be, &params, 5, 4);
     let b = trace(&mut batch, 2, &target, &follow, &others(), usize::MAX);
@@ -342,7 +344,7 @@ fn emulated_megabyte_traces(
 /// it (on a GPU it may run at the same time), and no operation races another.
 #[test]
 fn megabyte_global_steps_overlap_local_steps_without_stream_hazards() {
-    let (alone, batch, streams) = emulated_megabyte_traces(true);
+    let (alone, batch, streams) = emulated_megabyte_traces(true, true);
     assert_bit_equal("emulated megabyte alone vs batch of 5", &alone, &batch);
     assert!(
         streams.ops[1] > 0,
@@ -359,7 +361,7 @@ fn megabyte_global_steps_overlap_local_steps_without_stream_hazards() {
 /// checker must report the first such access.
 #[test]
 fn a_missing_join_wait_is_reported_as_a_stream_hazard() {
-    let result = std::panic::catch_unwind(|| emulated_megabyte_traces(false));
+    let result = std::panic::catch_unwind(|| emulated_megabyte_traces(false, true));
     let payload = result.expect_err("the planted missing wait went unnoticed");
     let message = payload
         .downcast_ref::<String>()
@@ -372,4 +374,13 @@ fn a_missing_join_wait_is_reported_as_a_stream_hazard() {
             && message.contains("on the side stream"),
         "unexpected failure: {message}"
     );
+}
+
+/// `--stream-overlap off`: the same logits, with every operation on the main stream.
+#[test]
+fn without_stream_overlap_megabyte_decodes_in_order_on_one_stream() {
+    let (alone, batch, streams) = emulated_megabyte_traces(true, false);
+    assert_bit_equal("emulated megabyte, one stream", &alone, &batch);
+    assert_eq!(streams.ops[1], 0, "{streams:?}");
+    assert!(streams.ops[0] > 0 && streams.overlapped == 0, "{streams:?}");
 }

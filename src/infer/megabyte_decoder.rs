@@ -636,7 +636,9 @@ impl<B: Backend> Decoder for MegabyteDecoder<'_, B> {
         if self.be.overlaps_streams() {
             return self.advance_overlapped(work);
         }
-        // Every op has finished when it returns: global steps, then local steps, in one call.
+        // Global steps, then local steps, in one call (after landing any in flight, should
+        // the backend's overlap have been switched off meanwhile).
+        self.land();
         let plans = self.plans(work);
         if let Some(new) = self.run_global(&plans) {
             self.write_cond(new);

@@ -61,6 +61,8 @@ pub struct CudaBackend<D: DeviceApi> {
     /// Whether [`Backend::join`] makes the main stream wait for the side stream; off only in
     /// the test that proves the emulator's hazard checker catches the missing wait.
     join_waits: AtomicBool,
+    /// What [`Backend::overlaps_streams`] answers (`--stream-overlap`).
+    stream_overlap: AtomicBool,
 }
 
 fn fail(what: &str, e: DeviceError) -> ! {
@@ -85,7 +87,16 @@ where
             scratch: scratch::ScratchPool::with_gate(gate.clone()),
             gate,
             join_waits: AtomicBool::new(true),
+            stream_overlap: AtomicBool::new(true),
         }
+    }
+
+    /// Whether callers should overlap work on the two streams (on by default): MEGABYTE's
+    /// decoder then runs global steps on the side stream, landing them in the next call
+    /// (docs/cuda-backend.md, "Streams"). Off, every step runs in order on the main stream;
+    /// worth comparing on a GPU where both steps are bandwidth-bound (docs/perf.md §8.6).
+    pub fn set_stream_overlap(&self, on: bool) {
+        self.stream_overlap.store(on, Ordering::Relaxed);
     }
 
     /// Debugging: `false` makes [`Backend::join`] skip the main stream's wait for the side
@@ -301,7 +312,7 @@ where
     }
 
     fn overlaps_streams(&self) -> bool {
-        true
+        self.stream_overlap.load(Ordering::Relaxed)
     }
 
     fn join(&self) {
