@@ -722,27 +722,28 @@ fn emulated_cuda_backend_trains_evaluates_and_generates_like_the_cpu() {
             (ec - ee).abs() <= CLI_LOSS_TOL as f64,
             "{model} eval: {ec} vs {ee}"
         );
-        let generate = |device: &str, extra: &[&str]| {
-            let mut args = vec![
-                "generate",
-                "--device",
-                device,
+        let generate_on = |device: &[&str], extra: &[&str]| {
+            let mut args = vec!["generate"];
+            args.extend(device);
+            args.extend([
                 "--checkpoint",
                 ck,
                 "--prompt",
                 "It was",
                 "--max-bytes",
                 "16",
-            ];
+            ]);
             args.extend(extra);
             let o = mega(&args);
             assert!(
                 o.status.success(),
-                "{model} generate on {device}: {}",
+                "{model} generate on {device:?}: {}",
                 stderr(&o)
             );
-            o.stdout
+            o
         };
+        let generate =
+            |device: &str, extra: &[&str]| generate_on(&["--device", device], extra).stdout;
         for sampling in [
             &["--seed", "5", "--top-k", "40"][..],
             &["--temperature", "0"],
@@ -755,22 +756,7 @@ fn emulated_cuda_backend_trains_evaluates_and_generates_like_the_cpu() {
                 "{model} {sampling:?}"
             );
             // One stream instead of two changes when work runs, not what it computes.
-            let mut args = vec![
-                "generate",
-                "--device",
-                "emu",
-                "--stream-overlap",
-                "off",
-                "--checkpoint",
-                ck,
-                "--prompt",
-                "It was",
-                "--max-bytes",
-                "16",
-            ];
-            args.extend(sampling);
-            let o = mega(&args);
-            assert!(o.status.success(), "{model}: {}", stderr(&o));
+            let o = generate_on(&["--device", "emu", "--stream-overlap", "off"], sampling);
             assert_eq!(o.stdout, ge, "{model} {sampling:?}");
             assert!(
                 device_lines(&o)[0].ends_with("(--stream-overlap off: one stream)"),

@@ -344,6 +344,27 @@ impl EmulatedDevice {
         Ok(checker.issue(what, &[Access::write(bytes)])?)
     }
 
+    /// Checks a strided-batched GEMM's extents and its accesses (see [`StridedGemm::spans`]).
+    fn issue_strided<T: DeviceElement>(
+        &self,
+        op: &str,
+        out: &HostBuffer<f32>,
+        a: &HostBuffer<T>,
+        b: &HostBuffer<T>,
+        gemm: &StridedGemm,
+    ) -> Result<(), DeviceError> {
+        gemm.check(out.len(), a.len(), b.len())?;
+        let [so, sa, sb] = gemm.spans();
+        self.issue(
+            op,
+            &[
+                Access::write(bytes_of(out, so)),
+                Access::read(bytes_of(a, sa)),
+                Access::read(bytes_of(b, sb)),
+            ],
+        )
+    }
+
     /// `out[m, n] = a · b` on element ranges already checked (see [`gemm_ranges`]).
     fn matmul_ranges(
         out: BufferAt<'_, HostBuffer<f32>>,
@@ -538,16 +559,7 @@ impl DeviceApi for EmulatedDevice {
         b: &HostBuffer<f32>,
         gemm: &StridedGemm,
     ) -> Result<(), DeviceError> {
-        gemm.check(out.len(), a.len(), b.len())?;
-        let [so, sa, sb] = gemm.spans();
-        self.issue(
-            "gemm_strided_batched",
-            &[
-                Access::write(bytes_of(out, so)),
-                Access::read(bytes_of(a, sa)),
-                Access::read(bytes_of(b, sb)),
-            ],
-        )?;
+        self.issue_strided("gemm_strided_batched", out, a, b, gemm)?;
         // `out` may share an allocation with `a` or `b` (arena views), so the inputs are
         // copied before `out` is borrowed mutably.
         // SAFETY: no launch runs during this call (launches are synchronous on this thread),
@@ -565,16 +577,7 @@ impl DeviceApi for EmulatedDevice {
         b: &HostBuffer<half::bf16>,
         gemm: &StridedGemm,
     ) -> Result<(), DeviceError> {
-        gemm.check(out.len(), a.len(), b.len())?;
-        let [so, sa, sb] = gemm.spans();
-        self.issue(
-            "gemm_strided_batched_bf16",
-            &[
-                Access::write(bytes_of(out, so)),
-                Access::read(bytes_of(a, sa)),
-                Access::read(bytes_of(b, sb)),
-            ],
-        )?;
+        self.issue_strided("gemm_strided_batched_bf16", out, a, b, gemm)?;
         // As `gemm_bf16`: widened exactly to f32, the products are exact, so only the
         // summation order differs from a GPU's. `out` (f32) cannot share the bf16 inputs'
         // allocations.

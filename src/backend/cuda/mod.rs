@@ -65,6 +65,15 @@ pub struct CudaBackend<D: DeviceApi> {
     stream_overlap: AtomicBool,
 }
 
+impl<D: DeviceApi> Drop for CudaBackend<D> {
+    fn drop(&mut self) {
+        // The pools free their buffers next, each on the stream that allocated it; a buffer
+        // may still be in use by the other stream's work, so let all work finish first.
+        // Nothing useful can be done with an error here (the device is gone either way).
+        let _ = self.device.synchronize();
+    }
+}
+
 fn fail(what: &str, e: DeviceError) -> ! {
     panic!("CUDA backend: {what}: {e}")
 }
@@ -316,7 +325,8 @@ where
     }
 
     fn join(&self) {
-        if !self.gate.fork_open() {
+        // Inside a fork's closure the side stream is current and in order with itself.
+        if !self.gate.fork_open() || self.gate.stream() == StreamId::Side {
             return;
         }
         if self.join_waits.load(Ordering::Relaxed) {
