@@ -345,6 +345,10 @@ fn emulated_megabyte_traces(
 #[test]
 fn megabyte_global_steps_overlap_local_steps_without_stream_hazards() {
     let (alone, batch, streams) = emulated_megabyte_traces(true, true);
+    eprintln!(
+        "stream overlap: {} ops on main, {} on side, {} main ops issued unordered with side work",
+        streams.ops[0], streams.ops[1], streams.overlapped
+    );
     assert_bit_equal("emulated megabyte alone vs batch of 5", &alone, &batch);
     assert!(
         streams.ops[1] > 0,
